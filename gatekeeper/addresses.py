@@ -1,0 +1,143 @@
+"""Socket addresses as users write them, and opening them.
+
+Forms: ``PORT``, ``HOST:PORT``, ``[IPv6]:PORT``, ``unix:/path``. Parsing is
+strict and gives a one-line reason on failure, because these strings come from
+command lines and unit files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+import trio
+
+
+@dataclass(frozen=True, slots=True)
+class TcpAddress:
+    host: str | None
+    """None means every interface (listening) -- never used for connecting."""
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return f"*:{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+Address = TcpAddress | UnixAddress
+
+
+def parse_address(text: str, *, bare_port_host: str | None) -> Address:
+    """Parse an address; a bare PORT gets `bare_port_host` (None = all interfaces)."""
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise ValueError(f"{text!r}: empty unix socket path")
+        if "\0" in path:
+            raise ValueError(f"{text!r}: NUL in unix socket path")
+        if len(os.fsencode(path)) > 107:
+            raise ValueError(f"{text!r}: unix socket path longer than 107 bytes")
+        return UnixAddress(path)
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1:close + 2] != ":":
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        host: str | None = text[1:close]
+        port_text = text[close + 2:]
+        try:
+            socket.inet_pton(socket.AF_INET6, host or "")
+        except OSError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+        if not host:
+            raise ValueError(f"{text!r}: empty host")
+    else:
+        host, port_text = bare_port_host, text
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return TcpAddress(host, int(port_text))
+
+
+# Why the maximum: the kernel clamps it to net.core.somaxconn anyway, and a
+# listen backlog gives no back-pressure worth having -- gatekeeper accepts at
+# once and does its own queueing (trio's open_tcp_listeners reasons the same).
+LISTEN_BACKLOG = 0xFFFF
+
+
+async def open_listeners(address: Address) -> list[trio.SocketListener]:
+    """Bind and listen. A TCP address without a host listens on every interface
+    (IPv4 and IPv6 where available)."""
+    if isinstance(address, TcpAddress):
+        return await trio.open_tcp_listeners(
+            address.port, host=address.host, backlog=LISTEN_BACKLOG
+        )
+    return [await open_unix_listener(address.path)]
+
+
+async def open_unix_listener(path: str, mode: int = 0o666) -> trio.SocketListener:
+    """Listen on a unix socket path, replacing a stale socket left by a dead
+    process but never a live one or a non-socket file.
+
+    `mode` defaults to world-connectable, like distccd's TCP port; tighten it
+    with the directory's permissions or systemd's SocketMode=.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody is listening behind it
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is in use by a live listener")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def connect(address: Address) -> trio.SocketStream:
+    """Open a stream to a backend address."""
+    if isinstance(address, TcpAddress):
+        assert address.host is not None
+        return await trio.open_tcp_stream(address.host, address.port)
+    return await trio.open_unix_socket(address.path)
+
+
+def listener_address(listener: trio.SocketListener) -> str:
+    """The address a listener actually bound, as users write it (port 0 resolved)."""
+    sock = listener.socket
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name if isinstance(name, str) else name.decode()}"
+    host, port = name[0], name[1]
+    return str(TcpAddress(host, port))

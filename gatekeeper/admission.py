@@ -1,0 +1,270 @@
+"""The admission policy: who runs next, and who must keep waiting.
+
+This is the whole of gatekeeper's judgement, as a plain object in the style of
+h11's state machine: it does no I/O and never reads a clock. The trio shell
+(`gate.py`) feeds it events (a job arrived, left the queue, finished) together
+with the current time and a memory reading, and carries out the decisions it
+returns (admit these jobs, expire those). Because of that it can be tested
+exhaustively, without sockets and without waiting.
+
+Invariants (checked by the property tests after every step):
+
+* ``running <= max_jobs``.
+* ``queued <= max_queue``; an arrival past that is refused, never queued.
+* Strict FIFO: admission order equals arrival order among the jobs still
+  queued. A job that cannot run (no slot, not enough memory) blocks every job
+  behind it -- letting a later job jump ahead would starve the first one.
+* A job is admitted only while ``available - reserved >= min_free``, where
+  ``reserved`` is what the jobs admitted so far in the same decision have
+  claimed (`job_reserve` each). Without that, one reading taken while memory
+  looked free would let a whole burst in at once.
+* Every admitted job is released exactly once (`finish`); every queued job
+  leaves the queue exactly once (admitted, expired, abandoned or drained).
+* Queue deadlines are ``arrival + queue_timeout``, the same span for all, so the
+  earliest deadline is always the head's: expiry never scans the queue.
+
+Every operation is O(1) per job it touches, whatever the queue length.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+JobId = int
+
+
+class Hold(enum.Enum):
+    """Why the head of the queue is waiting (for logs and status)."""
+
+    SLOTS = "slots"
+    MEMORY = "memory"
+    DRAINING = "draining"
+
+
+class Refusal(enum.Enum):
+    """Why an arrival was refused instead of queued."""
+
+    QUEUE_FULL = "queue-full"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Static limits; validated here so a bad value can never reach the policy."""
+
+    max_jobs: int
+    min_free: int
+    """Bytes of available memory that must remain for a job to start."""
+    max_queue: int
+    queue_timeout: float
+    job_reserve: int = 0
+    """Bytes each job admitted in one decision is assumed to take before the
+    next memory reading can show it."""
+
+    def __post_init__(self) -> None:
+        if self.max_jobs < 1:
+            raise ValueError("max_jobs must be at least 1")
+        if self.min_free < 0:
+            raise ValueError("min_free must not be negative")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must not be negative")
+        if not self.queue_timeout > 0:
+            raise ValueError("queue_timeout must be positive")
+        if self.job_reserve < 0:
+            raise ValueError("job_reserve must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A frozen picture of the policy, for status, metrics and tests."""
+
+    running: int
+    queued: int
+    max_jobs: int
+    max_queue: int
+    min_free: int
+    hold: Hold | None
+    available: int | None
+    """The last memory reading the policy was given (None before the first)."""
+    oldest_arrival: float | None
+    admitted_total: int
+    finished_total: int
+    expired_total: int
+    abandoned_total: int
+    refused_total: dict[str, int] = field(default_factory=dict)
+
+
+class Admission:
+    """FIFO queue, running set and memory rule; see the module docstring."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        # job -> deadline; OrderedDict so the head is O(1) to find and pop even
+        # after many deletions (a plain dict's iteration would skip tombstones).
+        self._queue: OrderedDict[JobId, float] = OrderedDict()
+        self._arrived: dict[JobId, float] = {}
+        self._running: set[JobId] = set()
+        self._draining = False
+        self._hold: Hold | None = None
+        self._available: int | None = None
+        self._admitted_total = 0
+        self._finished_total = 0
+        self._expired_total = 0
+        self._abandoned_total = 0
+        self._refused: dict[Refusal, int] = {r: 0 for r in Refusal}
+
+    # -- events -----------------------------------------------------------
+
+    def arrive(self, job: JobId, now: float) -> Refusal | None:
+        """A new connection wants to run. Returns why it is refused, or None if queued."""
+        if job in self._arrived or job in self._running:
+            raise ValueError(f"job {job} is already known")
+        refusal: Refusal | None = None
+        if self._draining:
+            refusal = Refusal.DRAINING
+        elif len(self._queue) >= self.limits.max_queue:
+            refusal = Refusal.QUEUE_FULL
+        if refusal is not None:
+            self._refused[refusal] += 1
+            return refusal
+        self._queue[job] = now + self.limits.queue_timeout
+        self._arrived[job] = now
+        self._update_hold()
+        return None
+
+    def abandon(self, job: JobId) -> None:
+        """A queued job left before it was admitted (client gone, cancelled)."""
+        del self._queue[job]
+        del self._arrived[job]
+        self._abandoned_total += 1
+        self._update_hold()
+
+    def finish(self, job: JobId) -> None:
+        """A running job ended, however it ended. Frees its slot."""
+        self._running.remove(job)
+        self._finished_total += 1
+        self._update_hold()
+
+    def drain(self) -> list[JobId]:
+        """Stop taking new jobs; returns every queued job, now removed from the queue."""
+        self._draining = True
+        drained = list(self._queue)
+        self._queue.clear()
+        self._arrived.clear()
+        self._update_hold()
+        return drained
+
+    # -- decisions --------------------------------------------------------
+
+    def expire(self, now: float) -> list[JobId]:
+        """Remove and return the queued jobs whose queue timeout has passed."""
+        expired: list[JobId] = []
+        while self._queue:
+            job, deadline = next(iter(self._queue.items()))
+            if deadline > now:
+                break
+            self._queue.popitem(last=False)
+            del self._arrived[job]
+            expired.append(job)
+        self._expired_total += len(expired)
+        if expired:
+            self._update_hold()
+        return expired
+
+    @property
+    def wants_memory_reading(self) -> bool:
+        """True when a job could start if memory allows: the caller should read
+        memory and call `admit`. False means `admit` would do nothing, so the
+        shell can skip the reading (and its timer) entirely."""
+        return bool(self._queue) and len(self._running) < self.limits.max_jobs
+
+    def admit(self, now: float, available: int) -> list[JobId]:
+        """Admit queued jobs, head first, while a slot is free and the memory
+        rule passes with `available` bytes. Expired jobs are never admitted:
+        the caller runs `expire(now)` first."""
+        self._available = available
+        admitted: list[JobId] = []
+        reserved = 0
+        limits = self.limits
+        while self._queue and len(self._running) < limits.max_jobs:
+            if available - reserved < limits.min_free:
+                break
+            job, deadline = next(iter(self._queue.items()))
+            if deadline <= now:
+                break  # the caller must expire it; never run a timed-out job
+            self._queue.popitem(last=False)
+            del self._arrived[job]
+            self._running.add(job)
+            admitted.append(job)
+            reserved += limits.job_reserve
+        self._admitted_total += len(admitted)
+        self._update_hold()
+        return admitted
+
+    def next_deadline(self) -> float | None:
+        """When the head of the queue times out (None if the queue is empty)."""
+        if not self._queue:
+            return None
+        return next(iter(self._queue.values()))
+
+    # -- views ------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def hold(self) -> Hold | None:
+        """Why the head of the queue is waiting, or None if nothing is queued."""
+        return self._hold
+
+    def is_queued(self, job: JobId) -> bool:
+        return job in self._queue
+
+    def is_running(self, job: JobId) -> bool:
+        return job in self._running
+
+    def queue_view(self, limit: int) -> list[tuple[JobId, float]]:
+        """The first `limit` queued jobs with their arrival times, head first."""
+        out: list[tuple[JobId, float]] = []
+        for job in self._queue:
+            if len(out) >= limit:
+                break
+            out.append((job, self._arrived[job]))
+        return out
+
+    def statistics(self) -> Snapshot:
+        head = next(iter(self._queue), None)
+        return Snapshot(
+            running=len(self._running),
+            queued=len(self._queue),
+            max_jobs=self.limits.max_jobs,
+            max_queue=self.limits.max_queue,
+            min_free=self.limits.min_free,
+            hold=self._hold,
+            available=self._available,
+            oldest_arrival=None if head is None else self._arrived[head],
+            admitted_total=self._admitted_total,
+            finished_total=self._finished_total,
+            expired_total=self._expired_total,
+            abandoned_total=self._abandoned_total,
+            refused_total={r.value: n for r, n in self._refused.items()},
+        )
+
+    def _update_hold(self) -> None:
+        if not self._queue:
+            self._hold = None
+        elif self._draining:
+            self._hold = Hold.DRAINING
+        elif len(self._running) >= self.limits.max_jobs:
+            self._hold = Hold.SLOTS
+        else:
+            # A slot is free yet something is queued: only memory holds it
+            # (until the next `admit` proves otherwise).
+            self._hold = Hold.MEMORY

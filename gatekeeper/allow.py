@@ -1,0 +1,54 @@
+"""Who may connect at all (``--allow CIDR``).
+
+Behind a local proxy distccd sees every client as 127.0.0.1, so its own
+``--allow`` check becomes useless: the peer check has to happen here, before a
+connection is queued.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# distccd 3.4 without --allow admits loopback and the private ranges; so do we,
+# so that putting gatekeeper in front changes nothing about who gets in.
+DEFAULT_ALLOW: tuple[str, ...] = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+def parse_network(text: str) -> Network:
+    """A CIDR (or a bare address, meaning just that host). Host bits must be zero."""
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a network in CIDR form: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    networks: tuple[Network, ...]
+
+    @classmethod
+    def parse(cls, texts: Iterable[str]) -> AllowList:
+        return cls(tuple(parse_network(t) for t in texts))
+
+    def permits(self, host: str) -> bool:
+        """Whether an IP peer is allowed. IPv4-mapped IPv6 peers (``::ffff:a.b.c.d``,
+        as a dual-stack listener reports IPv4 clients) are judged as IPv4."""
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)

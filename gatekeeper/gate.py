@@ -1,0 +1,170 @@
+"""The trio side of admission: waiting for a decision and carrying it out.
+
+`Admission` decides; the `Gate` reads the clock and the memory source, feeds
+them in, and wakes the waiting connection tasks. Decisions are taken
+synchronously at every event (arrival, departure, job end), so a finished job
+hands its slot to the next one without a trip through a scheduler task; the
+gate's own task only exists for time: queue timeouts, and re-reading memory
+while the head is held for memory. When nothing is queued it sleeps with no
+timer at all.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from .admission import Admission, Hold, JobId, Refusal, Snapshot
+from .memory import MemorySource
+
+log = logging.getLogger("gatekeeper")
+
+# How often memory is re-read while a free slot waits only for memory. Short
+# enough that a job starts within a blink of memory returning, long enough to
+# cost nothing (a reading is a few microseconds).
+MEMORY_RECHECK_INTERVAL = 0.1
+
+
+class Verdict(enum.Enum):
+    """How a wait ended (besides the waiter's own cancellation)."""
+
+    ADMITTED = "admitted"
+    EXPIRED = "queue-timeout"
+    DRAINED = "draining"
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One connection's place in the gate, from arrival to release."""
+
+    job: JobId
+    refused: Refusal | None
+    verdict: Verdict | None = None
+    event: trio.Event | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.verdict is Verdict.ADMITTED
+
+
+class Gate:
+    def __init__(self, admission: Admission, memory: MemorySource, *,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        self.admission = admission
+        self.memory = memory
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._tickets: dict[JobId, Ticket] = {}
+        self._changed = trio.Event()
+        self._last_hold: Hold | None = None
+
+    @asynccontextmanager
+    async def ticket(self) -> AsyncIterator[Ticket]:
+        """Join the queue; the slot or queue place is released on exit, exactly once,
+        however the block ends (including cancellation)."""
+        job = next(self._ids)
+        refused = self.admission.arrive(job, self._clock())
+        ticket = Ticket(job, refused)
+        if refused is None:
+            self._tickets[job] = ticket
+            ticket.event = trio.Event()
+            self._decide()
+        try:
+            yield ticket
+        finally:
+            self._release(ticket)
+
+    async def wait(self, ticket: Ticket) -> Verdict:
+        """Wait until the ticket is admitted, expired or drained. Cancelling the
+        wait leaves the ticket queued; leaving `ticket()` then abandons it."""
+        assert ticket.event is not None
+        await ticket.event.wait()
+        assert ticket.verdict is not None
+        return ticket.verdict
+
+    def _release(self, ticket: Ticket) -> None:
+        if ticket.refused is not None:
+            return
+        del self._tickets[ticket.job]
+        if self.admission.is_running(ticket.job):
+            self.admission.finish(ticket.job)
+        elif self.admission.is_queued(ticket.job):
+            self.admission.abandon(ticket.job)
+        else:
+            return  # expired or drained: the policy already let it go
+        self._decide()
+
+    def drain(self) -> int:
+        """Refuse new arrivals and turn away everyone queued; returns how many."""
+        drained = self.admission.drain()
+        for job in drained:
+            self._settle(job, Verdict.DRAINED)
+        self._wake_timer()
+        return len(drained)
+
+    def snapshot(self) -> Snapshot:
+        return self.admission.statistics()
+
+    def _decide(self) -> None:
+        """Run the policy now and carry out what it says."""
+        admission = self.admission
+        now = self._clock()
+        for job in admission.expire(now):
+            self._settle(job, Verdict.EXPIRED)
+        if admission.wants_memory_reading:
+            for job in admission.admit(now, self.memory.available()):
+                self._settle(job, Verdict.ADMITTED)
+        self._log_hold()
+        self._wake_timer()
+
+    def _settle(self, job: JobId, verdict: Verdict) -> None:
+        ticket = self._tickets[job]
+        ticket.verdict = verdict
+        assert ticket.event is not None
+        ticket.event.set()
+
+    def _wake_timer(self) -> None:
+        self._changed.set()
+
+    def _log_hold(self) -> None:
+        hold = self.admission.hold
+        if hold is self._last_hold:
+            return
+        self._last_hold = hold
+        if hold is Hold.MEMORY:
+            s = self.admission.statistics()
+            log.info("holding %d: %s available < %s min free",
+                     s.queued, _mib(s.available), _mib(s.min_free))
+        elif hold is Hold.SLOTS:
+            s = self.admission.statistics()
+            log.debug("holding %d: %d/%d running", s.queued, s.running, s.max_jobs)
+
+    def _next_wakeup(self) -> float:
+        deadline = self.admission.next_deadline()
+        wakeup = math.inf if deadline is None else deadline
+        if self.admission.hold is Hold.MEMORY:
+            wakeup = min(wakeup, self._clock() + MEMORY_RECHECK_INTERVAL)
+        return wakeup
+
+    async def run(self) -> None:
+        """The gate's timer: sleeps until the next queue deadline or memory
+        re-check, or until an event changes either. Runs in the server nursery."""
+        while True:
+            self._changed = trio.Event()
+            with trio.move_on_at(self._next_wakeup()):
+                await self._changed.wait()
+                continue  # an event already decided; just recompute the wakeup
+            self._decide()
+
+
+def _mib(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**20:.0f} MiB"

@@ -1,0 +1,277 @@
+"""The pure admission core: scripted cases and property tests. No sockets, no clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from gatekeeper.admission import Admission, Hold, Limits, Refusal
+
+MiB = 2**20
+
+
+def make(max_jobs: int = 2, min_free: int = 0, max_queue: int = 10,
+         queue_timeout: float = 100.0, job_reserve: int = 0) -> Admission:
+    return Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=max_queue,
+                            queue_timeout=queue_timeout, job_reserve=job_reserve))
+
+
+def test_admits_up_to_max_jobs_in_arrival_order() -> None:
+    a = make(max_jobs=2)
+    for job in (1, 2, 3):
+        assert a.arrive(job, now=0.0) is None
+    assert a.admit(0.0, available=10 * MiB) == [1, 2]
+    assert (a.running, a.queued, a.hold) == (2, 1, Hold.SLOTS)
+    assert a.admit(0.0, 10 * MiB) == []
+    a.finish(1)
+    assert a.admit(0.0, 10 * MiB) == [3]
+    assert a.hold is None
+
+
+def test_memory_rule_holds_head_and_everyone_behind_it() -> None:
+    a = make(max_jobs=4, min_free=100 * MiB)
+    a.arrive(1, 0.0)
+    a.arrive(2, 0.0)
+    assert a.admit(0.0, available=99 * MiB) == []
+    assert a.hold is Hold.MEMORY
+    assert a.wants_memory_reading
+    assert a.admit(1.0, available=100 * MiB) == [1, 2]
+
+
+def test_reservation_limits_a_burst_from_one_reading() -> None:
+    a = make(max_jobs=8, min_free=100 * MiB, job_reserve=200 * MiB)
+    for job in range(5):
+        a.arrive(job, 0.0)
+    # 550 MiB available: job 0 sees 550, job 1 sees 350, job 2 sees 150; job 3 sees -50.
+    assert a.admit(0.0, 550 * MiB) == [0, 1, 2]
+    assert a.hold is Hold.MEMORY
+
+
+def test_queue_full_refuses_and_counts() -> None:
+    a = make(max_jobs=1, max_queue=1)
+    assert a.arrive(1, 0.0) is None
+    assert a.arrive(2, 0.0) is Refusal.QUEUE_FULL
+    assert a.statistics().refused_total["queue-full"] == 1
+    assert a.admit(0.0, 0) == [1]
+    # running jobs do not count against the queue
+    assert a.arrive(3, 0.0) is None
+
+
+def test_max_queue_zero_refuses_everything() -> None:
+    a = make(max_queue=0)
+    assert a.arrive(1, 0.0) is Refusal.QUEUE_FULL
+
+
+def test_expiry_takes_only_timed_out_heads() -> None:
+    a = make(max_jobs=1, queue_timeout=10.0)
+    a.arrive(1, 0.0)
+    a.admit(0.0, 0)
+    a.arrive(2, 1.0)
+    a.arrive(3, 5.0)
+    assert a.next_deadline() == 11.0
+    assert a.expire(10.999) == []
+    assert a.expire(11.0) == [2]
+    assert a.next_deadline() == 15.0
+    a.finish(1)
+    # A timed-out job is never admitted, even if expire was not called.
+    assert a.admit(20.0, 0) == []
+    assert a.expire(20.0) == [3]
+    assert a.statistics().expired_total == 2
+
+
+def test_abandon_removes_from_middle() -> None:
+    a = make(max_jobs=1)
+    for job in (1, 2, 3):
+        a.arrive(job, 0.0)
+    a.admit(0.0, 0)
+    a.abandon(2)
+    a.finish(1)
+    assert a.admit(0.0, 0) == [3]
+    assert a.statistics().abandoned_total == 1
+
+
+def test_drain_returns_queue_and_refuses_new() -> None:
+    a = make(max_jobs=1)
+    for job in (1, 2, 3):
+        a.arrive(job, 0.0)
+    a.admit(0.0, 0)
+    assert a.drain() == [2, 3]
+    assert a.arrive(4, 0.0) is Refusal.DRAINING
+    assert a.running == 1
+    a.finish(1)
+    assert a.admit(0.0, 0) == []
+
+
+def test_wants_memory_reading_only_with_a_free_slot_and_a_queue() -> None:
+    a = make(max_jobs=1)
+    assert not a.wants_memory_reading
+    a.arrive(1, 0.0)
+    assert a.wants_memory_reading
+    a.admit(0.0, 0)
+    a.arrive(2, 0.0)
+    assert not a.wants_memory_reading
+
+
+def test_duplicate_job_is_a_bug() -> None:
+    a = make()
+    a.arrive(1, 0.0)
+    with pytest.raises(ValueError):
+        a.arrive(1, 0.0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_jobs": 0}, {"min_free": -1}, {"max_queue": -1}, {"queue_timeout": 0.0},
+    {"queue_timeout": float("nan")}, {"job_reserve": -1},
+])
+def test_limits_validate(kwargs: dict[str, float]) -> None:
+    base: dict[str, float] = {"max_jobs": 1, "min_free": 0, "max_queue": 1, "queue_timeout": 1.0}
+    base.update(kwargs)
+    with pytest.raises(ValueError):
+        Limits(**base)  # type: ignore[arg-type]
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    """Random interleavings of every event, with a model kept beside the core."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core: Admission | None = None
+        self.now = 0.0
+        self.next_id = 0
+        self.arrival_order: list[int] = []  # model of the queue, FIFO
+        self.running: set[int] = set()
+        self.finished: set[int] = set()
+        self.available = 0
+        self.draining = False
+
+    @precondition(lambda self: self.core is None)
+    @rule(max_jobs=st.integers(1, 4), min_free=st.integers(0, 3),
+          max_queue=st.integers(0, 6), timeout=st.integers(1, 20), reserve=st.integers(0, 2))
+    def setup(self, max_jobs: int, min_free: int, max_queue: int, timeout: int,
+              reserve: int) -> None:
+        self.core = Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=max_queue,
+                                     queue_timeout=float(timeout), job_reserve=reserve))
+
+    @precondition(lambda self: self.core is not None)
+    @rule()
+    def arrive(self) -> None:
+        assert self.core is not None
+        job = self.next_id
+        self.next_id += 1
+        full = len(self.arrival_order) >= self.core.limits.max_queue
+        refusal = self.core.arrive(job, self.now)
+        if self.draining:
+            assert refusal is Refusal.DRAINING
+        else:
+            assert (refusal is Refusal.QUEUE_FULL) == full
+        if refusal is None:
+            self.arrival_order.append(job)
+
+    @precondition(lambda self: self.core is not None and bool(self.arrival_order))
+    @rule(data=st.data())
+    def abandon(self, data: st.DataObject) -> None:
+        assert self.core is not None
+        job = data.draw(st.sampled_from(self.arrival_order))
+        self.core.abandon(job)
+        self.arrival_order.remove(job)
+
+    @precondition(lambda self: self.core is not None and bool(self.running))
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        assert self.core is not None
+        job = data.draw(st.sampled_from(sorted(self.running)))
+        self.core.finish(job)
+        self.running.remove(job)
+        self.finished.add(job)
+
+    @precondition(lambda self: self.core is not None)
+    @rule(dt=st.integers(0, 8))
+    def advance(self, dt: int) -> None:
+        self.now += dt
+
+    @precondition(lambda self: self.core is not None)
+    @rule(available=st.integers(0, 8))
+    def memory_changes(self, available: int) -> None:
+        self.available = available
+
+    @precondition(lambda self: self.core is not None)
+    @rule()
+    def decide(self) -> None:
+        """What the gate does at every event: expire, then admit."""
+        core = self.core
+        assert core is not None
+        timeout = core.limits.queue_timeout
+        expired = core.expire(self.now)
+        # Expired jobs are exactly the timed-out prefix of the queue.
+        assert expired == self.arrival_order[:len(expired)]
+        del self.arrival_order[:len(expired)]
+        assert not expired or all(self.now - timeout >= 0 for _ in expired)
+        before_running = len(self.running)
+        admitted = core.admit(self.now, self.available) if core.wants_memory_reading else []
+        # FIFO: admitted jobs are the head of the queue, in order.
+        assert admitted == self.arrival_order[:len(admitted)]
+        del self.arrival_order[:len(admitted)]
+        limits = core.limits
+        # Memory rule: the k-th job admitted in this decision saw available - k * reserve.
+        for k in range(len(admitted)):
+            assert self.available - k * limits.job_reserve >= limits.min_free
+        # Work-conserving: if something is still queued with a free slot, memory held it.
+        if self.arrival_order and before_running + len(admitted) < limits.max_jobs:
+            reserved = len(admitted) * limits.job_reserve
+            assert self.available - reserved < limits.min_free
+            assert core.hold is Hold.MEMORY
+        for job in admitted:
+            assert job not in self.finished
+            self.running.add(job)
+
+    @precondition(lambda self: self.core is not None)
+    @rule()
+    def drain(self) -> None:
+        assert self.core is not None
+        assert self.core.drain() == self.arrival_order
+        self.arrival_order.clear()
+        self.draining = True
+
+    @invariant()
+    def matches_model(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        assert core.running == len(self.running) <= core.limits.max_jobs
+        assert core.queued == len(self.arrival_order) <= core.limits.max_queue
+        assert [job for job, _ in core.queue_view(1000)] == self.arrival_order
+        s = core.statistics()
+        assert s.finished_total == len(self.finished)
+        assert s.admitted_total == len(self.finished) + len(self.running)
+        assert (core.hold is None) == (not self.arrival_order)
+
+
+AdmissionMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60,
+                                              deadline=None)
+TestAdmissionMachine = AdmissionMachine.TestCase
+
+
+@given(jobs=st.integers(1, 30), max_jobs=st.integers(1, 5), finishes=st.lists(st.booleans()))
+def test_queue_drains_when_capacity_returns(jobs: int, max_jobs: int,
+                                            finishes: list[bool]) -> None:
+    """Whatever happens first, finishing every running job eventually runs everyone."""
+    a = make(max_jobs=max_jobs, max_queue=jobs)
+    for job in range(jobs):
+        a.arrive(job, 0.0)
+    order: list[int] = []
+    running: list[int] = []
+    for step in range(jobs * 2 + len(finishes)):
+        new = a.admit(0.0, 0)
+        order += new
+        running += new
+        if running and (step >= len(finishes) or finishes[step]):
+            a.finish(running.pop(0))
+    while running:
+        a.finish(running.pop())
+        new = a.admit(0.0, 0)
+        order += new
+        running += new
+    assert order == list(range(jobs))
+    assert a.queued == 0 and a.running == 0
