@@ -8,6 +8,7 @@ command lines and unit files.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -59,8 +60,8 @@ def parse_address(text: str, *, bare_port_host: str | None) -> Address:
         host: str | None = text[1:close]
         port_text = text[close + 2:]
         try:
-            socket.inet_pton(socket.AF_INET6, host or "")
-        except OSError:
+            ipaddress.IPv6Address(host or "")  # accepts scope ids (fe80::1%eth0)
+        except ValueError:
             raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
     elif ":" in text:
         host, _, port_text = text.rpartition(":")

@@ -64,6 +64,7 @@ class Gate:
         self._tickets: dict[JobId, Ticket] = {}
         self._changed = trio.Event()
         self._last_hold: Hold | None = None
+        self._watchers = trio.lowlevel.ParkingLot()
 
     @asynccontextmanager
     async def ticket(self) -> AsyncIterator[Ticket]:
@@ -112,6 +113,11 @@ class Gate:
     def snapshot(self) -> Snapshot:
         return self.admission.statistics()
 
+    async def wait_changed(self) -> None:
+        """Wait until the next time the policy is consulted (for status reporting
+        and tests, which must not poll)."""
+        await self._watchers.park()
+
     def _decide(self) -> None:
         """Run the policy now and carry out what it says."""
         admission = self.admission
@@ -132,6 +138,7 @@ class Gate:
 
     def _wake_timer(self) -> None:
         self._changed.set()
+        self._watchers.unpark_all()
 
     def _log_hold(self) -> None:
         hold = self.admission.hold

@@ -28,7 +28,7 @@ from .config import Config
 from .gate import Gate, Verdict
 from .liveness import ClientWatch
 from .memory import MemorySource
-from .splice import Side, Transfer, splice
+from .splice import Side, Transfer, abort, splice
 
 log = logging.getLogger("gatekeeper")
 
@@ -173,17 +173,20 @@ class Server:
             record.outcome = "backend-error"
             record.detail = f"connect {backend_address}: {e or 'timed out'}"
             return
-        record.transfer = Transfer()
+        transfer = record.transfer = Transfer()
         try:
-            await splice(stream, backend, record.transfer)
+            await splice(stream, backend, transfer)
         finally:
+            if transfer.failed is Side.BACKEND:
+                abort(stream)
+            elif transfer.failed is Side.CLIENT:
+                abort(backend)
             await trio.aclose_forcefully(backend)
-        failed = record.transfer.failed
-        if failed is None:
+        if transfer.failed is None:
             record.outcome = "ok"
         else:
-            record.outcome = "client-error" if failed is Side.CLIENT else "backend-failed"
-            record.detail = record.transfer.error
+            record.outcome = "client-error" if transfer.failed is Side.CLIENT else "backend-failed"
+            record.detail = transfer.error
 
 
 async def open_all(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:

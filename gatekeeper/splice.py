@@ -10,14 +10,18 @@ A distcc client never half-closes, but protocols that send a request and then
 drops it).
 
 If either direction fails (a reset, a broken pipe), the job is over: the other
-direction is cancelled, and the caller closes both sockets, which passes the
-abort on to the other peer -- e.g. distccd kills the compiler when its client
-vanishes.
+direction is cancelled, and the other peer is reset too (`abort`), never
+closed cleanly: a clean FIN after half a reply could pass for a complete
+reply, while a reset cannot. distccd, for its part, kills the compiler when
+its client vanishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import socket
+import struct
 from dataclasses import dataclass, field
 
 import trio
@@ -95,3 +99,13 @@ async def splice(client: trio.SocketStream, backend: trio.SocketStream,
         nursery.start_soon(_copy, backend, client, Side.BACKEND, Side.CLIENT, transfer, False,
                            scope)
     return transfer
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def abort(stream: trio.SocketStream) -> None:
+    """Make the coming close send RST instead of FIN (SO_LINGER with zero timeout)."""
+    # An OSError means it is already dead: closing it is all that is left anyway.
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

@@ -1,0 +1,156 @@
+"""Fake backends and a fake memory source, for fault injection in-process.
+
+Real distccd is used in the end-to-end tests; these exist to make a backend
+misbehave on cue (refuse, reset, stall) and to count what reached it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from gatekeeper.addresses import TcpAddress
+from gatekeeper.allow import AllowList
+from gatekeeper.config import Config
+from gatekeeper.memory import FixedMemory
+from gatekeeper.serve import Server, open_all
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@dataclass
+class Backend:
+    """A fake backend that counts connections and concurrency."""
+
+    address: TcpAddress
+    connections: int = 0
+    active: int = 0
+    max_active: int = 0
+    arrived: trio.Event = field(default_factory=trio.Event)
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+    def note_arrival(self) -> None:
+        self.connections += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.arrived.set()
+        self.arrived = trio.Event()
+        self.lot.unpark_all()
+
+    async def wait_for(self, predicate: Callable[[Backend], bool]) -> None:
+        while not predicate(self):
+            await self.lot.park()
+
+    def note_departure(self) -> None:
+        self.active -= 1
+        self.lot.unpark_all()
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back."""
+    async for data in stream:
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Close with RST instead of FIN (SO_LINGER 0)."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+@asynccontextmanager
+async def backend(handler: Handler) -> AsyncIterator[Backend]:
+    """Run `handler` per connection on an ephemeral loopback port."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    info = Backend(TcpAddress("127.0.0.1", listeners[0].socket.getsockname()[1]))
+
+    async def counted(stream: trio.SocketStream) -> None:
+        info.note_arrival()
+        try:
+            await handler(stream)
+        finally:
+            info.note_departure()
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, counted, listeners)
+        yield info
+        nursery.cancel_scope.cancel()
+
+
+def closed_port() -> TcpAddress:
+    """A loopback port with nobody listening (bound, never listened, so nobody can take it
+    while the test runs -- the socket is kept open by the module for the process lifetime)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _KEEP.append(sock)
+    return TcpAddress("127.0.0.1", sock.getsockname()[1])
+
+
+_KEEP: list[socket.socket] = []
+
+
+def config(backend: TcpAddress, **overrides: object) -> Config:
+    values: dict[str, object] = {
+        "listen": (TcpAddress("127.0.0.1", 0),),
+        "backend": backend,
+        "max_jobs": 2,
+        "min_free_bytes": 0,
+        "queue_timeout": 240.0,
+        "max_queue": 100,
+        "allow": AllowList.parse(["127.0.0.0/8", "::1/128"]),
+    }
+    values.update(overrides)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Running:
+    server: Server
+    memory: FixedMemory
+    address: TcpAddress
+
+    async def connect(self) -> trio.SocketStream:
+        return await trio.open_tcp_stream(str(self.address.host), self.address.port)
+
+    async def wait_for(self, predicate: Callable[[Server], bool]) -> None:
+        """Wait, without polling, until the gate's state satisfies `predicate`."""
+        while not predicate(self.server):
+            await self.server.gate.wait_changed()
+
+
+@asynccontextmanager
+async def gatekeeper(cfg: Config, *, available: int = 2**40) -> AsyncIterator[Running]:
+    memory = FixedMemory(available)
+    server = Server(cfg, memory, drain_timeout=5.0)
+    listeners = await open_all(cfg.listen)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run, listeners)
+        host, _, port = addresses[0].rpartition(":")
+        yield Running(server, memory, TcpAddress(host, int(port)))
+        server.stop()
+
+
+async def receive_all(stream: trio.SocketStream) -> bytes:
+    chunks = []
+    async for data in stream:
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+async def receive_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything received until the peer closed, by FIN or by RST (closing a socket
+    with unread request bytes in it makes Linux send RST: both mean "turned away")."""
+    chunks = []
+    try:
+        async for data in stream:
+            chunks.append(data)
+    except trio.BrokenResourceError:
+        pass
+    return b"".join(chunks)

@@ -1,0 +1,176 @@
+"""End-to-end: the stock distcc client builds a real C/C++ project through distccd.
+
+The number of compilers running at once is measured on the server side by a wrapper that
+distccd runs instead of gcc/g++ (see distcc_harness), independently of gatekeeper.
+
+* The control test goes straight to distccd (--jobs 8) and must see more than 2 compiles
+  at once: it proves the measurement catches an over-limit, i.e. that the gatekeeper
+  test can fail.
+* The gatekeeper test puts `python -m gatekeeper --max-jobs 2` in front of the same
+  distccd and must see at most 2, with the build still correct and nothing failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distcc_harness import (
+    LOOPBACK,
+    BuildResult,
+    CompileLog,
+    DistccServer,
+    GatekeeperProcess,
+    Project,
+    distcc_build,
+    generate_project,
+    local_build,
+    missing_binaries,
+    object_mismatches,
+    read_objects,
+    run_program,
+)
+
+MISSING = missing_binaries()
+requires_toolchain = pytest.mark.skipif(
+    bool(MISSING),
+    reason=(
+        f"end-to-end tests need {', '.join(MISSING)} on PATH "
+        "(Debian: apt-get install -y distcc g++ make)"
+    ),
+)
+
+DISTCCD_JOBS = 8  # distccd's own limit: well above what gatekeeper allows
+MAKE_JOBS = 12  # more parallel jobs than distccd slots
+HOST_SLOTS = 16  # DISTCC_HOSTS=.../16: the client must not be the limiting factor
+GATEKEEPER_MAX_JOBS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Objects and output of a plain local build (no distcc) with the same flags."""
+
+    objects: dict[str, bytes]
+    output: str
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    project = generate_project(tmp_path_factory.mktemp("reference"))
+    build = local_build(project)
+    assert build.ok, build.describe()
+    run = run_program(project)
+    # Self-check of the generator: the expected line is computed in Python.
+    assert run.returncode == 0 and run.stdout == project.expected_output, (run.stdout, run.stderr)
+    return Reference(read_objects(project), run.stdout)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return generate_project(tmp_path / "project")
+
+
+@pytest.fixture
+def distccd() -> Iterator[DistccServer]:
+    with DistccServer(jobs=DISTCCD_JOBS) as server:
+        yield server
+
+
+@pytest.fixture
+def gatekeeper(distccd: DistccServer) -> Iterator[GatekeeperProcess]:
+    args = [
+        "--listen",
+        f"{LOOPBACK}:0",
+        "--backend",
+        f"{LOOPBACK}:{distccd.port}",
+        "--max-jobs",
+        str(GATEKEEPER_MAX_JOBS),
+        "--min-free-mb",
+        "0",
+        "--log-level",
+        "info",
+    ]
+    with GatekeeperProcess(args) as gk:
+        yield gk
+
+
+def _diagnostics(
+    build: BuildResult, distccd: DistccServer, gatekeeper: GatekeeperProcess | None = None
+) -> str:
+    parts = [build.describe(), "--- distccd ---", distccd.log_text]
+    if distccd.compile_log_path is not None and distccd.compile_log_path.exists():
+        parts += ["--- compile log ---", distccd.compile_log_path.read_text()]
+    if gatekeeper is not None:
+        parts += ["--- gatekeeper ---", gatekeeper.log_text]
+    return "\n".join(parts)
+
+
+def _check_build(
+    project: Project,
+    build: BuildResult,
+    distccd: DistccServer,
+    reference: Reference,
+    gatekeeper: GatekeeperProcess | None = None,
+) -> CompileLog:
+    """Everything that must hold for any correct remote build; returns the compile log."""
+    diag = _diagnostics(build, distccd, gatekeeper)
+    assert build.ok, f"build failed\n{diag}"
+    assert build.client_complaints == [], f"distcc client reported problems\n{diag}"
+
+    run = run_program(project)
+    assert run.returncode == 0, f"program failed: {run.stderr}\n{diag}"
+    assert run.stdout == project.expected_output == reference.output
+
+    # distcc preprocesses locally and compiles remotely; with the same compiler and
+    # flags and no -g the objects are byte-identical to a plain local compile.
+    assert object_mismatches(reference.objects, project) == [], diag
+
+    log = distccd.compile_log()
+    assert log.malformed == (), diag
+    assert log.unfinished == [], f"compiles without an end record\n{diag}"
+    assert log.failed == [], f"compiles exited non-zero\n{diag}"
+    # Each translation unit compiled exactly once, remotely: no retry, no local fallback.
+    assert log.count == project.translation_units, diag
+
+    summaries = distccd.wait_for_compile_ok(project.translation_units)
+    results = [s.result for s in summaries]
+    assert results == ["COMPILE_OK"] * project.translation_units, f"{results}\n{diag}"
+    return log
+
+
+@pytest.mark.e2e
+@requires_toolchain
+def test_control_direct_to_distccd_exceeds_two(
+    project: Project, distccd: DistccServer, reference: Reference
+) -> None:
+    build = distcc_build(project, distccd.port, jobs=MAKE_JOBS, host_slots=HOST_SLOTS)
+    log = _check_build(project, build, distccd, reference)
+    print(
+        f"control: {log.count} remote compiles, max concurrency {log.max_concurrency}, "
+        f"build {build.seconds:.1f}s"
+    )
+    # Proves the measurement sees an over-limit when nothing limits to 2.
+    assert log.max_concurrency > GATEKEEPER_MAX_JOBS, _diagnostics(build, distccd)
+    assert log.max_concurrency <= DISTCCD_JOBS, _diagnostics(build, distccd)
+
+
+@pytest.mark.e2e
+@requires_toolchain
+def test_gatekeeper_limits_concurrent_compiles(
+    project: Project,
+    distccd: DistccServer,
+    gatekeeper: GatekeeperProcess,
+    reference: Reference,
+) -> None:
+    build = distcc_build(project, gatekeeper.port, jobs=MAKE_JOBS, host_slots=HOST_SLOTS)
+    log = _check_build(project, build, distccd, reference, gatekeeper)
+    diag = _diagnostics(build, distccd, gatekeeper)
+    print(
+        f"gatekeeper: {log.count} remote compiles, max concurrency {log.max_concurrency}, "
+        f"build {build.seconds:.1f}s"
+    )
+    assert 1 <= log.max_concurrency <= GATEKEEPER_MAX_JOBS, diag
+    assert gatekeeper.is_running(), f"gatekeeper exited during the build\n{diag}"
+    assert "Traceback" not in gatekeeper.log_text, diag

@@ -1,0 +1,343 @@
+"""The server in-process over loopback, against fake backends that misbehave on cue."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+
+import pytest
+import trio
+import trio.testing
+from fakes import (
+    backend,
+    closed_port,
+    config,
+    echo,
+    gatekeeper,
+    receive_all,
+    receive_until_closed,
+    reset,
+)
+
+from gatekeeper.allow import AllowList
+from gatekeeper.serve import Server
+
+MiB = 2**20
+
+
+async def test_echo_with_half_close_passes_reply_through() -> None:
+    """The client half-closes after its request; the reply must still arrive."""
+    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(b"request" * 1000)
+        await client.send_eof()
+        assert await receive_all(client) == b"request" * 1000
+        await client.aclose()
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        assert gk.server.gate.snapshot().running == 0
+
+
+async def test_backend_half_close_reaches_client_and_client_can_keep_sending() -> None:
+    """Backend says its piece and half-closes first; the client may still talk."""
+    got = trio.Event()
+    received: list[bytes] = []
+
+    async def greeter(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"hello")
+        await stream.send_eof()
+        received.append(await receive_all(stream))
+        got.set()
+
+    async with backend(greeter) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        assert await receive_all(client) == b"hello"
+        await client.send_all(b"after your eof")
+        await client.send_eof()
+        await got.wait()
+        assert received == [b"after your eof"]
+        await client.aclose()
+
+
+async def hold_until_eof(stream: trio.SocketStream) -> None:
+    """A job that runs until its client half-closes, then answers 'done'."""
+    await receive_all(stream)
+    await stream.send_all(b"done")
+
+
+async def test_holds_beyond_max_jobs_and_admits_in_fifo_order() -> None:
+    order: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        order.append(await stream.receive_some(100))
+        await hold_until_eof(stream)
+
+    async with backend(record) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
+        clients = []
+        for i in range(5):
+            c = await gk.connect()
+            await c.send_all(b"%d" % i)
+            clients.append(c)
+            await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
+        await be.wait_for(lambda b: b.connections == 2)
+        snap = gk.server.gate.snapshot()
+        assert (snap.running, snap.queued) == (2, 3)
+        for c in clients:
+            await c.send_eof()
+            assert await receive_all(c) == b"done"
+            await c.aclose()
+        assert be.max_active <= 2
+        assert be.connections == 5
+        assert order == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def _seen(server: Server) -> int:
+    s = server.gate.snapshot()
+    return s.running + s.queued + s.finished_total
+
+
+async def test_memory_rule_holds_until_memory_returns() -> None:
+    async with backend(echo) as be:
+        cfg = config(be.address, min_free_bytes=512 * MiB)
+        async with gatekeeper(cfg, available=100 * MiB) as gk:
+            client = await gk.connect()
+            await client.send_all(b"x")
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+            assert gk.server.gate.snapshot().hold is not None
+            assert gk.server.gate.snapshot().hold.value == "memory"  # type: ignore[union-attr]
+            assert be.connections == 0
+            gk.memory.value = 600 * MiB  # the timer re-reads it while memory holds
+            await be.wait_for(lambda b: b.connections == 1)
+            await client.send_eof()
+            assert await receive_all(client) == b"x"
+
+
+async def test_queue_timeout_closes_held_client(autojump_clock: trio.testing.MockClock) -> None:
+    async with backend(hold_until_eof) as be:
+        async with gatekeeper(config(be.address, max_jobs=1, queue_timeout=240.0)) as gk:
+            first = await gk.connect()
+            await be.wait_for(lambda b: b.connections == 1)
+            second = await gk.connect()
+            start = trio.current_time()
+            with trio.fail_after(300):
+                assert await receive_until_closed(second) == b""  # closed by gatekeeper
+            assert 240.0 <= trio.current_time() - start < 241.0
+            assert gk.server.gate.snapshot().expired_total == 1
+            assert be.connections == 1
+            await first.send_eof()
+            assert await receive_all(first) == b"done"
+
+
+async def test_max_queue_closes_excess_at_once() -> None:
+    async with backend(hold_until_eof) as be:
+        async with gatekeeper(config(be.address, max_jobs=1, max_queue=1)) as gk:
+            running = await gk.connect()
+            await be.wait_for(lambda b: b.connections == 1)
+            queued = await gk.connect()
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+            excess = await gk.connect()
+            assert await receive_until_closed(excess) == b""
+            assert gk.server.gate.snapshot().refused_total["queue-full"] == 1
+            await running.send_eof()
+            assert await receive_all(running) == b"done"
+            # Half-close only once admitted: a FIN while queued means "gone".
+            await be.wait_for(lambda b: b.connections == 2)
+            await queued.send_eof()
+            assert await receive_all(queued) == b"done"
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_queued_client_that_leaves_never_reaches_backend(how: str) -> None:
+    async with backend(hold_until_eof) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
+        running = await gk.connect()
+        await be.wait_for(lambda b: b.connections == 1)
+        leaver = await gk.connect()
+        await leaver.send_all(b"DIST00000001")  # request bytes stay buffered
+        await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+        if how == "reset":
+            reset(leaver)
+        else:
+            await leaver.aclose()
+        with trio.fail_after(1):  # the issue's bound: gone from the queue within 1 s
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 0)
+        assert gk.server.gate.snapshot().abandoned_total == 1
+        await running.send_eof()
+        assert await receive_all(running) == b"done"
+        assert be.connections == 1
+
+
+async def test_half_closed_queued_client_is_kept_with_flag() -> None:
+    async with backend(echo) as be:
+        cfg = config(be.address, max_jobs=1, keep_half_closed=True)
+        async with gatekeeper(cfg) as gk:
+            blocker = await gk.connect()
+            await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+            client = await gk.connect()
+            await client.send_all(b"request")
+            await client.send_eof()
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+            await blocker.aclose()  # frees the slot; the half-closed one must still run
+            assert await receive_all(client) == b"request"
+
+
+async def test_backend_refusing_closes_client_and_frees_slot(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    async with gatekeeper(config(closed_port(), max_jobs=1)) as gk:
+        for _ in range(3):  # the slot comes back every time
+            client = await gk.connect()
+            await client.send_all(b"x")
+            assert await receive_until_closed(client) == b""
+            await client.aclose()
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 3)
+        assert gk.server.gate.snapshot().running == 0
+    assert "outcome=backend-error" in caplog.text
+    assert "Connection refused" in caplog.text or "connect" in caplog.text
+
+
+async def test_backend_reset_mid_stream_ends_job_and_frees_slot() -> None:
+    async def crash(stream: trio.SocketStream) -> None:
+        await stream.receive_some(10)
+        await stream.send_all(b"partial")
+        reset(stream)
+
+    async with backend(crash) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
+        for _ in range(2):
+            client = await gk.connect()
+            await client.send_all(b"x" * 10)
+            got = b""
+            with pytest.raises(trio.BrokenResourceError):  # the reset is passed on
+                async for data in client:
+                    got += data
+            assert got in (b"", b"partial")
+            await client.aclose()
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 2)
+        assert gk.server.gate.snapshot().running == 0
+        assert be.connections == 2
+
+
+async def test_client_reset_while_running_reaches_backend() -> None:
+    backend_saw: list[str] = []
+    done = trio.Event()
+
+    async def watch(stream: trio.SocketStream) -> None:
+        try:
+            await receive_all(stream)
+            backend_saw.append("eof")
+        except trio.BrokenResourceError:
+            backend_saw.append("reset")
+        done.set()
+
+    async with backend(watch) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(b"x")
+        await be.wait_for(lambda b: b.connections == 1)
+        reset(client)
+        await done.wait()
+        assert backend_saw  # ended promptly, either way: distccd would kill its compiler
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_536 * 3 + 7, 64 * MiB])
+async def test_large_payload_integrity(size: int) -> None:
+    payload = os.urandom(size)
+    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        digest = hashlib.sha256()
+        async with trio.open_nursery() as nursery:
+            async def send() -> None:
+                view = memoryview(payload)
+                for i in range(0, size, MiB):
+                    await client.send_all(view[i:i + MiB])
+                await client.send_eof()
+            nursery.start_soon(send)
+            received = 0
+            async for data in client:
+                digest.update(data)
+                received += len(data)
+        assert received == size
+        assert digest.digest() == hashlib.sha256(payload).digest()
+
+
+async def test_denied_peer_is_closed_and_never_reaches_backend() -> None:
+    async with backend(echo) as be:
+        cfg = config(be.address, allow=AllowList.parse(["10.0.0.0/8"]))
+        async with gatekeeper(cfg) as gk:
+            client = await gk.connect()
+            await client.send_all(b"x")
+            assert await receive_until_closed(client) == b""
+            assert be.connections == 0
+
+
+async def test_ipv6_listener_and_allow() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    from gatekeeper.addresses import TcpAddress
+    async with backend(echo) as be:
+        cfg = config(be.address, listen=(TcpAddress("::1", 0),))
+        try:
+            ctx = gatekeeper(cfg)
+            gk = await ctx.__aenter__()
+        except OSError as e:
+            pytest.skip(f"cannot bind ::1: {e}")
+        try:
+            stream = await trio.open_tcp_stream("::1", gk.address.port)
+            await stream.send_all(b"six")
+            await stream.send_eof()
+            assert await receive_all(stream) == b"six"
+        finally:
+            await ctx.__aexit__(None, None, None)
+
+
+async def test_stop_closes_queued_and_lets_running_finish() -> None:
+    async with backend(hold_until_eof) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
+        running = await gk.connect()
+        await be.wait_for(lambda b: b.connections == 1)
+        queued = [await gk.connect() for _ in range(3)]
+        await gk.wait_for(lambda s: s.gate.snapshot().queued == 3)
+        gk.server.stop()
+        for q in queued:
+            assert await receive_until_closed(q) == b""
+        await running.send_all(b"still here")
+        await running.send_eof()
+        assert await receive_all(running) == b"done"
+        assert be.connections == 1
+
+
+async def test_slot_accounting_survives_a_mix_of_faults() -> None:
+    """Many clients doing different wrong things at once; afterwards nothing is held."""
+    async def distcc_like(stream: trio.SocketStream) -> None:
+        # Read a whole 4-byte request, answer, close: the client never half-closes.
+        request = b""
+        while len(request) < 4:
+            data = await stream.receive_some(4 - len(request))
+            if not data:
+                return
+            request += data
+        await stream.send_all(request[::-1])
+
+    async with backend(distcc_like) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
+        async def good(i: int) -> None:
+            c = await gk.connect()
+            await c.send_all(b"%04d" % i)
+            assert await receive_all(c) == (b"%04d" % i)[::-1]
+            await c.aclose()
+
+        async def rude(i: int) -> None:
+            c = await gk.connect()
+            await c.send_all(b"x" * i)
+            reset(c)
+
+        async def quitter(i: int) -> None:
+            c = await gk.connect()
+            await c.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon((good, rude, quitter)[i % 3], i)
+        await gk.wait_for(lambda s: _seen(s) == 30 - s.gate.snapshot().abandoned_total
+                          and s.gate.snapshot().running == 0)
+        snap = gk.server.gate.snapshot()
+        assert (snap.running, snap.queued) == (0, 0)
+        assert be.max_active <= 2
