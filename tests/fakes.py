@@ -31,6 +31,7 @@ class Backend:
     connections: int = 0
     active: int = 0
     max_active: int = 0
+    broken: int = 0
     arrived: trio.Event = field(default_factory=trio.Event)
     lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
@@ -74,6 +75,8 @@ async def backend(handler: Handler) -> AsyncIterator[Backend]:
         info.note_arrival()
         try:
             await handler(stream)
+        except trio.BrokenResourceError:
+            info.broken += 1  # gatekeeper passed a client's reset on: expected in fault tests
         finally:
             info.note_departure()
             await trio.aclose_forcefully(stream)
