@@ -13,6 +13,7 @@ distccd runs instead of gcc/g++ (see distcc_harness), independently of gatekeepe
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from distcc_harness import (
     GatekeeperProcess,
     Project,
     distcc_build,
+    distcc_client_env,
     generate_project,
     local_build,
     missing_binaries,
@@ -174,3 +176,30 @@ def test_gatekeeper_limits_concurrent_compiles(
     assert 1 <= log.max_concurrency <= GATEKEEPER_MAX_JOBS, diag
     assert gatekeeper.is_running(), f"gatekeeper exited during the build\n{diag}"
     assert "Traceback" not in gatekeeper.log_text, diag
+
+
+@pytest.mark.e2e
+@requires_toolchain
+def test_memory_rule_holds_real_jobs_until_queue_timeout(
+    project: Project, distccd: DistccServer
+) -> None:
+    """--min-free-mb above the machine's memory holds every job (the documented way to
+    drain a box): the real client waits, is closed at --queue-timeout, and reports a
+    failed remote compile; distccd never sees the job."""
+    args = ["--listen", f"{LOOPBACK}:0", "--backend", f"{LOOPBACK}:{distccd.port}",
+            "--max-jobs", "4", "--min-free-mb", str(2**40), "--queue-timeout", "1"]
+    with GatekeeperProcess(args) as gk:
+        env = distcc_client_env(LOOPBACK, gk.port, project.root / ".distccdir")
+        # With backoff off, distcc retries a failed host forever; a real client backs off.
+        env["DISTCC_BACKOFF_PERIOD"] = "60"
+        source = project.root / project.sources[0]
+        proc = subprocess.run(
+            ["distcc", "g++", "-Iinclude", "-c", str(source), "-o", str(project.root / "held.o")],
+            env=env, capture_output=True, text=True, timeout=30, cwd=project.root)
+        diag = f"{proc.stderr}\n--- gatekeeper ---\n{gk.log_text}"
+        assert proc.returncode != 0, diag  # DISTCC_FALLBACK=0: held-then-closed is an error
+        assert not (project.root / "held.o").exists(), diag
+        assert distccd.compile_log().count == 0, diag
+        assert "outcome=queue-timeout" in gk.log_text, diag
+        assert "holding 1:" in gk.log_text and "min free" in gk.log_text, diag
+        assert gk.is_running(), diag

@@ -1,0 +1,138 @@
+"""The trio gate in virtual time: when it reads memory, when it wakes, how it releases."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from gatekeeper.admission import Admission, Limits
+from gatekeeper.gate import MEMORY_RECHECK_INTERVAL, Gate, Verdict
+
+
+class CountingMemory:
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.reads = 0
+
+    def available(self) -> int:
+        self.reads += 1
+        return self.value
+
+
+def make_gate(memory: CountingMemory, *, max_jobs: int = 1, min_free: int = 100,
+              queue_timeout: float = 240.0) -> Gate:
+    return Gate(Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=10,
+                                 queue_timeout=queue_timeout)), memory)
+
+
+async def test_no_timer_and_no_memory_reads_while_nothing_is_queued(
+        autojump_clock: trio.testing.MockClock) -> None:
+    memory = CountingMemory(1000)
+    gate = make_gate(memory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        await trio.sleep(3600)
+        assert memory.reads == 0
+        async with gate.ticket() as ticket:
+            assert await gate.wait(ticket) is Verdict.ADMITTED
+        reads = memory.reads
+        await trio.sleep(3600)
+        assert memory.reads == reads == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_memory_reads_while_held_only_by_slots(
+        autojump_clock: trio.testing.MockClock) -> None:
+    memory = CountingMemory(1000)
+    gate = make_gate(memory, queue_timeout=10_000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        async with gate.ticket() as first:
+            assert await gate.wait(first) is Verdict.ADMITTED
+            async with gate.ticket() as second:
+                reads = memory.reads
+                await trio.sleep(600)  # the second waits for a slot, not for memory
+                assert memory.reads == reads
+                assert second.verdict is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_memory_is_rechecked_on_a_short_timer_while_it_holds(
+        autojump_clock: trio.testing.MockClock) -> None:
+    memory = CountingMemory(0)
+    gate = make_gate(memory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        async with gate.ticket() as ticket:
+            await trio.sleep(1.0 + MEMORY_RECHECK_INTERVAL / 2)
+            # one read at arrival, then one per interval
+            per_second = 1.0 / MEMORY_RECHECK_INTERVAL
+            assert per_second <= memory.reads <= per_second + 2
+            memory.value = 1000
+            start = trio.current_time()
+            assert await gate.wait(ticket) is Verdict.ADMITTED
+            assert trio.current_time() - start <= MEMORY_RECHECK_INTERVAL
+        nursery.cancel_scope.cancel()
+
+
+async def test_queue_timeout_fires_at_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    memory = CountingMemory(0)
+    gate = make_gate(memory, queue_timeout=240.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        start = trio.current_time()
+        async with gate.ticket() as ticket:
+            assert await gate.wait(ticket) is Verdict.EXPIRED
+            assert trio.current_time() - start == 240.0
+        assert gate.snapshot().queued == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_wait_abandons_and_hands_on_the_slot() -> None:
+    memory = CountingMemory(1000)
+    gate = make_gate(memory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        async with gate.ticket() as first:
+            assert await gate.wait(first) is Verdict.ADMITTED
+            with trio.move_on_after(0):
+                async with gate.ticket() as leaver:
+                    await gate.wait(leaver)
+            assert gate.snapshot().abandoned_total == 1
+            async with gate.ticket() as third:
+                assert third.verdict is None
+                nursery.start_soon(_noop)
+            # third left the block unadmitted: abandoned, not leaked
+        assert gate.snapshot().abandoned_total == 2
+        async with gate.ticket() as fourth:
+            # first finished, so the slot is free again at once
+            assert fourth.verdict is Verdict.ADMITTED
+        snap = gate.snapshot()
+        assert (snap.running, snap.queued, snap.finished_total) == (0, 0, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def _noop() -> None:
+    pass
+
+
+async def test_drain_settles_every_waiter() -> None:
+    memory = CountingMemory(0)
+    gate = make_gate(memory)
+    results: list[Verdict] = []
+
+    async def waiter() -> None:
+        async with gate.ticket() as t:
+            results.append(await gate.wait(t))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        for _ in range(3):
+            nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.drain() == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [Verdict.DRAINED] * 3
+        async with gate.ticket() as late:
+            assert late.refused is not None
+        nursery.cancel_scope.cancel()
