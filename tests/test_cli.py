@@ -137,7 +137,10 @@ def test_allow_matches_ipaddress(addr: ipaddress.IPv4Address | ipaddress.IPv6Add
     networks = [ipaddress.ip_network(f"{n}/{min(prefix, n.max_prefixlen)}", strict=False)
                 for n in nets]
     allow = AllowList(tuple(networks))
-    assert allow.permits(str(addr)) == any(addr in n for n in networks)
+    # The documented rule: an IPv4-mapped IPv6 peer is judged as the IPv4 address.
+    judged = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    expected = any((judged or addr) in n for n in networks)
+    assert allow.permits(str(addr)) == expected
 
 
 def test_allow_treats_v4_mapped_v6_as_v4() -> None:
