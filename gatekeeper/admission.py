@@ -14,10 +14,17 @@ Invariants (checked by the property tests after every step):
 * Strict FIFO: admission order equals arrival order among the jobs still
   queued. A job that cannot run (no slot, not enough memory) blocks every job
   behind it -- letting a later job jump ahead would starve the first one.
-* A job is admitted only while ``available - reserved >= min_free``, where
-  ``reserved`` is what the jobs admitted so far in the same decision have
-  claimed (`job_reserve` each). Without that, one reading taken while memory
-  looked free would let a whole burst in at once.
+* The memory rule: the head is admitted only while
+  ``available - reserved - footprint(head) >= min_free``. ``available`` is the
+  caller's fresh reading; ``footprint`` is what the job is expected to need at
+  its peak; ``reserved`` is the growth still expected from running jobs: each
+  reserves ``footprint - observed usage`` (never below zero) until its real
+  usage shows up in ``available``. A compiler starts small and grows for
+  seconds, so without reservations one reading taken while memory looked free
+  would let a whole burst in, all growing past the limit together.
+* If nothing runs and memory is short because of other processes, the queue
+  simply holds until memory returns or queue timeouts fire: there is no state
+  in which the policy waits for an event that cannot come.
 * Every admitted job is released exactly once (`finish`); every queued job
   leaves the queue exactly once (admitted, expired, abandoned or drained).
 * Queue deadlines are ``arrival + queue_timeout``, the same span for all, so the
@@ -59,9 +66,8 @@ class Limits:
     """Bytes of available memory that must remain for a job to start."""
     max_queue: int
     queue_timeout: float
-    job_reserve: int = 0
-    """Bytes each job admitted in one decision is assumed to take before the
-    next memory reading can show it."""
+    default_footprint: int = 0
+    """Bytes a job is expected to need when its arrival names no estimate."""
 
     def __post_init__(self) -> None:
         if self.max_jobs < 1:
@@ -72,8 +78,8 @@ class Limits:
             raise ValueError("max_queue must not be negative")
         if not self.queue_timeout > 0:
             raise ValueError("queue_timeout must be positive")
-        if self.job_reserve < 0:
-            raise ValueError("job_reserve must not be negative")
+        if self.default_footprint < 0:
+            raise ValueError("default_footprint must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,9 @@ class Snapshot:
     max_jobs: int
     max_queue: int
     min_free: int
+    reserved: int
+    """Growth still expected from running jobs (bytes)."""
+    head_footprint: int | None
     hold: Hold | None
     available: int | None
     """The last memory reading the policy was given (None before the first)."""
@@ -105,6 +114,9 @@ class Admission:
         # after many deletions (a plain dict's iteration would skip tombstones).
         self._queue: OrderedDict[JobId, float] = OrderedDict()
         self._arrived: dict[JobId, float] = {}
+        self._footprint: dict[JobId, int] = {}  # queued and running jobs
+        self._usage: dict[JobId, int] = {}  # running jobs: last observed usage
+        self._reserved = 0  # sum over running jobs of max(0, footprint - usage)
         self._running: set[JobId] = set()
         self._draining = False
         self._hold: Hold | None = None
@@ -117,8 +129,9 @@ class Admission:
 
     # -- events -----------------------------------------------------------
 
-    def arrive(self, job: JobId, now: float) -> Refusal | None:
-        """A new connection wants to run. Returns why it is refused, or None if queued."""
+    def arrive(self, job: JobId, now: float, footprint: int | None = None) -> Refusal | None:
+        """A new connection wants to run, expected to need `footprint` bytes at
+        its peak (None: the default). Returns why it is refused, or None if queued."""
         if job in self._arrived or job in self._running:
             raise ValueError(f"job {job} is already known")
         refusal: Refusal | None = None
@@ -131,19 +144,44 @@ class Admission:
             return refusal
         self._queue[job] = now + self.limits.queue_timeout
         self._arrived[job] = now
+        self._footprint[job] = self.limits.default_footprint if footprint is None else footprint
         self._update_hold()
         return None
+
+    def estimate(self, job: JobId, footprint: int) -> None:
+        """A better estimate for a queued job's footprint (e.g. once its request
+        named the file it compiles). Ignored for jobs no longer queued."""
+        if footprint < 0:
+            raise ValueError("footprint must not be negative")
+        if job in self._queue:
+            self._footprint[job] = footprint
+
+    def observe(self, job: JobId, usage: int) -> None:
+        """A running job's current memory usage, as measured. Its reservation
+        shrinks by what already shows in the memory reading."""
+        if job not in self._running:
+            return
+        before = self._reservation(job)
+        self._usage[job] = max(0, usage)
+        self._reserved += self._reservation(job) - before
+
+    def _reservation(self, job: JobId) -> int:
+        return max(0, self._footprint[job] - self._usage.get(job, 0))
 
     def abandon(self, job: JobId) -> None:
         """A queued job left before it was admitted (client gone, cancelled)."""
         del self._queue[job]
         del self._arrived[job]
+        del self._footprint[job]
         self._abandoned_total += 1
         self._update_hold()
 
     def finish(self, job: JobId) -> None:
         """A running job ended, however it ended. Frees its slot."""
         self._running.remove(job)
+        self._reserved -= self._reservation(job)
+        del self._footprint[job]
+        self._usage.pop(job, None)
         self._finished_total += 1
         self._update_hold()
 
@@ -153,6 +191,8 @@ class Admission:
         drained = list(self._queue)
         self._queue.clear()
         self._arrived.clear()
+        for job in drained:
+            del self._footprint[job]
         self._update_hold()
         return drained
 
@@ -167,6 +207,7 @@ class Admission:
                 break
             self._queue.popitem(last=False)
             del self._arrived[job]
+            del self._footprint[job]
             expired.append(job)
         self._expired_total += len(expired)
         if expired:
@@ -186,19 +227,18 @@ class Admission:
         the caller runs `expire(now)` first."""
         self._available = available
         admitted: list[JobId] = []
-        reserved = 0
         limits = self.limits
         while self._queue and len(self._running) < limits.max_jobs:
-            if available - reserved < limits.min_free:
-                break
             job, deadline = next(iter(self._queue.items()))
+            if available - self._reserved - self._footprint[job] < limits.min_free:
+                break
             if deadline <= now:
                 break  # the caller must expire it; never run a timed-out job
             self._queue.popitem(last=False)
             del self._arrived[job]
             self._running.add(job)
+            self._reserved += self._footprint[job]  # nothing of it shows yet
             admitted.append(job)
-            reserved += limits.job_reserve
         self._admitted_total += len(admitted)
         self._update_hold()
         return admitted
@@ -218,6 +258,14 @@ class Admission:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def reserved(self) -> int:
+        """Growth still expected from running jobs, in bytes."""
+        return self._reserved
+
+    def footprint(self, job: JobId) -> int:
+        return self._footprint[job]
 
     @property
     def hold(self) -> Hold | None:
@@ -247,6 +295,8 @@ class Admission:
             max_jobs=self.limits.max_jobs,
             max_queue=self.limits.max_queue,
             min_free=self.limits.min_free,
+            reserved=self._reserved,
+            head_footprint=None if head is None else self._footprint[head],
             hold=self._hold,
             available=self._available,
             oldest_arrival=None if head is None else self._arrived[head],

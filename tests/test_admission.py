@@ -13,9 +13,9 @@ MiB = 2**20
 
 
 def make(max_jobs: int = 2, min_free: int = 0, max_queue: int = 10,
-         queue_timeout: float = 100.0, job_reserve: int = 0) -> Admission:
+         queue_timeout: float = 100.0, default_footprint: int = 0) -> Admission:
     return Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=max_queue,
-                            queue_timeout=queue_timeout, job_reserve=job_reserve))
+                            queue_timeout=queue_timeout, default_footprint=default_footprint))
 
 
 def test_admits_up_to_max_jobs_in_arrival_order() -> None:
@@ -41,12 +41,35 @@ def test_memory_rule_holds_head_and_everyone_behind_it() -> None:
 
 
 def test_reservation_limits_a_burst_from_one_reading() -> None:
-    a = make(max_jobs=8, min_free=100 * MiB, job_reserve=200 * MiB)
+    a = make(max_jobs=8, min_free=100 * MiB, default_footprint=200 * MiB)
     for job in range(5):
         a.arrive(job, 0.0)
-    # 550 MiB available: job 0 sees 550, job 1 sees 350, job 2 sees 150; job 3 sees -50.
-    assert a.admit(0.0, 550 * MiB) == [0, 1, 2]
+    # 550 MiB available: job 0 leaves 350, job 1 leaves 150, job 2 would leave -50.
+    assert a.admit(0.0, 550 * MiB) == [0, 1]
+    assert a.reserved == 400 * MiB
     assert a.hold is Hold.MEMORY
+    # Memory did not change, and nothing of the running jobs shows yet: still held.
+    assert a.admit(1.0, 550 * MiB) == []
+    # Job 0 has grown to 150 MiB: the reading shows it, its reservation shrinks to 50.
+    a.observe(0, 150 * MiB)
+    assert a.reserved == 250 * MiB
+    assert a.admit(2.0, 400 * MiB) == []  # 400 - 250 - 200 < 100
+    a.finish(0)  # its memory comes back in the reading, its reservation goes
+    assert a.reserved == 200 * MiB
+    assert a.admit(3.0, 550 * MiB) == [2]
+
+
+def test_per_job_footprints_and_estimates() -> None:
+    a = make(max_jobs=8, min_free=0, default_footprint=10 * MiB)
+    a.arrive(1, 0.0, footprint=900 * MiB)
+    a.arrive(2, 0.0)
+    assert a.footprint(2) == 10 * MiB
+    assert a.admit(0.0, 500 * MiB) == []  # the heavy head holds everyone: FIFO
+    a.estimate(1, 400 * MiB)  # its request named a file we know is lighter
+    assert a.admit(0.0, 500 * MiB) == [1, 2]
+    assert a.statistics().reserved == 410 * MiB
+    a.observe(1, 1000 * MiB)  # over its estimate: reservation is zero, never negative
+    assert a.reserved == 10 * MiB
 
 
 def test_queue_full_refuses_and_counts() -> None:
@@ -123,7 +146,7 @@ def test_duplicate_job_is_a_bug() -> None:
 
 @pytest.mark.parametrize("kwargs", [
     {"max_jobs": 0}, {"min_free": -1}, {"max_queue": -1}, {"queue_timeout": 0.0},
-    {"queue_timeout": float("nan")}, {"job_reserve": -1},
+    {"queue_timeout": float("nan")}, {"default_footprint": -1},
 ])
 def test_limits_validate(kwargs: dict[str, float]) -> None:
     base: dict[str, float] = {"max_jobs": 1, "min_free": 0, "max_queue": 1, "queue_timeout": 1.0}
@@ -143,6 +166,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.arrival_order: list[int] = []  # model of the queue, FIFO
         self.running: set[int] = set()
         self.finished: set[int] = set()
+        self.footprints: dict[int, int] = {}
+        self.usage: dict[int, int] = {}
         self.available = 0
         self.draining = False
 
@@ -152,22 +177,43 @@ class AdmissionMachine(RuleBasedStateMachine):
     def setup(self, max_jobs: int, min_free: int, max_queue: int, timeout: int,
               reserve: int) -> None:
         self.core = Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=max_queue,
-                                     queue_timeout=float(timeout), job_reserve=reserve))
+                                     queue_timeout=float(timeout), default_footprint=reserve))
 
     @precondition(lambda self: self.core is not None)
-    @rule()
-    def arrive(self) -> None:
+    @rule(footprint=st.none() | st.integers(0, 4))
+    def arrive(self, footprint: int | None) -> None:
         assert self.core is not None
         job = self.next_id
         self.next_id += 1
         full = len(self.arrival_order) >= self.core.limits.max_queue
-        refusal = self.core.arrive(job, self.now)
+        refusal = self.core.arrive(job, self.now, footprint)
         if self.draining:
             assert refusal is Refusal.DRAINING
         else:
             assert (refusal is Refusal.QUEUE_FULL) == full
         if refusal is None:
             self.arrival_order.append(job)
+            self.footprints[job] = (self.core.limits.default_footprint if footprint is None
+                                    else footprint)
+
+    @precondition(lambda self: self.core is not None and bool(self.arrival_order))
+    @rule(data=st.data(), footprint=st.integers(0, 4))
+    def estimate(self, data: st.DataObject, footprint: int) -> None:
+        assert self.core is not None
+        job = data.draw(st.sampled_from(self.arrival_order))
+        self.core.estimate(job, footprint)
+        self.footprints[job] = footprint
+
+    @precondition(lambda self: self.core is not None and bool(self.running))
+    @rule(data=st.data(), usage=st.integers(0, 5))
+    def observe(self, data: st.DataObject, usage: int) -> None:
+        assert self.core is not None
+        job = data.draw(st.sampled_from(sorted(self.running)))
+        self.core.observe(job, usage)
+        self.usage[job] = usage
+
+    def model_reserved(self) -> int:
+        return sum(max(0, self.footprints[j] - self.usage.get(j, 0)) for j in self.running)
 
     @precondition(lambda self: self.core is not None and bool(self.arrival_order))
     @rule(data=st.data())
@@ -184,6 +230,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         job = data.draw(st.sampled_from(sorted(self.running)))
         self.core.finish(job)
         self.running.remove(job)
+        self.usage.pop(job, None)
         self.finished.add(job)
 
     @precondition(lambda self: self.core is not None)
@@ -209,18 +256,21 @@ class AdmissionMachine(RuleBasedStateMachine):
         del self.arrival_order[:len(expired)]
         assert not expired or all(self.now - timeout >= 0 for _ in expired)
         before_running = len(self.running)
+        reserved = self.model_reserved()
         admitted = core.admit(self.now, self.available) if core.wants_memory_reading else []
         # FIFO: admitted jobs are the head of the queue, in order.
         assert admitted == self.arrival_order[:len(admitted)]
         del self.arrival_order[:len(admitted)]
         limits = core.limits
-        # Memory rule: the k-th job admitted in this decision saw available - k * reserve.
-        for k in range(len(admitted)):
-            assert self.available - k * limits.job_reserve >= limits.min_free
+        # Memory rule: each admitted job fit beside the growth still expected from
+        # the running jobs and from those admitted before it in this decision.
+        for job in admitted:
+            assert self.available - reserved - self.footprints[job] >= limits.min_free
+            reserved += self.footprints[job]
         # Work-conserving: if something is still queued with a free slot, memory held it.
         if self.arrival_order and before_running + len(admitted) < limits.max_jobs:
-            reserved = len(admitted) * limits.job_reserve
-            assert self.available - reserved < limits.min_free
+            head = self.arrival_order[0]
+            assert self.available - reserved - self.footprints[head] < limits.min_free
             assert core.hold is Hold.MEMORY
         for job in admitted:
             assert job not in self.finished
@@ -245,6 +295,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         s = core.statistics()
         assert s.finished_total == len(self.finished)
         assert s.admitted_total == len(self.finished) + len(self.running)
+        assert core.reserved == s.reserved == self.model_reserved()
         assert (core.hold is None) == (not self.arrival_order)
 
 
@@ -275,3 +326,52 @@ def test_queue_drains_when_capacity_returns(jobs: int, max_jobs: int,
         running += new
     assert order == list(range(jobs))
     assert a.queued == 0 and a.running == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(st.integers(1, 400), st.integers(1, 12)), min_size=1, max_size=25),
+    total=st.integers(200, 1200),
+    other=st.integers(0, 150),
+    min_free=st.integers(0, 100),
+    max_jobs=st.integers(1, 8),
+    observe=st.booleans(),
+)
+def test_usage_following_growth_curves_never_crosses_the_limit(
+        jobs: list[tuple[int, int]], total: int, other: int, min_free: int, max_jobs: int,
+        observe: bool) -> None:
+    """Compilers start small and grow to their peak over their run. With learned
+    footprints equal to the peaks, admitting against a memory source that only ever
+    shows what has already grown never lets usage cross total - min_free."""
+    core = make(max_jobs=max_jobs, min_free=min_free, max_queue=len(jobs),
+                queue_timeout=10_000.0)
+    for job, (peak, _duration) in enumerate(jobs):
+        core.arrive(job, 0.0, footprint=peak)
+    started: dict[int, int] = {}
+    done: set[int] = set()
+
+    def usage(job: int, tick: int) -> int:
+        peak, duration = jobs[job]
+        ramp = max(1, duration // 2)
+        return min(peak, peak * (tick - started[job]) // ramp)
+
+    for tick in range(400):
+        running = [j for j in started if j not in done]
+        in_use = sum(usage(j, tick) for j in running)
+        assert other + in_use <= total - min_free or not running
+        for j in running:
+            if tick - started[j] >= jobs[j][1]:
+                core.finish(j)
+                done.add(j)
+            elif observe:
+                core.observe(j, usage(j, tick))
+        running = [j for j in started if j not in done]
+        available = total - other - sum(usage(j, tick) for j in running)
+        for j in core.admit(float(tick), available):
+            started[j] = tick
+        if len(done) == len(jobs):
+            break
+    # Everyone whose peak fits the box at all has run.
+    fits = {j for j, (peak, _) in enumerate(jobs) if other + peak <= total - min_free}
+    first_misfit = min((j for j in range(len(jobs)) if j not in fits), default=len(jobs))
+    assert set(range(first_misfit)) <= done  # FIFO: a misfit holds those behind it
