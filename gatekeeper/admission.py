@@ -47,6 +47,7 @@ class Hold(enum.Enum):
 
     SLOTS = "slots"
     MEMORY = "memory"
+    PRESSURE = "pressure"
     DRAINING = "draining"
 
 
@@ -120,6 +121,7 @@ class Admission:
         self._running: set[JobId] = set()
         self._draining = False
         self._hold: Hold | None = None
+        self._pressure_high = False
         self._available: int | None = None
         self._admitted_total = 0
         self._finished_total = 0
@@ -149,12 +151,17 @@ class Admission:
         return None
 
     def estimate(self, job: JobId, footprint: int) -> None:
-        """A better estimate for a queued job's footprint (e.g. once its request
-        named the file it compiles). Ignored for jobs no longer queued."""
+        """A better estimate of a job's footprint (e.g. once its request named the
+        file it compiles). For a running job it moves the reservation too.
+        Ignored for jobs that have left."""
         if footprint < 0:
             raise ValueError("footprint must not be negative")
         if job in self._queue:
             self._footprint[job] = footprint
+        elif job in self._running:
+            before = self._reservation(job)
+            self._footprint[job] = footprint
+            self._reserved += self._reservation(job) - before
 
     def observe(self, job: JobId, usage: int) -> None:
         """A running job's current memory usage, as measured. Its reservation
@@ -221,14 +228,16 @@ class Admission:
         shell can skip the reading (and its timer) entirely."""
         return bool(self._queue) and len(self._running) < self.limits.max_jobs
 
-    def admit(self, now: float, available: int) -> list[JobId]:
+    def admit(self, now: float, available: int, *, pressure_high: bool = False) -> list[JobId]:
         """Admit queued jobs, head first, while a slot is free and the memory
-        rule passes with `available` bytes. Expired jobs are never admitted:
-        the caller runs `expire(now)` first."""
+        rule passes with `available` bytes. `pressure_high` (memory pressure
+        over its limit) holds everyone. Expired jobs are never admitted: the
+        caller runs `expire(now)` first."""
         self._available = available
+        self._pressure_high = pressure_high
         admitted: list[JobId] = []
         limits = self.limits
-        while self._queue and len(self._running) < limits.max_jobs:
+        while self._queue and len(self._running) < limits.max_jobs and not pressure_high:
             job, deadline = next(iter(self._queue.items()))
             if available - self._reserved - self._footprint[job] < limits.min_free:
                 break
@@ -314,6 +323,8 @@ class Admission:
             self._hold = Hold.DRAINING
         elif len(self._running) >= self.limits.max_jobs:
             self._hold = Hold.SLOTS
+        elif self._pressure_high:
+            self._hold = Hold.PRESSURE
         else:
             # A slot is free yet something is queued: only memory holds it
             # (until the next `admit` proves otherwise).

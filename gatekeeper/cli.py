@@ -1,8 +1,18 @@
 """Command line: flags into a `Config`, then run the server until a signal.
 
 Conventions: bad usage prints one line to stderr and exits 2; a startup
-failure (port in use, no such socket) prints one line and exits 1; SIGTERM and
-SIGINT stop gracefully and exit 0.
+failure (port in use, no such socket, an unusable socket-activated fd) prints
+one line and exits 1; SIGTERM and SIGINT stop gracefully and exit 0.
+
+``gatekeeper [options] -- COMMAND [ARGS...]`` is inetd mode: everything after
+the first ``--`` is the command run once per admitted connection.
+
+Signals, one meaning each: SIGTERM and SIGINT stop gracefully (stop accepting,
+close queued clients, give running jobs ``--drain-timeout`` seconds). SIGHUP
+is caught and logged as unsupported: every limit comes from the command line,
+which a running process cannot re-read, so a reload would silently change
+nothing -- restart the service instead (queued clients fall back to a local
+compile; running jobs drain). Without the handler SIGHUP would kill us.
 """
 
 from __future__ import annotations
@@ -11,14 +21,31 @@ import argparse
 import logging
 import math
 import os
+import resource
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import NoReturn
 
 import trio
 
 from . import __version__
+from .activation import (
+    ActivationError,
+    Notifier,
+    adopt,
+    check_socket,
+    current_status,
+    describe,
+    inherited_sockets,
+    listen_mismatch,
+    report_status,
+    watchdog,
+    watchdog_interval,
+)
 from .addresses import parse_address
 from .allow import DEFAULT_ALLOW, AllowList
 from .config import (
@@ -29,13 +56,15 @@ from .config import (
     DISTCC_PORT,
     Config,
 )
+from .inetd import Command
 from .memory import SystemMemory
-from .serve import Server, open_all
+from .serve import DEFAULT_DRAIN_TIMEOUT, Server, open_all
 
 log = logging.getLogger("gatekeeper")
 
 EXIT_USAGE = 2
 EXIT_STARTUP = 1
+DEFAULT_BACKEND = "127.0.0.1:3633"
 
 
 class UsageError(Exception):
@@ -90,15 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     cpus = os.cpu_count() or 1
     p = _Parser(
         prog="gatekeeper",
+        usage="%(prog)s [options] [-- COMMAND [ARGS...]]",
         description="Hold incoming jobs until the box has a free slot and enough memory, "
-                    "then splice them through to the backend.",
+                    "then splice them through to the backend -- or, after '--', run "
+                    "COMMAND once per job with the connection as its stdin and stdout "
+                    "(inetd mode, e.g. -- distccd --inetd).",
         allow_abbrev=False,
     )
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help=f"where to accept clients: PORT, HOST:PORT, [IPv6]:PORT or unix:/path; "
                         f"repeatable (default: all interfaces, port {DISTCC_PORT})")
-    p.add_argument("--backend", default="127.0.0.1:3633", metavar="ADDR",
-                   help="where admitted jobs go (default: 127.0.0.1:3633)")
+    p.add_argument("--backend", default=None, metavar="ADDR",
+                   help=f"where admitted jobs go (default: {DEFAULT_BACKEND}); "
+                        f"not with -- COMMAND")
     p.add_argument("-j", "--jobs", "--max-jobs", dest="max_jobs", type=_positive_int,
                    default=cpus, metavar="N",
                    help=f"at most N jobs running at once (default: CPUs, here {cpus})")
@@ -124,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help=f"give up on a backend connect after this long "
                         f"(default: {DEFAULT_CONNECT_TIMEOUT:.0f})")
+    p.add_argument("--drain-timeout", type=_non_negative_number,
+                   default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, give running jobs this long to finish "
+                        f"(default: {DEFAULT_DRAIN_TIMEOUT:.0f})")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info: one line per connection)")
@@ -131,16 +168,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The whole command line: the Config, plus how this process runs the service."""
+
+    config: Config
+    command: Command | None = None
+    """inetd mode: run this per job instead of connecting to config.backend."""
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    listen_given: bool = False
+    """Whether --listen was on the command line (not just the default)."""
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """(flags, COMMAND after the first ``--`` or None when there is no ``--``)."""
+    args = list(argv)
+    if "--" not in args:
+        return args, None
+    cut = args.index("--")
+    return args[:cut], args[cut + 1:]
+
+
 def parse_config(argv: Sequence[str]) -> Config:
     """Flags into a validated Config; raises UsageError with a one-line reason."""
-    args = build_parser().parse_args(list(argv))
+    return parse_options(argv).config
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    """Flags and an optional ``-- COMMAND`` into Options; raises UsageError (one line)."""
+    flags, command_argv = split_command(argv)
+    args = build_parser().parse_args(flags)
+    command: Command | None = None
+    if command_argv is not None:
+        if args.backend is not None:
+            raise UsageError("--backend and -- COMMAND are mutually exclusive: a job goes "
+                             "either to a backend or to its own COMMAND")
+        try:
+            command = Command.resolve(command_argv)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         listen = tuple(parse_address(a, bare_port_host=None)
                        for a in (args.listen or [str(DISTCC_PORT)]))
     except ValueError as e:
         raise UsageError(f"--listen {e}") from None
     try:
-        backend = parse_address(args.backend, bare_port_host="127.0.0.1")
+        backend = parse_address(args.backend or DEFAULT_BACKEND, bare_port_host="127.0.0.1")
     except ValueError as e:
         raise UsageError(f"--backend {e}") from None
     if getattr(backend, "port", 1) == 0:
@@ -149,7 +222,7 @@ def parse_config(argv: Sequence[str]) -> Config:
         allow = AllowList.parse(args.allow or DEFAULT_ALLOW)
     except ValueError as e:
         raise UsageError(f"--allow {e}") from None
-    return Config(
+    config = Config(
         listen=listen,
         backend=backend,
         max_jobs=args.max_jobs,
@@ -161,6 +234,8 @@ def parse_config(argv: Sequence[str]) -> Config:
         connect_timeout=args.connect_timeout,
         log_level=args.log_level,
     )
+    return Options(config, command=command, drain_timeout=args.drain_timeout,
+                   listen_given=args.listen is not None)
 
 
 def setup_logging(level: str) -> None:
@@ -169,36 +244,118 @@ def setup_logging(level: str) -> None:
                         format="gatekeeper: %(levelname)s: %(message)s")
 
 
-async def run(config: Config) -> None:
-    """Open the listeners, serve, and stop gracefully on SIGTERM/SIGINT."""
-    listeners = await open_all(config.listen)
-    server = Server(config, SystemMemory())
+# Beyond the listeners, the gate's epoll set and logging, each queued job holds
+# one fd and each running job two (client and backend): what --max-queue and
+# --max-jobs need, plus a margin for everything else a process opens.
+_FD_MARGIN = 64
+
+
+def raise_open_files_limit(config: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the soft default, 1024, would
+    quietly cap --max-queue), and warn if even that is too low for the limits.
+
+    inetd-mode children inherit the raised limit; that is harmless for programs
+    that use poll/epoll (distccd) and for select() users that open few files,
+    since only fd *numbers* above 1023 trouble select()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
+    needed = config.max_queue + 2 * config.max_jobs + _FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("open files limit %d is below what --max-queue %d and --max-jobs %d "
+                    "need (%d): connections past it fail (raise LimitNOFILE=)",
+                    soft, config.max_queue, config.max_jobs, needed)
+
+
+async def run(config: Config, options: Options | None = None, *,
+              activated: Sequence[socket.socket] = (),
+              notifier: Notifier | None = None,
+              watchdog_every: float | None = None) -> None:
+    """Open (or adopt) the listeners, serve, and stop gracefully on SIGTERM/SIGINT."""
+    if options is None:
+        options = Options(config)
+    if notifier is None:
+        notifier = Notifier(None)
+    if activated:
+        listeners = adopt(activated)
+        log.info("using %d socket(s) from the service manager: %s", len(listeners),
+                 ", ".join(describe(s) for s in activated))
+    else:
+        listeners = await open_all(config.listen)
+    memory = SystemMemory()
+    server = Server(config, memory, drain_timeout=options.drain_timeout,
+                    command=options.command)
+    target = (f"command {options.command}" if options.command is not None
+              else f"backend {config.backend}")
     log.info("gatekeeper %s: max-jobs %d, min-free %.0f MiB, max-queue %d, "
-             "queue-timeout %gs, backend %s", __version__, config.max_jobs,
+             "queue-timeout %gs, drain-timeout %gs, %s", __version__, config.max_jobs,
              config.min_free_bytes / 2**20, config.max_queue, config.queue_timeout,
-             config.backend)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+             options.drain_timeout, target)
+    signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*signals_wanted) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def stop_on_signal() -> None:
+            async def on_signals() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.warning("got SIGHUP: reloading is not supported (every limit "
+                                    "comes from the command line); restart to change them")
+                        continue
                     log.info("got %s, stopping", signal.Signals(signum).name)
+                    if not server.stopping:
+                        s = server.gate.snapshot()
+                        notifier.send("STOPPING=1", f"STATUS=stopping: closing {s.queued} "
+                                      f"queued, waiting for {s.running} running")
                     server.stop()
 
-            nursery.start_soon(stop_on_signal)
-            await server.run(listeners)
-            nursery.cancel_scope.cancel()
+            async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+                            ) -> None:
+                await server.run(listeners, task_status=task_status)
+                # The reporter dies with the nursery: say the last word here.
+                notifier.send(f"STATUS={current_status(server.gate, memory, stopping=True)}")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signals)
+            await nursery.start(serve)
+            notifier.send("READY=1", f"STATUS={current_status(server.gate, memory)}")
+            if notifier.enabled:
+                nursery.start_soon(report_status, notifier, server.gate, memory,
+                                   lambda: server.stopping)
+                if watchdog_every is not None:
+                    nursery.start_soon(watchdog, notifier, watchdog_every)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv)
+        options = parse_options(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
         print(f"gatekeeper: {e}", file=sys.stderr)
         return EXIT_USAGE
+    config = options.config
     setup_logging(config.log_level)
+    # Read (and unset, so inetd-mode children never see them) what a service
+    # manager passed: notification socket, watchdog, activated sockets.
+    notifier = Notifier.from_environ()
+    watchdog_every = watchdog_interval()
     try:
-        trio.run(run, config)
+        activated = [check_socket(item) for item in inherited_sockets()]
+    except ActivationError as e:
+        print(f"gatekeeper: cannot start: socket activation: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    if activated and options.listen_given:
+        mismatch = listen_mismatch(config.listen, activated)
+        if mismatch is not None:
+            print(f"gatekeeper: {mismatch}", file=sys.stderr)
+            return EXIT_USAGE
+    raise_open_files_limit(config)
+    try:
+        trio.run(partial(run, config, options, activated=activated, notifier=notifier,
+                         watchdog_every=watchdog_every))
     except OSError as e:
         # Startup failures only (binding, permissions): a connection's errors
         # never get this far.
@@ -206,4 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STARTUP
     except KeyboardInterrupt:
         return 0
+    finally:
+        notifier.close()
     return 0

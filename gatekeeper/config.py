@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .addresses import Address
 from .allow import AllowList
@@ -32,6 +33,13 @@ DEFAULT_MIN_FREE_MB = 512.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
+# What a job never seen before is assumed to need at its peak, until enough
+# jobs have been measured to know the farm's own distribution. 256 MiB is a
+# heavy-ish C++ translation unit: a cold start errs towards admitting fewer
+# jobs at once, and learning corrects it within the first few jobs.
+DEFAULT_JOB_MEM_MB = 256.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: tuple[Address, ...]
@@ -43,4 +51,14 @@ class Config:
     allow: AllowList
     keep_half_closed: bool = False
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    job_mem_bytes: int = int(DEFAULT_JOB_MEM_MB * 2**20)
+    """Seed estimate of an unknown job's peak memory."""
+    state_dir: Path | None = None
+    """Where learned footprints are kept across restarts (None: not kept)."""
+    identify: bool = True
+    """Peek at distcc request heads to key learned footprints by compile."""
+    cgroup: str | None = None
+    """Watch this cgroup's memory (None: gatekeeper's own cgroups)."""
+    max_memory_pressure: float | None = None
+    """Hold jobs while PSI memory `some avg10` exceeds this percentage."""
     log_level: str = "info"

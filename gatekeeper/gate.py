@@ -56,9 +56,12 @@ class Ticket:
 
 class Gate:
     def __init__(self, admission: Admission, memory: MemorySource, *,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 clock: Callable[[], float] = trio.current_time,
+                 max_pressure: float | None = None) -> None:
         self.admission = admission
         self.memory = memory
+        self.max_pressure = max_pressure
+        self.pressure: float | None = None
         self._clock = clock
         self._ids = itertools.count(1)
         self._tickets: dict[JobId, Ticket] = {}
@@ -67,11 +70,12 @@ class Gate:
         self._watchers = trio.lowlevel.ParkingLot()
 
     @asynccontextmanager
-    async def ticket(self) -> AsyncIterator[Ticket]:
-        """Join the queue; the slot or queue place is released on exit, exactly once,
+    async def ticket(self, footprint: int | None = None) -> AsyncIterator[Ticket]:
+        """Join the queue, expected to need `footprint` bytes (None: the policy's
+        default); the slot or queue place is released on exit, exactly once,
         however the block ends (including cancellation)."""
         job = next(self._ids)
-        refused = self.admission.arrive(job, self._clock())
+        refused = self.admission.arrive(job, self._clock(), footprint)
         ticket = Ticket(job, refused)
         if refused is None:
             self._tickets[job] = ticket
@@ -102,6 +106,15 @@ class Gate:
             return  # expired or drained: the policy already let it go
         self._decide()
 
+    def observe(self, ticket: Ticket, usage: int) -> None:
+        """A running ticket's measured memory usage (shrinks its reservation)."""
+        if ticket.refused is None and self.admission.is_running(ticket.job):
+            self.admission.observe(ticket.job, usage)
+            if self.admission.hold in (Hold.MEMORY, Hold.PRESSURE):
+                self._decide()
+            else:
+                self._watchers.unpark_all()  # the reservation changed: status watchers
+
     def drain(self) -> int:
         """Refuse new arrivals and turn away everyone queued; returns how many."""
         drained = self.admission.drain()
@@ -125,10 +138,18 @@ class Gate:
         for job in admission.expire(now):
             self._settle(job, Verdict.EXPIRED)
         if admission.wants_memory_reading:
-            for job in admission.admit(now, self.memory.available()):
+            available = self.memory.available()
+            for job in admission.admit(now, available, pressure_high=self._pressure_high()):
                 self._settle(job, Verdict.ADMITTED)
         self._log_hold()
         self._wake_timer()
+
+    def _pressure_high(self) -> bool:
+        if self.max_pressure is None:
+            return False
+        read = getattr(self.memory, "pressure", None)
+        self.pressure = read() if read is not None else None
+        return self.pressure is not None and self.pressure > self.max_pressure
 
     def _settle(self, job: JobId, verdict: Verdict) -> None:
         ticket = self._tickets[job]
@@ -147,8 +168,13 @@ class Gate:
         self._last_hold = hold
         if hold is Hold.MEMORY:
             s = self.admission.statistics()
-            log.info("holding %d: %s available < %s min free",
-                     s.queued, _mib(s.available), _mib(s.min_free))
+            explain = getattr(self.memory, "explain", None)
+            log.info("holding %d: %s available < %s min free + %s reserved + %s next job%s",
+                     s.queued, _mib(s.available), _mib(s.min_free), _mib(s.reserved),
+                     _mib(s.head_footprint), f" ({explain()})" if explain is not None else "")
+        elif hold is Hold.PRESSURE:
+            log.info("holding %d: memory pressure %.1f%% > %.1f%%",
+                     self.admission.queued, self.pressure or 0.0, self.max_pressure or 0.0)
         elif hold is Hold.SLOTS:
             s = self.admission.statistics()
             log.debug("holding %d: %d/%d running", s.queued, s.running, s.max_jobs)
@@ -156,7 +182,7 @@ class Gate:
     def _next_wakeup(self) -> float:
         deadline = self.admission.next_deadline()
         wakeup = math.inf if deadline is None else deadline
-        if self.admission.hold is Hold.MEMORY:
+        if self.admission.hold in (Hold.MEMORY, Hold.PRESSURE):
             wakeup = min(wakeup, self._clock() + MEMORY_RECHECK_INTERVAL)
         return wakeup
 

@@ -2,8 +2,11 @@
 
 Resource handling: every accepted stream belongs to its handler task and is
 closed in that task's ``finally``; the backend stream is opened and closed
-inside the same task. A slot or queue place is held by the gate's ticket
-context manager and released when the handler leaves it, whatever happened.
+inside the same task. In inetd mode (``command``) the job is a child process
+on the client socket instead, started, reaped and if need be killed by
+`inetd.CommandRunner` inside the same task. A slot or queue place is held by
+the gate's ticket context manager and released when the handler leaves it,
+whatever happened.
 
 Error handling: anything one connection does wrong (reset, garbage, a dead
 backend) ends that connection only, with a logged outcome. Errors that are
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -25,9 +29,13 @@ import trio
 from .addresses import Address, connect, listener_address, open_listeners
 from .admission import Admission, Limits
 from .config import Config
+from .footprints import FootprintBook
 from .gate import Gate, Verdict
+from .inetd import Command, CommandRunner
 from .liveness import ClientWatch
 from .memory import MemorySource
+from .meter import Meter, backend_process
+from .peek import peek_distcc_job
 from .splice import Side, Transfer, abort, splice
 
 log = logging.getLogger("gatekeeper")
@@ -35,6 +43,16 @@ log = logging.getLogger("gatekeeper")
 # After SIGTERM running jobs get this long to finish. A compile that is half
 # done is worth finishing; systemd's own stop timeout (90 s) is above this.
 DEFAULT_DRAIN_TIMEOUT = 60.0
+
+# How long a new connection may take to show its request head before it joins
+# the queue as an unknown job. A distcc client writes the head right after
+# connecting, so this is normally not waited at all; it bounds the wait when
+# the head is slow or never comes (not distcc: use --identify none).
+IDENTIFY_GRACE = 0.1
+
+# Learned footprints are written out this often (when something new was
+# learned) and at a clean stop, so a crash loses at most a minute of learning.
+SAVE_INTERVAL = 60.0
 
 
 def limits_from(config: Config) -> Limits:
@@ -71,6 +89,15 @@ class ConnectionLog:
     ended: float | None = None
     detail: str | None = None
     transfer: Transfer | None = None
+    pid: int | None = None
+    """inetd mode: the job's child process."""
+    job_key: str | None = None
+    job_name: str | None = None
+    estimate: int | None = None
+    peak: int | None = None
+    backend_ends: tuple[tuple[str, int], tuple[str, int]] | None = None
+    """(our end, the backend's end) of a TCP backend connection, to find the
+    backend process that serves the job."""
 
     def line(self) -> str:
         end = self.ended if self.ended is not None else self.accepted
@@ -79,6 +106,14 @@ class ConnectionLog:
         t = self.transfer or Transfer()
         text = (f"end peer={self.peer} outcome={self.outcome} wait={wait_end - self.accepted:.3f}s"
                 f" run={run:.3f}s in={t.to_backend} out={t.to_client}")
+        if self.pid is not None:
+            text += f" pid={self.pid}"
+        if self.job_name:
+            text += f" job={self.job_name}"
+        if self.estimate is not None:
+            text += f" est={self.estimate / 2**20:.0f}MiB"
+        if self.peak is not None:
+            text += f" peak={self.peak / 2**20:.0f}MiB"
         if self.detail:
             text += f" reason={self.detail!r}"
         return text
@@ -86,11 +121,19 @@ class ConnectionLog:
 
 class Server:
     def __init__(self, config: Config, memory: MemorySource, *,
-                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                 command: Command | None = None) -> None:
         self.config = config
         self.gate = Gate(Admission(limits_from(config)), memory)
         self.watch = ClientWatch(keep_half_closed=config.keep_half_closed)
         self.drain_timeout = drain_timeout
+        self.book = FootprintBook(seed=config.job_mem_bytes)
+        if config.state_dir is not None:
+            self.book.load(config.state_dir)
+        self.meter = Meter()
+        # inetd mode: each admitted job runs `command` on the client socket
+        # instead of being spliced to config.backend.
+        self.runner = CommandRunner(command) if command is not None else None
         self._stop = trio.Event()
         self.addresses: list[str] = []
 
@@ -98,12 +141,19 @@ class Server:
         """Begin a graceful stop (idempotent)."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     async def run(self, listeners: list[trio.SocketListener], *,
                   task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         self.addresses = [listener_address(lst) for lst in listeners]
         async with trio.open_nursery() as root:
             root.start_soon(self.gate.run)
             root.start_soon(self.watch.run)
+            root.start_soon(self.meter.run)
+            if self.config.state_dir is not None:
+                root.start_soon(self._save_periodically)
             async with trio.open_nursery() as handlers:
                 accept_scope = trio.CancelScope()
 
@@ -125,7 +175,22 @@ class Server:
                 handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
             if handlers.cancel_scope.cancelled_caught:
                 log.warning("drain timeout: cut off the jobs still running")
+            self.save_footprints()
             root.cancel_scope.cancel()
+
+    def save_footprints(self) -> None:
+        if self.config.state_dir is None or not self.book.dirty:
+            return
+        try:
+            self.book.save(self.config.state_dir)
+        except OSError as e:
+            log.warning("could not save learned footprints in %s: %s",
+                        self.config.state_dir, e)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await trio.sleep(SAVE_INTERVAL)
+            self.save_footprints()
 
     async def handle(self, stream: trio.SocketStream) -> None:
         peer, host = describe_peer(stream)
@@ -134,38 +199,80 @@ class Server:
             await self._handle(stream, host, record)
         finally:
             record.ended = trio.current_time()
-            await trio.aclose_forcefully(stream)
+            # Log before closing: the close is a checkpoint, and under
+            # cancellation nothing after it would run.
             log.info("%s", record.line())
+            await trio.aclose_forcefully(stream)
 
     async def _handle(self, stream: trio.SocketStream, host: str | None,
                       record: ConnectionLog) -> None:
         if host is not None and not self.config.allow.permits(host):
             record.outcome = "denied"
             return
-        async with self.gate.ticket() as ticket:
+        if self.config.identify:
+            # Before joining the queue, so a known compile's learned footprint
+            # counts from its first admission decision on.
+            with trio.move_on_after(IDENTIFY_GRACE):
+                await self._identify(stream, record)
+        record.estimate = self.book.estimate(record.job_key)
+        async with self.gate.ticket(record.estimate) as ticket:
             if ticket.refused is not None:
                 record.outcome = ticket.refused.value
                 return
+            # A job admitted the moment it arrived never waited: a FIN it sent
+            # already is a request-then-shutdown, not a client that gave up.
+            waited = not ticket.admitted
             gone = False
-            with trio.CancelScope() as waiting:
-                def on_gone() -> None:
-                    nonlocal gone
-                    gone = True
-                    waiting.cancel()
+            verdict = Verdict.ADMITTED
+            if waited:
+                with trio.CancelScope() as waiting:
+                    def on_gone() -> None:
+                        nonlocal gone
+                        gone = True
+                        waiting.cancel()
 
-                with self.watch.watching(stream.socket, on_gone):
-                    verdict = await self.gate.wait(ticket)
-            if gone or (verdict is Verdict.ADMITTED and self.watch.is_gone(stream.socket)):
+                    with self.watch.watching(stream.socket, on_gone):
+                        verdict = await self.gate.wait(ticket)
+            if gone or (verdict is Verdict.ADMITTED
+                        and self.watch.is_gone(stream.socket, fin_counts=waited)):
                 record.outcome = "client-gone"
                 return
             if verdict is not Verdict.ADMITTED:
                 record.outcome = verdict.value
                 return
             record.admitted = trio.current_time()
-            await self._run_job(stream, self.config.backend, record)
+            with self.meter.measuring(
+                    lambda hints: self._locate(record, hints),
+                    lambda usage: self.gate.observe(ticket, usage)) as usage:
+                await self._run_job(stream, self.config.backend, record)
+            if usage.samples:
+                record.peak = usage.peak
+                if record.outcome == "ok":  # a killed job's peak says nothing
+                    self.book.learn(record.job_key, usage.peak)
+
+    @staticmethod
+    async def _identify(stream: trio.SocketStream, record: ConnectionLog) -> None:
+        """Read the job's identity from its request head, without consuming it."""
+        job = await peek_distcc_job(stream.socket)
+        if job is not None:
+            record.job_key, record.job_name = job.key, job.output
+
+    @staticmethod
+    def _locate(record: ConnectionLog, hints: Sequence[int]) -> int | None:
+        """The job's root process: the inetd child, or the backend process holding
+        the other end of our connection. Called in a worker thread."""
+        if record.pid is not None:
+            return record.pid
+        if record.backend_ends is not None:
+            ours, theirs = record.backend_ends
+            return backend_process(ours, theirs, hints)
+        return None
 
     async def _run_job(self, stream: trio.SocketStream, backend_address: Address,
                        record: ConnectionLog) -> None:
+        if self.runner is not None:
+            await self._run_command(self.runner, stream, record)
+            return
         try:
             with trio.fail_after(self.config.connect_timeout):
                 backend = await connect(backend_address)
@@ -173,6 +280,7 @@ class Server:
             record.outcome = "backend-error"
             record.detail = f"connect {backend_address}: {e or 'timed out'}"
             return
+        record.backend_ends = _tcp_ends(backend)
         transfer = record.transfer = Transfer()
         try:
             await splice(stream, backend, transfer)
@@ -188,6 +296,22 @@ class Server:
             record.outcome = "client-error" if transfer.failed is Side.CLIENT else "backend-failed"
             record.detail = transfer.error
 
+    async def _run_command(self, runner: CommandRunner, stream: trio.SocketStream,
+                           record: ConnectionLog) -> None:
+        """inetd mode: the job is the child's lifetime; the caller closes the client."""
+        def started(pid: int) -> None:
+            record.pid = pid
+
+        result = await runner.run(stream, started=started)
+        if result.error is not None:
+            record.outcome = "command-error"  # never started: the client falls back
+        elif result.returncode != 0:
+            record.outcome = "command-failed"
+        else:
+            record.outcome = "ok"
+        if not result.ok:
+            record.detail = result.describe()
+
 
 async def open_all(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
@@ -199,3 +323,14 @@ async def open_all(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
             await trio.aclose_forcefully(listener)
         raise
     return listeners
+
+
+def _tcp_ends(stream: trio.SocketStream) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    sock = stream.socket
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        ours, theirs = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    return (ours[0], ours[1]), (theirs[0], theirs[1])

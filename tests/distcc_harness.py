@@ -32,11 +32,13 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -1052,3 +1054,200 @@ def run_program(project: Project, timeout: float = 10.0) -> subprocess.Completed
         env=clean_env(),
         check=False,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Running like a system service (socket activation, inetd mode, signals)
+# --------------------------------------------------------------------------------------
+
+
+def gatekeeper_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for `python -m gatekeeper` run from this checkout."""
+    pythonpath = os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env = clean_env({"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"})
+    if extra:
+        env.update(extra)
+    return env
+
+
+class ServiceProcess:
+    """Any command in its own session, stdout+stderr collected line by line.
+
+    For runs GatekeeperProcess does not cover: under systemd-socket-activate (which
+    only execs gatekeeper at the first connection), with NOTIFY_SOCKET, or to see the
+    exit code after a signal. Stopping kills the whole process group.
+    """
+
+    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str],
+                 cwd: Path = PROJECT_ROOT) -> None:
+        self.argv = list(argv)
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        assert self._proc.stdout is not None
+        self._output = LineCollector(self._proc.stdout, Path(self.argv[0]).name)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def log_text(self) -> str:
+        return self._output.text
+
+    @property
+    def log_lines(self) -> list[str]:
+        return self._output.lines
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = STARTUP_TIMEOUT_S
+                 ) -> re.Match[str]:
+        match = self._output.wait_for(pattern, timeout)
+        if match is None:
+            raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout}s "
+                                 f"(exit code {self._proc.poll()}); output:\n{self.log_text}")
+        return match
+
+    def wait_until(self, predicate: Callable[[Sequence[str]], bool],
+                   timeout: float = STARTUP_TIMEOUT_S) -> bool:
+        return self._output.wait_until(predicate, timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self._proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        code = self._proc.wait(timeout)
+        self._output.join(STOP_TIMEOUT_S)
+        return code
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def stop(self) -> None:
+        _stop_process_group(self._proc)
+        self._output.join(STOP_TIMEOUT_S)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, state letter) of every process whose parent is `pid`, from /proc."""
+    found: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # Field 2 (comm) is in parentheses and may hold spaces: split after it.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[1]) == pid:
+            found.append((int(entry), fields[0]))
+    return found
+
+
+class InetdDistccd(DistccServer):
+    """What `distccd --inetd` needs to run per job under gatekeeper: the recording
+    compiler wrapper, its work directory, and the command line (`command`).
+
+    Nothing runs until gatekeeper starts a child per admitted job; distccd's log
+    lines then go to gatekeeper's stderr.
+    """
+
+    command: list[str]
+
+    def start(self) -> None:
+        bin_dir, run_dir, user = self._prepare_workdir()
+        distccd = shutil.which("distccd")
+        if distccd is None:
+            raise RuntimeError("distccd not found on PATH")
+        # `env` sets distccd's PATH (wrappers first) and TMPDIR, then execs it: the
+        # child gatekeeper starts is distccd itself, under the same pid.
+        self.command = [
+            shutil.which("env") or "/usr/bin/env",
+            f"PATH={bin_dir}:{SYSTEM_PATH}",
+            f"TMPDIR={run_dir / 'tmp'}",
+            distccd,
+            "--inetd",
+            "--log-stderr",
+            "--log-level",
+            "info",
+            "--allow",
+            LOOPBACK,
+        ]
+        if user is not None:
+            self.command += ["--user", user.pw_name]
+
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+@dataclasses.dataclass
+class Message:
+    """One sd_notify datagram: its KEY=VALUE fields and the sender's pid."""
+
+    fields: dict[str, str]
+    pid: int
+
+
+class NotifyReceiver:
+    """A test NOTIFY_SOCKET in the abstract namespace that, like systemd, learns the
+    sender's pid from SCM_CREDENTIALS (what NotifyAccess=main checks)."""
+
+    def __init__(self) -> None:
+        self.name = f"gk-notify-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + self.name)
+        self.seen: list[Message] = []
+
+    @property
+    def address(self) -> str:
+        return "@" + self.name
+
+    def receive(self, timeout: float) -> Message | None:
+        self.sock.settimeout(timeout)
+        try:
+            data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+        except TimeoutError:
+            return None
+        pid = -1
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = _UCRED.unpack(payload[:_UCRED.size])[0]
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        message = Message(fields, pid)
+        self.seen.append(message)
+        return message
+
+    def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.receive(remaining)
+            if message is not None and predicate(message):
+                return message
+        raise AssertionError(f"no such notification within {timeout}s; got {self.seen}")
+
+    def close(self) -> None:
+        self.sock.close()

@@ -108,6 +108,7 @@ def config(backend: TcpAddress, **overrides: object) -> Config:
         "queue_timeout": 240.0,
         "max_queue": 100,
         "allow": AllowList.parse(["127.0.0.0/8", "::1/128"]),
+        "job_mem_bytes": 0,  # the plain min-free rule unless a test says otherwise
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]

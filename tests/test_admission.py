@@ -72,6 +72,15 @@ def test_per_job_footprints_and_estimates() -> None:
     assert a.reserved == 10 * MiB
 
 
+def test_pressure_holds_everyone_until_it_falls() -> None:
+    a = make(max_jobs=2)
+    a.arrive(1, 0.0)
+    assert a.admit(0.0, 10 * MiB, pressure_high=True) == []
+    assert a.hold is Hold.PRESSURE
+    assert a.wants_memory_reading
+    assert a.admit(1.0, 10 * MiB) == [1]
+
+
 def test_queue_full_refuses_and_counts() -> None:
     a = make(max_jobs=1, max_queue=1)
     assert a.arrive(1, 0.0) is None
@@ -169,6 +178,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.footprints: dict[int, int] = {}
         self.usage: dict[int, int] = {}
         self.available = 0
+        self.pressure_high = False
         self.draining = False
 
     @precondition(lambda self: self.core is None)
@@ -196,11 +206,12 @@ class AdmissionMachine(RuleBasedStateMachine):
             self.footprints[job] = (self.core.limits.default_footprint if footprint is None
                                     else footprint)
 
-    @precondition(lambda self: self.core is not None and bool(self.arrival_order))
+    @precondition(lambda self: self.core is not None
+                  and bool(self.arrival_order or self.running))
     @rule(data=st.data(), footprint=st.integers(0, 4))
     def estimate(self, data: st.DataObject, footprint: int) -> None:
         assert self.core is not None
-        job = data.draw(st.sampled_from(self.arrival_order))
+        job = data.draw(st.sampled_from(self.arrival_order + sorted(self.running)))
         self.core.estimate(job, footprint)
         self.footprints[job] = footprint
 
@@ -244,6 +255,11 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.available = available
 
     @precondition(lambda self: self.core is not None)
+    @rule(high=st.booleans())
+    def pressure_changes(self, high: bool) -> None:
+        self.pressure_high = high
+
+    @precondition(lambda self: self.core is not None)
     @rule()
     def decide(self) -> None:
         """What the gate does at every event: expire, then admit."""
@@ -257,7 +273,10 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert not expired or all(self.now - timeout >= 0 for _ in expired)
         before_running = len(self.running)
         reserved = self.model_reserved()
-        admitted = core.admit(self.now, self.available) if core.wants_memory_reading else []
+        admitted = (core.admit(self.now, self.available, pressure_high=self.pressure_high)
+                    if core.wants_memory_reading else [])
+        if self.pressure_high:
+            assert admitted == []
         # FIFO: admitted jobs are the head of the queue, in order.
         assert admitted == self.arrival_order[:len(admitted)]
         del self.arrival_order[:len(admitted)]
@@ -268,7 +287,10 @@ class AdmissionMachine(RuleBasedStateMachine):
             assert self.available - reserved - self.footprints[job] >= limits.min_free
             reserved += self.footprints[job]
         # Work-conserving: if something is still queued with a free slot, memory held it.
-        if self.arrival_order and before_running + len(admitted) < limits.max_jobs:
+        if (self.arrival_order and before_running + len(admitted) < limits.max_jobs
+                and self.pressure_high and not self.draining):
+            assert core.hold is Hold.PRESSURE
+        elif self.arrival_order and before_running + len(admitted) < limits.max_jobs:
             head = self.arrival_order[0]
             assert self.available - reserved - self.footprints[head] < limits.min_free
             assert core.hold is Hold.MEMORY

@@ -136,3 +136,33 @@ async def test_drain_settles_every_waiter() -> None:
         async with gate.ticket() as late:
             assert late.refused is not None
         nursery.cancel_scope.cancel()
+
+
+class PressuredMemory(CountingMemory):
+    def __init__(self, value: int, pressure: float | None) -> None:
+        super().__init__(value)
+        self.psi = pressure
+
+    def pressure(self) -> float | None:
+        return self.psi
+
+
+async def test_pressure_rule_holds_until_pressure_falls(
+        autojump_clock: trio.testing.MockClock) -> None:
+    memory = PressuredMemory(1000, pressure=50.0)
+    gate = Gate(Admission(Limits(max_jobs=2, min_free=0, max_queue=10, queue_timeout=240.0)),
+                memory, max_pressure=10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        async with gate.ticket() as ticket:
+            await trio.sleep(5)
+            assert ticket.verdict is None
+            assert gate.snapshot().hold is not None
+            assert gate.snapshot().hold.value == "pressure"  # type: ignore[union-attr]
+            memory.psi = 2.0
+            assert await gate.wait(ticket) is Verdict.ADMITTED
+        # No PSI on this kernel: the rule cannot hold anything.
+        memory.psi = None
+        async with gate.ticket() as ticket:
+            assert ticket.verdict is Verdict.ADMITTED
+        nursery.cancel_scope.cancel()

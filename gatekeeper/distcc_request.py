@@ -1,0 +1,147 @@
+"""Reading who a distcc job is from the head of its request, without consuming it.
+
+A distcc client writes its whole request right after connecting:
+``DIST`` (protocol version), in protocol 3 possibly ``CDIR`` (working
+directory), ``ARGC`` (argument count), one ``ARGV`` per argument, then the
+preprocessed source. Each token is 4 ASCII letters and 8 hex digits; string
+tokens are followed by that many bytes (distcc's doc/protocol-1.txt).
+
+gatekeeper only needs the command line: it names the output file and the
+flags, which together identify a compile across rebuilds of the same tree, so
+the memory a job needed last time can be looked up before it is admitted. The
+parser works on a MSG_PEEK copy of the socket buffer, so the bytes still go to
+distccd untouched. It never blocks, never raises on hostile input, and gives
+up past fixed bounds: a request whose head does not parse is simply "not
+distcc" and gets the default estimate.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from typing import Final
+
+TOKEN_LEN: Final = 12
+
+# Bounds on what is worth reading: a real compile command line is a few KiB;
+# Linux's own ARG_MAX is 2 MiB but distcc clients with such lines are not
+# worth a bigger peek. Past these the job is treated as unknown.
+MAX_ARGC: Final = 4096
+MAX_HEADER: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DistccJob:
+    argv: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """A stable short identity for the compile: same command line, same key."""
+        digest = hashlib.blake2b("\0".join(self.argv).encode("utf-8", "surrogateescape"),
+                                 digest_size=10)
+        return digest.hexdigest()
+
+    @property
+    def output(self) -> str | None:
+        """The -o argument, for logs."""
+        for i, arg in enumerate(self.argv[:-1]):
+            if arg == "-o":
+                return self.argv[i + 1]
+        return None
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class _NotDistcc(Exception):
+    pass
+
+
+class Unparsed(enum.Enum):
+    INCOMPLETE = "incomplete"
+    """A valid prefix that stops short: peek again when more has arrived."""
+    NOT_DISTCC = "not-distcc"
+
+
+INCOMPLETE: Final = Unparsed.INCOMPLETE
+NOT_DISTCC: Final = Unparsed.NOT_DISTCC
+
+
+def parse_request_head(data: bytes) -> DistccJob | Unparsed:
+    """Parse the head of a distcc request from `data` (a peeked prefix).
+
+    Returns the job, INCOMPLETE if `data` is a valid prefix that stops short
+    (peek again when more has arrived), or NOT_DISTCC."""
+    try:
+        return _parse(data)
+    except _Incomplete:
+        return INCOMPLETE if len(data) < MAX_HEADER else NOT_DISTCC
+    except _NotDistcc:
+        return NOT_DISTCC
+
+
+def _token(data: bytes, pos: int) -> tuple[bytes, int, int]:
+    if len(data) < pos + TOKEN_LEN:
+        # A prefix of a token must itself look right so far.
+        part = data[pos:]
+        if not _plausible_prefix(part):
+            raise _NotDistcc
+        raise _Incomplete
+    name = data[pos:pos + 4]
+    digits = data[pos + 4:pos + TOKEN_LEN]
+    if not name.isalpha() or not name.isupper() or not _is_hex(digits):
+        raise _NotDistcc
+    return name, int(digits, 16), pos + TOKEN_LEN
+
+
+def _string(data: bytes, pos: int, length: int) -> tuple[str, int]:
+    if length > MAX_HEADER:
+        raise _NotDistcc
+    end = pos + length
+    if len(data) < end:
+        raise _Incomplete
+    return data[pos:end].decode("utf-8", "surrogateescape"), end
+
+
+def _parse(data: bytes) -> DistccJob:
+    name, version, pos = _token(data, 0)
+    if name != b"DIST" or not 1 <= version <= 3:
+        raise _NotDistcc
+    name, value, pos = _token(data, pos)
+    if name == b"CDIR":  # protocol 3 (pump mode) sends the working directory first
+        _, pos = _string(data, pos, value)
+        name, value, pos = _token(data, pos)
+    if name != b"ARGC" or value > MAX_ARGC:
+        raise _NotDistcc
+    argv: list[str] = []
+    for _ in range(value):
+        name, length, pos = _token(data, pos)
+        if name != b"ARGV":
+            raise _NotDistcc
+        arg, pos = _string(data, pos, length)
+        argv.append(arg)
+    return DistccJob(tuple(argv))
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _is_hex(digits: bytes) -> bool:
+    return len(digits) == 8 and all(c in _HEX for c in digits)
+
+
+def _plausible_prefix(part: bytes) -> bool:
+    name, digits = part[:4], part[4:]
+    return (all(65 <= c <= 90 for c in name)) and all(c in _HEX for c in digits)
+
+
+def encode_request_head(argv: list[str], *, version: int = 1) -> bytes:
+    """The head a distcc client would send for `argv` (for tests and benches)."""
+    out = [b"DIST%08x" % version, b"ARGC%08x" % len(argv)]
+    for arg in argv:
+        raw = arg.encode()
+        out.append(b"ARGV%08x" % len(raw))
+        out.append(raw)
+    return b"".join(out)

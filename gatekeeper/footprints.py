@@ -1,0 +1,153 @@
+"""What jobs are expected to need: footprints learned from measured peaks.
+
+One file needs 40 MB, the next 900 MB: a single static figure either wastes
+the box or kills compilers. So every finished job's measured peak is kept
+under its identity (for distcc: the command line, see `distcc_request`), and
+a rebuild of the same tree knows each file's peak before admitting it. Jobs
+never seen before get a high percentile of recent peaks, seeded by
+``--job-mem-mb`` until enough have been seen.
+
+The book is bounded (least recently used keys are dropped), adapts (an
+estimate is the largest of a key's last few peaks, so a file that got lighter
+is believed after a few builds), and survives restarts through an atomic JSON
+file in ``--state-dir``. A missing or corrupt file is logged and ignored:
+learning starts again, nothing fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import OrderedDict, deque
+from pathlib import Path
+
+log = logging.getLogger("gatekeeper")
+
+# The last three peaks of a key: enough to ride out run-to-run jitter, few
+# enough that a file that got lighter is believed after three builds.
+PEAKS_PER_KEY = 3
+# Run-to-run jitter of a compiler's peak is a few percent; 10 % on top of the
+# largest recent peak keeps an exact repeat on the safe side.
+MARGIN = 0.10
+# 20,000 compile identities cover a large tree (LLVM has about 7,000 files)
+# in well under 10 MB of memory and state file.
+MAX_KEYS = 20_000
+# The distribution for unknown jobs: the last 512 peaks, read at the 90th
+# percentile; before 8 peaks have been seen the seed stands.
+RECENT = 512
+PERCENTILE = 0.90
+MIN_SAMPLES = 8
+
+STATE_FILE = "footprints.json"
+FORMAT = 1
+
+
+class FootprintBook:
+    def __init__(self, seed: int, *, max_keys: int = MAX_KEYS) -> None:
+        self.seed = seed
+        self.max_keys = max_keys
+        self._peaks: OrderedDict[str, list[int]] = OrderedDict()
+        self._recent: deque[int] = deque(maxlen=RECENT)
+        self._unknown_cache: int | None = None
+        self.dirty = False
+
+    def __len__(self) -> int:
+        return len(self._peaks)
+
+    def estimate(self, key: str | None) -> int:
+        """Expected peak bytes of a job with this identity (None: unidentified)."""
+        if key is not None:
+            peaks = self._peaks.get(key)
+            if peaks:
+                self._peaks.move_to_end(key)
+                return int(max(peaks) * (1 + MARGIN))
+        return self.unknown_estimate()
+
+    def knows(self, key: str | None) -> bool:
+        return key is not None and key in self._peaks
+
+    def unknown_estimate(self) -> int:
+        if self._unknown_cache is None:
+            if len(self._recent) < MIN_SAMPLES:
+                self._unknown_cache = self.seed
+            else:
+                ordered = sorted(self._recent)
+                index = min(len(ordered) - 1, math.ceil(PERCENTILE * len(ordered)) - 1)
+                self._unknown_cache = int(ordered[index] * (1 + MARGIN))
+        return self._unknown_cache
+
+    def learn(self, key: str | None, peak: int) -> None:
+        """Record a finished job's measured peak."""
+        if peak <= 0:
+            return
+        self._recent.append(peak)
+        self._unknown_cache = None
+        self.dirty = True
+        if key is None:
+            return
+        peaks = self._peaks.pop(key, [])
+        peaks = [*peaks[-(PEAKS_PER_KEY - 1):], peak]
+        self._peaks[key] = peaks
+        while len(self._peaks) > self.max_keys:
+            self._peaks.popitem(last=False)
+
+    # -- persistence ---------------------------------------------------
+
+    def to_json(self) -> dict[str, object]:
+        return {"format": FORMAT, "keys": dict(self._peaks), "recent": list(self._recent)}
+
+    def load_json(self, data: object) -> None:
+        """Replace the learned state with `data`; raises ValueError if malformed."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a gatekeeper footprint file of format 1")
+        keys, recent = data.get("keys"), data.get("recent")
+        if not isinstance(keys, dict) or not isinstance(recent, list):
+            raise ValueError("missing keys or recent")
+        peaks: OrderedDict[str, list[int]] = OrderedDict()
+        for key, values in keys.items():
+            if (not isinstance(key, str) or not isinstance(values, list) or not values
+                    or not all(isinstance(v, int) and v > 0 for v in values)):
+                raise ValueError(f"bad entry for key {key!r}")
+            peaks[key] = values[-PEAKS_PER_KEY:]
+        if not all(isinstance(v, int) and v > 0 for v in recent):
+            raise ValueError("bad recent peaks")
+        while len(peaks) > self.max_keys:
+            peaks.popitem(last=False)
+        self._peaks = peaks
+        self._recent = deque(recent[-RECENT:], maxlen=RECENT)
+        self._unknown_cache = None
+
+    def load(self, state_dir: Path) -> None:
+        """Load learned footprints; a missing file is a fresh start, a bad one is logged."""
+        path = state_dir / STATE_FILE
+        try:
+            with path.open("rb") as f:
+                self.load_json(json.load(f))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            log.warning("ignoring learned footprints in %s: %s", path, e)
+            return
+        log.info("loaded %d learned job footprints from %s", len(self._peaks), path)
+
+    def save(self, state_dir: Path) -> None:
+        """Write atomically: a crash leaves the old file or the new one, never half."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(self.to_json(), separators=(",", ":")).encode()
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".footprints.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, state_dir / STATE_FILE)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self.dirty = False
+

@@ -1,0 +1,176 @@
+"""inetd mode: one COMMAND per admitted connection, the client socket as its stdin/stdout.
+
+``gatekeeper [options] -- distccd --inetd ...`` works like inetd, tcpserver or
+``systemd-socket-activate --inetd``, except that a connection waits in
+gatekeeper's queue until admitted instead of getting its process at once. Why
+run a process per job instead of splicing to a daemon:
+
+* the child holds the real client socket, so distccd sees (and checks with
+  its own ``--allow``) the real peer address, not 127.0.0.1;
+* no byte passes through gatekeeper once the job runs;
+* each job is one process tree, which is what a per-job memory meter needs:
+  `CommandRunner.children` maps the pid of every running child to its
+  `trio.Process`, and `on_start` / `on_exit` report each pid as it comes and
+  goes. The child leads its own process group (and session), so its tree is
+  ``/proc/*/stat`` entries with that pgid, or can be signalled as one.
+
+Resource handling:
+
+* The client socket is given to the child as fds 0 and 1 (Popen dups it);
+  ``close_fds`` keeps every other fd (listeners, other clients, the epoll set)
+  out of the child. gatekeeper keeps its own reference until the child has
+  exited, and its caller closes it afterwards -- so the client sees the end of
+  the job when the child exits, whatever the child did with its copies.
+* The open file description is shared with the child, and trio made it
+  non-blocking; most inetd programs expect blocking stdio (``cat`` fails with
+  EAGAIN otherwise), so the flag is cleared for the child's lifetime and set
+  again afterwards. gatekeeper does no I/O on the socket in between.
+* Every child is waited for, so none is left a zombie. If the job is cancelled
+  (the drain timeout ran out), the child's process group gets SIGTERM, then
+  SIGKILL after `KILL_GRACE` seconds, and is still waited for, shielded from
+  the cancellation.
+* A new session per child: a terminal's Ctrl-C reaches gatekeeper alone, which
+  then drains gracefully instead of seeing its jobs killed under it.
+
+Error handling: a command that cannot be started (exec fails) comes back as an
+`Exit` with `error` set -- the server logs it and closes the client, which
+falls back to a local compile. A non-zero exit status is the job's own
+business: reported, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+# After SIGTERM a cut-off job's process group gets this long before SIGKILL:
+# distccd kills its compiler and exits within milliseconds; anything slower is
+# stuck, and the drain timeout that led here has already been generous.
+KILL_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """The per-job command line, its program resolved once at start-up."""
+
+    argv: tuple[str, ...]
+    executable: str
+
+    @classmethod
+    def resolve(cls, argv: Sequence[str], *, path: str | None = None) -> Command:
+        """Find the program now, so a typo fails at start (one line) rather than on
+        every job. Raises ValueError."""
+        if not argv:
+            raise ValueError("'--' must be followed by a COMMAND to run per connection")
+        name = argv[0]
+        found = shutil.which(name, path=path)
+        if found is None:
+            where = "" if "/" in name else " on PATH"
+            raise ValueError(f"COMMAND {name!r}: no such executable{where}")
+        return cls(tuple(argv), os.path.abspath(found))
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How one job's child ended."""
+
+    pid: int | None
+    returncode: int | None
+    """Exit status, or minus the signal number; None if it never started."""
+    error: str | None = None
+    """Why the child could not be started (None if it was)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.returncode == 0
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return self.error
+        if self.returncode is None:
+            return "unknown"
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = f"signal {-self.returncode}"
+            return f"killed by {name}"
+        return f"exit status {self.returncode}"
+
+
+class CommandRunner:
+    """Runs `command` once per job; see the module docstring for who owns what."""
+
+    def __init__(self, command: Command, *, kill_grace: float = KILL_GRACE,
+                 on_start: Callable[[int], None] | None = None,
+                 on_exit: Callable[[int], None] | None = None) -> None:
+        self.command = command
+        self.kill_grace = kill_grace
+        self.on_start = on_start
+        self.on_exit = on_exit
+        self.children: dict[int, trio.Process] = {}
+        """Running children by pid (a frozen copy is cheap: ``dict(children)``)."""
+
+    async def run(self, stream: trio.SocketStream, *,
+                  started: Callable[[int], None] | None = None) -> Exit:
+        """Run the command on `stream` until it exits. Does not close `stream`."""
+        fd = stream.socket.fileno()
+        os.set_blocking(fd, True)
+        try:
+            try:
+                proc = await trio.lowlevel.open_process(
+                    list(self.command.argv), executable=self.command.executable,
+                    stdin=fd, stdout=fd, stderr=None, close_fds=True,
+                    start_new_session=True)
+            except OSError as e:
+                return Exit(None, None, f"cannot run {self.command.argv[0]}: "
+                                        f"{e.strerror or e}")
+            self.children[proc.pid] = proc
+            try:
+                if self.on_start is not None:
+                    self.on_start(proc.pid)
+                if started is not None:
+                    started(proc.pid)
+                await proc.wait()
+            finally:
+                if proc.returncode is None:  # cancelled while it ran
+                    with trio.CancelScope(shield=True):
+                        await self._stop(proc)
+                del self.children[proc.pid]
+                if self.on_exit is not None:
+                    self.on_exit(proc.pid)
+            return Exit(proc.pid, proc.returncode)
+        finally:
+            with contextlib.suppress(OSError):  # closed already: nothing to restore
+                os.set_blocking(fd, False)
+
+    async def _stop(self, proc: trio.Process) -> None:
+        _signal_group(proc, signal.SIGTERM)
+        with trio.move_on_after(self.kill_grace):
+            await proc.wait()
+            return
+        _signal_group(proc, signal.SIGKILL)
+        await proc.wait()
+
+
+def _signal_group(proc: trio.Process, sig: int) -> None:
+    """Signal the child's process group (its job's tree), or the child alone if it
+    has left that group. A reaped child is never signalled: the pid may be reused."""
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(OSError):
+            proc.send_signal(sig)
+

@@ -1,0 +1,234 @@
+"""Measuring what each running job really uses.
+
+Two uses: a running job's reservation shrinks as its real usage shows up in
+the memory reading (see `admission`), and its peak is learned for next time
+(see `footprints`).
+
+Method: the resident set of the job's process tree, sampled every
+`INTERVAL` while jobs run (no timer otherwise). The tree's root is
+
+* in inetd mode, the child gatekeeper started for the job (known exactly);
+* in proxy mode, the backend process holding the other end of our backend
+  connection: /proc/net/tcp{,6} names the socket's inode, and the process
+  holding that inode is found in /proc/*/fd. For distccd that is the child
+  that accepted the job, and the compiler it runs is its child.
+
+Accuracy: compilers grow over seconds, so 200 ms sampling sees the peak within
+a few percent; a job shorter than one interval may go unmeasured (it is then
+not learned). RSS counts each process's resident pages, shared library pages
+included (a few MB per process), and not the page cache; a cgroup charges
+slightly more. Finding the proxy-mode process needs permission to read other
+users' /proc/PID/fd (root or CAP_SYS_PTRACE); without it jobs go unmeasured
+and keep their full reservation until they end, which is safe but slower.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import trio
+
+# Sampling period while jobs run: compilers grow over seconds, so five reads
+# a second see their peak closely and cost well under 1 % of a core.
+INTERVAL = 0.2
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tree_rss(pid: int) -> int | None:
+    """Resident bytes of `pid` and all its descendants; None if `pid` is gone."""
+    total = 0
+    stack = [pid]
+    seen: set[int] = set()
+    first = True
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        rss = _rss(p)
+        if rss is None:
+            if first:
+                return None
+            continue
+        first = False
+        total += rss
+        stack.extend(_children(p))
+    return total
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _hex_endpoint(host: str, port: int) -> tuple[int, str]:
+    """(IP version, the address as /proc/net/tcp{,6} prints it: each 32-bit word of
+    the address read in host byte order, in hex)."""
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    packed = addr.packed
+    words = "".join(f"{int.from_bytes(packed[i:i + 4], sys.byteorder):08X}"
+                    for i in range(0, len(packed), 4))
+    return addr.version, f"{words}:{port:04X}"
+
+
+def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """Inode of the TCP socket on this host whose local end is `local` and remote
+    end is `remote` (both (host, port)); None if there is none."""
+    try:
+        version, want_local = _hex_endpoint(*local)
+        _, want_remote = _hex_endpoint(*remote)
+    except ValueError:
+        return None
+    path = "/proc/net/tcp" if version == 4 else "/proc/net/tcp6"
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
+            return int(fields[9]) or None
+    return None
+
+
+def pid_holding(inode: int, candidates: Iterable[int] = ()) -> int | None:
+    """A process holding the socket `inode`: `candidates` are checked first (the
+    processes that served earlier jobs), then every process."""
+    target = f"socket:[{inode}]"
+    tried: set[int] = set()
+    for pid in candidates:
+        tried.add(pid)
+        if _holds(pid, target):
+            return pid
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid in tried or pid == os.getpid():
+            continue
+        if _holds(pid, target):
+            return pid
+    return None
+
+
+def _holds(pid: int, target: str) -> bool:
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"{base}/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def backend_process(local: tuple[str, int], remote: tuple[str, int],
+                    candidates: Iterable[int] = ()) -> int | None:
+    """The process on this host serving our connection from `local` to `remote`
+    (the backend's accepted socket has them the other way round)."""
+    inode = socket_inode(remote, local)
+    if inode is None:
+        return None
+    return pid_holding(inode, candidates)
+
+
+@dataclass(eq=False)
+class Usage:
+    """One running job's measurements, filled in by the `Meter`."""
+
+    locate: Callable[[Sequence[int]], int | None]
+    """Finds the job's root process (called in a worker thread, with the pids
+    that served earlier jobs as hints); None until it can be found."""
+    on_sample: Callable[[int], None]
+    """Told each new reading of the tree's resident bytes (in the trio thread)."""
+    pid: int | None = None
+    current: int | None = None
+    peak: int = 0
+    samples: int = 0
+
+
+class Meter:
+    """Samples every running job's process tree while any job runs.
+
+    Owns no job: handlers register theirs with `measuring` for the job's
+    lifetime. The sampling itself (a few /proc reads per process, plus a /proc
+    scan when a proxy-mode job's process is first looked for) runs in a worker
+    thread so the event loop never waits on /proc.
+    """
+
+    def __init__(self, *, interval: float = INTERVAL) -> None:
+        self.interval = interval
+        self._jobs: set[Usage] = set()
+        self._wakeup = trio.Event()
+        self._known_pids: deque[int] = deque(maxlen=64)
+
+    @contextmanager
+    def measuring(self, locate: Callable[[Sequence[int]], int | None],
+                  on_sample: Callable[[int], None]) -> Iterator[Usage]:
+        usage = Usage(locate, on_sample)
+        self._jobs.add(usage)
+        self._wakeup.set()
+        try:
+            yield usage
+        finally:
+            self._jobs.discard(usage)
+
+    async def run(self) -> None:
+        while True:
+            if not self._jobs:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            await trio.sleep(self.interval)
+            jobs = list(self._jobs)
+            hints = list(self._known_pids)
+            await trio.to_thread.run_sync(_sample_all, jobs, hints)
+            for usage in jobs:
+                if usage.pid is not None and usage.pid not in self._known_pids:
+                    self._known_pids.append(usage.pid)
+                if usage in self._jobs and usage.current is not None:
+                    usage.on_sample(usage.current)
+
+
+def _sample_all(jobs: list[Usage], hints: list[int]) -> None:
+    for usage in jobs:
+        if usage.pid is None:
+            usage.pid = usage.locate(hints)
+            if usage.pid is None:
+                continue
+        rss = tree_rss(usage.pid)
+        if rss is None:
+            usage.pid = None  # gone (an inetd child that exited): nothing more to see
+            continue
+        usage.current = rss
+        usage.peak = max(usage.peak, rss)
+        usage.samples += 1

@@ -1,0 +1,43 @@
+"""Finding out who a waiting job is, from its request bytes, without taking them.
+
+The bytes are read with MSG_PEEK, so they stay in the socket buffer for the
+backend. A distcc client sends its request head right after connecting, so
+the first peek almost always has it; a partial head is peeked again shortly
+after, within a bound, and anything else is simply "unknown".
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from .distcc_request import INCOMPLETE, MAX_HEADER, DistccJob, parse_request_head
+
+# A partial head (a client writing its command line in pieces) is looked at
+# again this often: rare, so a short poll costs nothing.
+RETRY = 0.005
+# Most command lines fit in 4 KiB; peeking copies, so start small.
+FIRST_PEEK = 4096
+
+
+async def peek_distcc_job(sock: trio.socket.SocketType) -> DistccJob | None:
+    """Wait for and parse a distcc request head; None if the bytes are not one or
+    the client closed. Unbounded: callers bound it with a cancel scope."""
+    size = FIRST_PEEK
+    while True:
+        try:
+            data = await sock.recv(size, socket.MSG_PEEK)
+        except OSError:
+            return None
+        if not data:
+            return None
+        result = parse_request_head(data)
+        if isinstance(result, DistccJob):
+            return result
+        if result is not INCOMPLETE:
+            return None
+        if len(data) == size and size < MAX_HEADER:
+            size = min(MAX_HEADER, size * 8)  # a long command line: look further at once
+        else:
+            await trio.sleep(RETRY)  # the rest has not arrived yet

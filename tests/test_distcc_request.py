@@ -1,0 +1,74 @@
+"""The distcc request-head peek: partial, hostile and real requests."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gatekeeper.distcc_request import (
+    INCOMPLETE,
+    MAX_ARGC,
+    NOT_DISTCC,
+    DistccJob,
+    encode_request_head,
+    parse_request_head,
+)
+
+ARGV = ["x86_64-linux-gnu-g++", "-O2", "-std=c++17", "-c", "src/a.cc", "-o", "src/a.o"]
+
+
+def test_parses_a_full_head_followed_by_the_source() -> None:
+    data = encode_request_head(ARGV) + b"DOTI00000010" + b"int x;"
+    job = parse_request_head(data)
+    assert isinstance(job, DistccJob)
+    assert job.argv == tuple(ARGV)
+    assert job.output == "src/a.o"
+    assert len(job.key) == 20
+
+
+def test_key_is_stable_and_distinguishes_flags() -> None:
+    a = parse_request_head(encode_request_head(ARGV))
+    b = parse_request_head(encode_request_head(ARGV))
+    c = parse_request_head(encode_request_head([*ARGV[:1], "-O0", *ARGV[2:]]))
+    assert isinstance(a, DistccJob) and isinstance(b, DistccJob) and isinstance(c, DistccJob)
+    assert a.key == b.key != c.key
+
+
+def test_protocol_3_with_cdir() -> None:
+    cdir = b"/home/me/tree"
+    data = b"DIST00000003" + b"CDIR%08x" % len(cdir) + cdir + encode_request_head(ARGV)[12:]
+    job = parse_request_head(data)
+    assert isinstance(job, DistccJob) and job.argv == tuple(ARGV)
+
+
+def test_every_strict_prefix_is_incomplete() -> None:
+    data = encode_request_head(ARGV)
+    for n in range(len(data)):
+        assert parse_request_head(data[:n]) is INCOMPLETE, n
+    assert isinstance(parse_request_head(data), DistccJob)
+
+
+def test_garbage_is_not_distcc() -> None:
+    for data in (b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"DIST0000000g",
+                 b"DIST00000001ARGV00000001x", b"DIST00000009ARGC00000001",
+                 b"dist00000001"):
+        assert parse_request_head(data) is NOT_DISTCC, data
+
+
+def test_huge_argc_or_length_is_refused_without_reading_on() -> None:
+    assert parse_request_head(b"DIST00000001ARGC%08x" % (MAX_ARGC + 1)) is NOT_DISTCC
+    assert parse_request_head(b"DIST00000001ARGC00000001ARGVffffffff") is NOT_DISTCC
+
+
+@given(st.binary(max_size=300))
+def test_never_raises_on_any_bytes(data: bytes) -> None:
+    parse_request_head(data)
+
+
+@given(st.lists(st.text(max_size=40), max_size=30), st.integers(0, 2000))
+def test_round_trip_and_truncation(argv: list[str], cut: int) -> None:
+    data = encode_request_head(argv)
+    job = parse_request_head(data)
+    assert isinstance(job, DistccJob) and list(job.argv) == argv
+    if cut < len(data):
+        assert parse_request_head(data[:cut]) is INCOMPLETE

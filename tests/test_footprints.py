@@ -1,0 +1,92 @@
+"""Learned footprints: estimates, adaptation, bounds and a state file that survives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gatekeeper.footprints import MARGIN, MIN_SAMPLES, STATE_FILE, FootprintBook
+
+MiB = 2**20
+
+
+def test_unknown_jobs_get_the_seed_until_enough_peaks_are_seen() -> None:
+    book = FootprintBook(seed=256 * MiB)
+    assert book.estimate(None) == book.estimate("new") == 256 * MiB
+    for _ in range(MIN_SAMPLES - 1):
+        book.learn(None, 40 * MiB)
+    assert book.estimate(None) == 256 * MiB
+    book.learn(None, 40 * MiB)
+    assert book.estimate(None) == int(40 * MiB * (1 + MARGIN))
+
+
+def test_unknown_estimate_is_a_high_percentile_of_a_mix() -> None:
+    book = FootprintBook(seed=1)
+    for i in range(100):
+        book.learn(f"k{i}", 900 * MiB if i % 5 == 0 else 40 * MiB)  # 20 % heavy
+    assert book.estimate(None) == int(900 * MiB * (1 + MARGIN))
+
+
+def test_known_key_uses_its_own_peaks_and_adapts() -> None:
+    book = FootprintBook(seed=256 * MiB)
+    book.learn("heavy", 900 * MiB)
+    book.learn("light", 40 * MiB)
+    assert book.estimate("heavy") == int(900 * MiB * (1 + MARGIN))
+    assert book.estimate("light") == int(40 * MiB * (1 + MARGIN))
+    for _ in range(3):  # the file got lighter: believed after three builds
+        book.learn("heavy", 100 * MiB)
+    assert book.estimate("heavy") == int(100 * MiB * (1 + MARGIN))
+
+
+def test_bounded_by_least_recently_used() -> None:
+    book = FootprintBook(seed=1, max_keys=3)
+    for key in "abc":
+        book.learn(key, 10)
+    book.estimate("a")  # touch a: b is now the oldest
+    book.learn("d", 10)
+    assert {k for k in "abcd" if book.knows(k)} == {"a", "c", "d"}
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    book = FootprintBook(seed=1)
+    book.learn("x", 123 * MiB)
+    book.save(tmp_path / "state")
+    again = FootprintBook(seed=1)
+    again.load(tmp_path / "state")
+    assert again.estimate("x") == book.estimate("x")
+    assert list(tmp_path.joinpath("state").iterdir()) == [tmp_path / "state" / STATE_FILE]
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"{", b"[]", b'{"format": 2}', b'{"format": 1, "keys": {"a": [-1]}, "recent": []}',
+    b'{"format": 1, "keys": {"a": "x"}, "recent": []}', b"\xff\xfe",
+])
+def test_corrupt_state_is_logged_and_ignored(tmp_path: Path, content: bytes,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / STATE_FILE).write_bytes(content)
+    book = FootprintBook(seed=7)
+    book.load(tmp_path)
+    assert book.estimate("a") == 7
+    assert "ignoring learned footprints" in caplog.text
+
+
+def test_missing_state_is_a_fresh_start(tmp_path: Path) -> None:
+    book = FootprintBook(seed=7)
+    book.load(tmp_path / "nowhere")
+    assert len(book) == 0
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(1, 10**10)), max_size=60))
+def test_json_round_trip(samples: list[tuple[str, int]]) -> None:
+    book = FootprintBook(seed=5)
+    for key, peak in samples:
+        book.learn(key, peak)
+    again = FootprintBook(seed=5)
+    again.load_json(json.loads(json.dumps(book.to_json())))
+    for key in "abcdef":
+        assert again.estimate(key) == book.estimate(key)
+    assert again.estimate(None) == book.estimate(None)

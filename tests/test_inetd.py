@@ -1,0 +1,286 @@
+"""inetd mode: one COMMAND per admitted connection on the client's own socket.
+
+In-process tests run small commands (cat, sh, python) through a real `Server` over
+loopback; the end-to-end test runs the stock distcc client against a gatekeeper
+that starts the real `distccd --inetd` per job, with concurrency measured by the
+compiler wrapper distccd runs (as in test_e2e_distcc) and the process table
+checked for leftovers in /proc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from distcc_harness import (
+    LOOPBACK,
+    InetdDistccd,
+    Project,
+    ServiceProcess,
+    children_of,
+    distcc_build,
+    gatekeeper_env,
+    generate_project,
+    local_build,
+    missing_binaries,
+    object_mismatches,
+    read_objects,
+    run_program,
+)
+from fakes import Running, config, receive_all, receive_until_closed
+
+from gatekeeper.addresses import TcpAddress
+from gatekeeper.config import Config
+from gatekeeper.inetd import Command, CommandRunner, Exit
+from gatekeeper.memory import FixedMemory
+from gatekeeper.serve import Server, open_all
+
+# Real processes and sockets: each test here is bounded well below the suite-wide limit.
+pytestmark = pytest.mark.timeout(60)
+
+UNUSED_BACKEND = TcpAddress("127.0.0.1", 9)  # inetd mode never connects to it
+
+
+@asynccontextmanager
+async def inetd_gatekeeper(cfg: Config, argv: list[str], *, drain_timeout: float = 5.0,
+                           command: Command | None = None) -> AsyncIterator[Running]:
+    server = Server(cfg, FixedMemory(2**40), drain_timeout=drain_timeout,
+                    command=command or Command.resolve(argv))
+    listeners = await open_all(cfg.listen)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run, listeners)
+        host, _, port = addresses[0].rpartition(":")
+        yield Running(server, FixedMemory(2**40), TcpAddress(host, int(port)))
+        server.stop()
+
+
+def runner_of(gk: Running) -> CommandRunner:
+    assert gk.server.runner is not None
+    return gk.server.runner
+
+
+def is_reaped(pid: int) -> bool:
+    """True once `pid` is gone from the process table (a zombie still answers kill 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_command_gets_the_connection_as_blocking_stdin_and_stdout() -> None:
+    # cat fails with EAGAIN on a non-blocking stdin: this also proves the hand-over
+    # clears O_NONBLOCK for the child.
+    async with inetd_gatekeeper(config(UNUSED_BACKEND), ["cat"]) as gk:
+        client = await gk.connect()
+        payload = os.urandom(3 * 2**20)
+        async with trio.open_nursery() as nursery:
+            async def send() -> None:
+                await client.send_all(payload)
+                await client.send_eof()
+            nursery.start_soon(send)
+            assert await receive_all(client) == payload
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        assert runner_of(gk).children == {}
+
+
+async def test_child_sees_the_real_peer_and_no_other_fd() -> None:
+    script = ("import os, socket; s = socket.socket(fileno=0); h, p = s.getpeername()[:2]; "
+              "print(f'{h}:{p}', *sorted(os.listdir('/proc/self/fd'))); s.detach()")
+    async with inetd_gatekeeper(config(UNUSED_BACKEND), [sys.executable, "-c", script]) as gk:
+        client = await gk.connect()
+        host, port = client.socket.getsockname()[:2]
+        me = f"{host}:{port}"
+        reply = (await receive_all(client)).decode().split()
+        # The child's stdin is our own client socket, not a proxy connection; it
+        # inherited fds 0-2 only (3 is listdir's own): no listener, no other client.
+        assert reply == [me, "0", "1", "2", "3"]
+
+
+async def test_max_jobs_bounds_running_children() -> None:
+    counts: list[int] = []
+    two_running = trio.Event()
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, max_jobs=2), ["cat"]) as gk:
+        runner = runner_of(gk)
+
+        def on_start(pid: int) -> None:
+            counts.append(len(runner.children))
+            if len(runner.children) == 2:
+                two_running.set()
+
+        runner.on_start = on_start
+        clients = [await gk.connect() for _ in range(5)]
+        for i, c in enumerate(clients):
+            await c.send_all(b"job %d" % i)
+        with trio.fail_after(5):
+            await two_running.wait()
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 3)
+        assert len(runner.children) == 2
+        for i, c in enumerate(clients):
+            await c.send_eof()
+            assert await receive_all(c) == b"job %d" % i
+            await c.aclose()
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 5)
+    assert len(counts) == 5
+    assert max(counts) <= 2
+
+
+async def test_command_that_cannot_start_is_logged_and_client_closed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gatekeeper")
+    broken = Command(("/nonexistent/gk-no-such-program",), "/nonexistent/gk-no-such-program")
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, max_jobs=1), [], command=broken) as gk:
+        for _ in range(2):  # the slot comes back each time
+            client = await gk.connect()
+            await client.send_all(b"DIST00000001")
+            with trio.fail_after(5):
+                assert await receive_until_closed(client) == b""
+            await client.aclose()
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 2)
+        assert gk.server.gate.snapshot().running == 0
+    assert caplog.text.count("outcome=command-error") == 2
+    assert "cannot run /nonexistent/gk-no-such-program" in caplog.text
+
+
+async def test_exit_status_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gatekeeper")
+    async with inetd_gatekeeper(config(UNUSED_BACKEND), ["sh", "-c", "echo bye; exit 3"]) as gk:
+        client = await gk.connect()
+        assert await receive_all(client) == b"bye\n"
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+    assert "outcome=command-failed" in caplog.text
+    assert "exit status 3" in caplog.text
+    assert re.search(r"pid=\d+", caplog.text)
+
+
+async def test_drain_timeout_kills_and_reaps_the_running_child() -> None:
+    started: list[int] = []
+    got_pid = trio.Event()
+
+    def note(pid: int) -> None:
+        started.append(pid)
+        got_pid.set()
+
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, max_jobs=1), ["sleep", "60"],
+                                drain_timeout=0.2) as gk:
+        runner_of(gk).on_start = note
+        client = await gk.connect()
+        with trio.fail_after(5):
+            await got_pid.wait()
+        begin = trio.current_time()
+        gk.server.stop()
+        with trio.fail_after(5):
+            assert await receive_until_closed(client) == b""
+        assert trio.current_time() - begin < 5  # SIGTERM ended it, no SIGKILL grace needed
+    assert runner_of(gk).children == {}
+    assert is_reaped(started[0])
+
+
+def test_exit_describe() -> None:
+    assert Exit(1, 0).ok
+    assert Exit(1, 2).describe() == "exit status 2"
+    assert Exit(1, -signal.SIGKILL).describe() == "killed by SIGKILL"
+    assert Exit(None, None, "cannot run x: No such file").describe() == "cannot run x: No such file"
+
+
+def test_command_resolve() -> None:
+    cat = Command.resolve(["cat", "-u"])
+    assert cat.argv == ("cat", "-u")
+    assert os.path.isabs(cat.executable)
+    assert str(Command.resolve(["echo", "a b"])) == "echo 'a b'"
+    for bad in ([], ["gk-surely-not-a-program"], ["/nonexistent/x"]):
+        with pytest.raises(ValueError) as info:
+            Command.resolve(bad)
+        assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# End to end: the stock distcc client, gatekeeper, and a real distccd --inetd per job
+# --------------------------------------------------------------------------------------
+
+MISSING = missing_binaries()
+requires_toolchain = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"needs {', '.join(MISSING)} on PATH (Debian: apt-get install -y distcc g++ make)",
+)
+# distccd --inetd makes every job last a whole number of seconds (its wait loop
+# polls the client once a second and, unlike the daemon, has no SIGCHLD handler to
+# cut the poll short), so this project is smaller than test_e2e_distcc's: 10 units.
+PROJECT_SHAPE = {"cxx_files": 7, "c_files": 2}
+_READY = re.compile(r"listening on 127\.0\.0\.1:(?P<port>\d+)")
+_END_OK = re.compile(r"end peer=(?P<peer>\S+) outcome=ok .* pid=(?P<pid>\d+)")
+_DISTCCD_OK = re.compile(r"client: (?P<client>\S+) COMPILE_OK")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    objects: dict[str, bytes]
+    output: str
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    project = generate_project(tmp_path_factory.mktemp("inetd-reference"), **PROJECT_SHAPE)
+    build = local_build(project)
+    assert build.ok, build.describe()
+    run = run_program(project)
+    assert run.returncode == 0 and run.stdout == project.expected_output
+    return Reference(read_objects(project), run.stdout)
+
+
+@pytest.fixture
+def inetd_distccd() -> Iterator[InetdDistccd]:
+    with InetdDistccd() as d:
+        yield d
+
+
+@pytest.mark.e2e
+@requires_toolchain
+@pytest.mark.parametrize("max_jobs", [2, 8])
+def test_inetd_mode_with_real_distccd(max_jobs: int, tmp_path: Path, reference: Reference,
+                                      inetd_distccd: InetdDistccd) -> None:
+    """--max-jobs 2 must hold the compilers to 2; --max-jobs 8 is the control that shows
+    the measurement sees more when nothing holds them (make -j12, client slots 16)."""
+    project: Project = generate_project(tmp_path / "project", **PROJECT_SHAPE)
+    argv = [sys.executable, "-m", "gatekeeper", "--listen", f"{LOOPBACK}:0",
+            "--max-jobs", str(max_jobs), "--min-free-mb", "0", "--", *inetd_distccd.command]
+    with ServiceProcess(argv, env=gatekeeper_env()) as gk:
+        port = int(gk.wait_for(_READY)["port"])
+        build = distcc_build(project, port, jobs=12, host_slots=16)
+        units = project.translation_units
+        # One end line per job, logged only after its child was reaped.
+        ended = gk.wait_until(
+            lambda lines: sum(1 for line in lines if _END_OK.search(line)) >= units, 10)
+        leftovers = children_of(gk.pid)
+        diag = f"{build.describe()}\n--- gatekeeper + distccd ---\n{gk.log_text}"
+        assert build.ok, diag
+        assert build.client_complaints == [], diag
+        assert ended, diag
+        assert leftovers == [], f"children left behind (pid, state): {leftovers}\n{diag}"
+        assert gk.poll() is None, diag
+
+    run = run_program(project)
+    assert run.stdout == project.expected_output == reference.output
+    assert object_mismatches(reference.objects, project) == [], diag
+    log = inetd_distccd.compile_log()
+    assert log.count == units and log.failed == [] and log.unfinished == [], diag
+    # distccd saw each real client address (the client's own ephemeral port), the
+    # very peers gatekeeper admitted -- not a proxy connection from gatekeeper.
+    peers = sorted(m["peer"] for m in map(_END_OK.search, gk.log_lines) if m)
+    seen = sorted(m["client"] for m in map(_DISTCCD_OK.search, gk.log_lines) if m)
+    assert seen == peers, diag
+    print(f"inetd --max-jobs {max_jobs}: {log.count} compiles, max concurrency "
+          f"{log.max_concurrency}, build {build.seconds:.1f}s")
+    if max_jobs == 2:
+        assert 1 <= log.max_concurrency <= 2, diag
+    else:
+        assert log.max_concurrency > 2, diag
+

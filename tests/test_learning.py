@@ -1,0 +1,137 @@
+"""Footprint learning end to end in-process: peek the distcc head, measure the real
+backend process's memory, learn the peak, hold the next run of the same compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from fakes import config, gatekeeper, receive_all
+
+from gatekeeper.addresses import TcpAddress
+from gatekeeper.distcc_request import DistccJob, encode_request_head, parse_request_head
+from gatekeeper.footprints import STATE_FILE, FootprintBook
+
+MiB = 2**20
+
+# A forking backend like distccd: each connection is served by its own child,
+# which reads a distcc head whose last argument says how many MiB to allocate,
+# holds them for a while (the "compile"), then answers and exits.
+BACKEND = r"""
+import os, socket, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+print(srv.getsockname()[1], flush=True)
+while True:
+    conn, _ = srv.accept()
+    if os.fork() == 0:
+        srv.close()
+        data = b""
+        while not data.endswith(b"END"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                os._exit(1)
+            data += chunk
+        mib = int(data[:-3].rsplit(b"MIB=", 1)[1])
+        block = bytearray(mib * 2**20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(0.8)
+        conn.sendall(b"done %d" % mib)
+        conn.close()
+        os._exit(0)
+    conn.close()
+    while True:  # reap finished children
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+"""
+
+
+@pytest.fixture
+def forking_backend() -> Iterator[TcpAddress]:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc to find the backend process")
+    proc = subprocess.Popen([sys.executable, "-c", BACKEND], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield TcpAddress("127.0.0.1", port)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def request(output: str, mib: int) -> bytes:
+    argv = ["g++", "-O2", "-c", output.replace(".o", ".cc"), "-o", output, f"MIB={mib}"]
+    return encode_request_head(argv) + b"END"
+
+
+def key_of(output: str, mib: int) -> str:
+    job = parse_request_head(request(output, mib))
+    assert isinstance(job, DistccJob)
+    return job.key
+
+
+async def run_job(client: trio.SocketStream, data: bytes) -> bytes:
+    """Like a distcc client: send the request, read the reply, close."""
+    await client.send_all(data)
+    reply = await receive_all(client)
+    await client.aclose()
+    return reply
+
+
+async def test_learns_peak_and_holds_the_next_run_until_it_fits(
+        forking_backend: TcpAddress, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cfg = config(forking_backend, max_jobs=4, min_free_bytes=100 * MiB, state_dir=state)
+    async with gatekeeper(cfg, available=10_000 * MiB) as gk:
+        client = await gk.connect()
+        assert await run_job(client, request("big.o", 120)) == b"done 120"
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        book = gk.server.book
+        key = key_of("big.o", 120)
+        assert book.knows(key)
+        learned = book.estimate(key)
+        # The measured peak covers the 120 MiB the child touched (plus the interpreter).
+        assert 120 * MiB < learned < 400 * MiB
+
+        # Now 10 MiB less than it needed is free above the floor: it must wait.
+        gk.memory.value = 100 * MiB + learned - 10 * MiB
+        held = await gk.connect()
+        await held.send_all(request("big.o", 120))
+        await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+        snap = gk.server.gate.snapshot()
+        assert snap.hold is not None and snap.hold.value == "memory"
+        await gk.wait_for(lambda s: s.gate.snapshot().head_footprint == learned)
+        gk.memory.value = 100 * MiB + learned + MiB  # now it fits
+        assert await receive_all(held) == b"done 120"
+        await held.aclose()
+    # Saved at stop, and a new server starts out knowing it.
+    assert (state / STATE_FILE).exists()
+    again = FootprintBook(seed=0)
+    again.load(state)
+    assert again.knows(key)
+
+
+async def test_reservation_of_a_running_job_shrinks_as_its_usage_shows(
+        forking_backend: TcpAddress) -> None:
+    cfg = config(forking_backend, max_jobs=4, job_mem_bytes=500 * MiB)
+    async with gatekeeper(cfg) as gk:
+        client = await gk.connect()
+        await client.send_all(request("a.o", 80))
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        assert gk.server.gate.snapshot().reserved == 500 * MiB
+        # The meter finds the forked child and reports its growing usage.
+        await gk.wait_for(lambda s: s.gate.snapshot().reserved <= 500 * MiB - 80 * MiB)
+        assert await receive_all(client) == b"done 80"
+        await client.aclose()
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 0)
+        assert gk.server.gate.snapshot().reserved == 0
