@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import NoReturn
 
 import trio
@@ -50,6 +51,7 @@ from .addresses import parse_address
 from .allow import DEFAULT_ALLOW, AllowList
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_JOB_MEM_MB,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MIN_FREE_MB,
     DEFAULT_QUEUE_TIMEOUT,
@@ -57,7 +59,7 @@ from .config import (
     Config,
 )
 from .inetd import Command
-from .memory import SystemMemory
+from .memory import MemorySource, build_memory_source
 from .serve import DEFAULT_DRAIN_TIMEOUT, Server, open_all
 
 log = logging.getLogger("gatekeeper")
@@ -139,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="MB",
                    help="start a job only while at least this much memory is available "
                         f"(default: {DEFAULT_MIN_FREE_MB:.0f})")
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="also respect this cgroup's memory limit: a cgroupfs directory or a "
+                        "path as /proc/PID/cgroup shows it, e.g. /system.slice/distcc.service "
+                        "(default: gatekeeper's own cgroups)")
+    p.add_argument("--max-memory-pressure", type=_non_negative_number, metavar="PCT",
+                   help="also hold jobs while memory pressure (PSI 'some avg10') is above "
+                        "PCT percent (default: off)")
+    p.add_argument("--job-mem-mb", type=_non_negative_number, default=DEFAULT_JOB_MEM_MB,
+                   metavar="MB",
+                   help="peak memory assumed for a job never seen before, until enough "
+                        f"jobs have been measured (default: {DEFAULT_JOB_MEM_MB:.0f})")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep learned job footprints here across restarts (created if "
+                        "missing; default: not kept)")
+    p.add_argument("--identify", choices=["distcc", "none"], default="distcc",
+                   help="read each job's distcc command line (without consuming it) to "
+                        "learn footprints per compile; 'none' for other protocols "
+                        "(default: distcc)")
     p.add_argument("--queue-timeout", type=_positive_number, default=DEFAULT_QUEUE_TIMEOUT,
                    metavar="SECONDS",
                    help="close a job that waited this long (default: "
@@ -233,6 +253,11 @@ def parse_options(argv: Sequence[str]) -> Options:
         keep_half_closed=args.keep_half_closed,
         connect_timeout=args.connect_timeout,
         log_level=args.log_level,
+        job_mem_bytes=int(args.job_mem_mb * 2**20),
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        identify=args.identify == "distcc",
+        cgroup=args.cgroup,
+        max_memory_pressure=args.max_memory_pressure,
     )
     return Options(config, command=command, drain_timeout=args.drain_timeout,
                    listen_given=args.listen is not None)
@@ -275,7 +300,8 @@ def raise_open_files_limit(config: Config) -> None:
 async def run(config: Config, options: Options | None = None, *,
               activated: Sequence[socket.socket] = (),
               notifier: Notifier | None = None,
-              watchdog_every: float | None = None) -> None:
+              watchdog_every: float | None = None,
+              memory: MemorySource | None = None) -> None:
     """Open (or adopt) the listeners, serve, and stop gracefully on SIGTERM/SIGINT."""
     if options is None:
         options = Options(config)
@@ -287,7 +313,11 @@ async def run(config: Config, options: Options | None = None, *,
                  ", ".join(describe(s) for s in activated))
     else:
         listeners = await open_all(config.listen)
-    memory = SystemMemory()
+    if memory is None:
+        memory = build_memory_source(config.cgroup)
+    describe_memory = getattr(memory, "describe", None)
+    if describe_memory is not None:
+        log.info("memory: %s", describe_memory())
     server = Server(config, memory, drain_timeout=options.drain_timeout,
                     command=options.command)
     target = (f"command {options.command}" if options.command is not None
@@ -354,8 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
     raise_open_files_limit(config)
     try:
+        memory = build_memory_source(config.cgroup)
+    except ValueError as e:
+        print(f"gatekeeper: --cgroup {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         trio.run(partial(run, config, options, activated=activated, notifier=notifier,
-                         watchdog_every=watchdog_every))
+                         watchdog_every=watchdog_every, memory=memory))
     except OSError as e:
         # Startup failures only (binding, permissions): a connection's errors
         # never get this far.

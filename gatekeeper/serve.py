@@ -124,7 +124,8 @@ class Server:
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  command: Command | None = None) -> None:
         self.config = config
-        self.gate = Gate(Admission(limits_from(config)), memory)
+        self.gate = Gate(Admission(limits_from(config)), memory,
+                         max_pressure=config.max_memory_pressure)
         self.watch = ClientWatch(keep_half_closed=config.keep_half_closed)
         self.drain_timeout = drain_timeout
         self.book = FootprintBook(seed=config.job_mem_bytes)

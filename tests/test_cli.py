@@ -148,3 +148,29 @@ def test_allow_treats_v4_mapped_v6_as_v4() -> None:
     assert allow.permits("::ffff:10.1.2.3")
     assert not allow.permits("::ffff:11.1.2.3")
     assert not allow.permits("not an address")
+
+
+def test_memory_flags() -> None:
+    cfg = parse_config(["--job-mem-mb", "100", "--state-dir", "/tmp/x", "--identify", "none",
+                        "--cgroup", "/system.slice/distcc.service",
+                        "--max-memory-pressure", "12.5"])
+    assert cfg.job_mem_bytes == 100 * 2**20
+    assert str(cfg.state_dir) == "/tmp/x"
+    assert not cfg.identify
+    assert cfg.cgroup == "/system.slice/distcc.service"
+    assert cfg.max_memory_pressure == 12.5
+    defaults = parse_config([])
+    assert defaults.identify and defaults.state_dir is None and defaults.cgroup is None
+    assert defaults.job_mem_bytes == 256 * 2**20
+
+
+@pytest.mark.parametrize("argv", [
+    ["--job-mem-mb", "-1"], ["--max-memory-pressure", "x"], ["--identify", "http"],
+    ["--cgroup", "/no/such/cgroup-for-gatekeeper-tests"],
+])
+def test_bad_memory_flags_exit_2(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gatekeeper", "--listen", "127.0.0.1:0", *argv],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
