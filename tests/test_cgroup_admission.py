@@ -1,0 +1,195 @@
+"""A real memory cgroup with a real memory-hungry backend in it.
+
+The backend forks a child per job (as distccd does) that touches 150 MiB and
+holds it for a while. The cgroup's limit fits two such jobs, not three. Sent
+straight to the backend, three at once get one OOM-killed (the control, which
+proves the test can fail); through gatekeeper watching the cgroup, all three
+complete and the cgroup's own OOM-kill counter does not move -- cold, from the
+seed estimate, and warm, from a footprint learned by measuring a first run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from fakes import config, receive_until_closed
+from test_learning import BACKEND, request
+
+from gatekeeper.addresses import TcpAddress
+from gatekeeper.memory import build_memory_source
+from gatekeeper.serve import Server, open_all
+
+MiB = 2**20
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+LIMIT = 400 * MiB  # two 150 MiB jobs (plus interpreters) fit; three do not
+JOB_MIB = 150
+_names = itertools.count()
+
+
+@dataclass
+class Cgroup:
+    path: Path
+
+    def read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def oom_kills(self) -> int:
+        for line in self.read("memory.oom_control").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        raise AssertionError("memory.oom_control has no oom_kill line on this kernel")
+
+
+def _cgroup_or_skip() -> Path:
+    reason = None
+    if os.geteuid() != 0:
+        reason = "needs root to create a memory cgroup"
+    elif not (V1_MEMORY / "cgroup.procs").exists():
+        reason = f"no cgroup v1 memory hierarchy at {V1_MEMORY}"
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    path = V1_MEMORY / f"gatekeeper-test-{os.getpid()}-{next(_names)}"
+    try:
+        path.mkdir()
+    except OSError as e:
+        print(f"SKIP: cannot create {path}: {e}")
+        pytest.skip(f"cannot create {path}: {e}")
+    return path
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Cgroup]:
+    path = _cgroup_or_skip()
+    try:
+        (path / "memory.limit_in_bytes").write_text(str(LIMIT))
+        (path / "memory.swappiness").write_text("0")
+        yield Cgroup(path)
+    finally:
+        for pid in (path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+        # Killed tasks leave the cgroup asynchronously; cleanup (not synchronisation)
+        # retries rmdir for a bounded while.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+
+@pytest.fixture
+def backend_in_cgroup(cgroup: Cgroup) -> Iterator[TcpAddress]:
+    procs = cgroup.path / "cgroup.procs"
+    proc = subprocess.Popen(
+        ["sh", "-c", f'echo $$ > {procs} && exec "$0" -c "$1"', sys.executable, BACKEND],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        assert str(proc.pid) in procs.read_text().split()
+        yield TcpAddress("127.0.0.1", port)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def three_at_once(connect: object, name: str) -> list[bytes]:
+    """Send three identical heavy jobs at once; the replies ('done N' or b'' for a
+    job whose process was killed)."""
+    replies: list[bytes] = [b""] * 3
+
+    async def one(i: int) -> None:
+        stream = await connect()  # type: ignore[operator]
+        await stream.send_all(request(name, JOB_MIB))
+        replies[i] = await receive_until_closed(stream)
+        await stream.aclose()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(one, i)
+    return replies
+
+
+async def test_control_three_at_once_straight_to_backend_get_oom_killed(
+        cgroup: Cgroup, backend_in_cgroup: TcpAddress) -> None:
+    before = cgroup.oom_kills()
+
+    async def direct() -> trio.SocketStream:
+        return await trio.open_tcp_stream("127.0.0.1", backend_in_cgroup.port)
+
+    replies = await three_at_once(direct, "ctl.o")
+    killed = cgroup.oom_kills() - before
+    print(f"control: replies {replies}, OOM kills {killed}")
+    assert killed >= 1
+    assert replies.count(b"done 150") < 3
+
+
+async def test_gatekeeper_watching_the_cgroup_prevents_oom_cold_and_warm(
+        cgroup: Cgroup, backend_in_cgroup: TcpAddress) -> None:
+    memory = build_memory_source(str(cgroup.path))
+    assert memory.available() <= LIMIT
+    before = cgroup.oom_kills()
+    # Cold: nothing learned; the seed (160 MiB) stands in for each job's peak.
+    cfg = config(backend_in_cgroup, max_jobs=4, min_free_bytes=16 * MiB,
+                 job_mem_bytes=160 * MiB)
+    server = Server(cfg, memory, drain_timeout=5.0)
+    listeners = await open_all(cfg.listen)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run, listeners)
+        port = int(addresses[0].rpartition(":")[2])
+
+        async def via_gatekeeper() -> trio.SocketStream:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+
+        cold = await three_at_once(via_gatekeeper, "cold.o")
+        assert cold == [b"done 150"] * 3
+        assert cgroup.oom_kills() == before
+        with trio.fail_after(10):
+            while server.gate.snapshot().finished_total < 3:
+                await server.gate.wait_changed()
+        assert server.gate.snapshot().running == 0
+        server.stop()
+
+    # Warm: a seed far too small (10 MiB) would let all three in at once and get
+    # one killed; the footprint learned from one measured run holds the third.
+    cfg = config(backend_in_cgroup, max_jobs=4, min_free_bytes=16 * MiB,
+                 job_mem_bytes=10 * MiB)
+    server = Server(cfg, memory, drain_timeout=5.0)
+    listeners = await open_all(cfg.listen)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run, listeners)
+        port = int(addresses[0].rpartition(":")[2])
+
+        async def via_gatekeeper2() -> trio.SocketStream:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+
+        first = await via_gatekeeper2()
+        await first.send_all(request("warm.o", JOB_MIB))
+        assert await receive_until_closed(first) == b"done 150"
+        await first.aclose()
+        with trio.fail_after(10):
+            while server.gate.snapshot().finished_total < 1:
+                await server.gate.wait_changed()
+        assert server.book.estimate(None) == 10 * MiB  # unknown jobs still get the seed
+        warm = await three_at_once(via_gatekeeper2, "warm.o")
+        assert warm == [b"done 150"] * 3
+        assert cgroup.oom_kills() == before
+        server.stop()
+    memory.close()
