@@ -11,9 +11,14 @@ Invariants (checked by the property tests after every step):
 
 * ``running <= max_jobs``.
 * ``queued <= max_queue``; an arrival past that is refused, never queued.
-* Strict FIFO: admission order equals arrival order among the jobs still
-  queued. A job that cannot run (no slot, not enough memory) blocks every job
-  behind it -- letting a later job jump ahead would starve the first one.
+* Fair queueing between keys (a client, a subnet; the shell decides): one FIFO
+  per key, served round-robin, a key getting `weight` turns in a row. Within a
+  key, admission order equals arrival order; with one key (or fairness off)
+  that is plain FIFO. The job whose turn it is blocks everyone when it cannot
+  run (no slot, not enough memory) -- letting a later job jump ahead would
+  starve the first one. A key at `max_per_key` running jobs is skipped, not
+  refused: its jobs wait for one of its own to end. Between two turns of a
+  waiting key, every other key gets at most its weight in turns: no key starves.
 * The memory rule: the head is admitted only while
   ``available - reserved - footprint(head) >= min_free``. ``available`` is the
   caller's fresh reading; ``footprint`` is what the job is expected to need at
@@ -30,22 +35,26 @@ Invariants (checked by the property tests after every step):
 * Queue deadlines are ``arrival + queue_timeout``, the same span for all, so the
   earliest deadline is always the head's: expiry never scans the queue.
 
-Every operation is O(1) per job it touches, whatever the queue length.
+Every operation is O(1) per job it touches, whatever the queue length,
+except skipping keys that are at their per-key limit: O(keys with queued jobs).
 """
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 JobId = int
+Key = str | None
+"""Who a job belongs to for fairness (None: the one shared queue)."""
 
 
 class Hold(enum.Enum):
     """Why the head of the queue is waiting (for logs and status)."""
 
     SLOTS = "slots"
+    PER_KEY = "per-client"
     MEMORY = "memory"
     PRESSURE = "pressure"
     DRAINING = "draining"
@@ -69,6 +78,8 @@ class Limits:
     queue_timeout: float
     default_footprint: int = 0
     """Bytes a job is expected to need when its arrival names no estimate."""
+    max_per_key: int | None = None
+    """At most this many running jobs per key (None: no such limit)."""
 
     def __post_init__(self) -> None:
         if self.max_jobs < 1:
@@ -81,6 +92,8 @@ class Limits:
             raise ValueError("queue_timeout must be positive")
         if self.default_footprint < 0:
             raise ValueError("default_footprint must not be negative")
+        if self.max_per_key is not None and self.max_per_key < 1:
+            raise ValueError("max_per_key must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,12 @@ class Snapshot:
     expired_total: int
     abandoned_total: int
     refused_total: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(queued, running) of the busiest keys (at most TOP_KEYS)."""
+
+
+# Status shows this many keys at most: bounded cardinality for metrics labels.
+TOP_KEYS = 10
 
 
 class Admission:
@@ -119,6 +138,12 @@ class Admission:
         self._usage: dict[JobId, int] = {}  # running jobs: last observed usage
         self._reserved = 0  # sum over running jobs of max(0, footprint - usage)
         self._running: set[JobId] = set()
+        self._key: dict[JobId, Key] = {}  # queued and running jobs
+        self._by_key: dict[Key, OrderedDict[JobId, None]] = {}  # queued, per key
+        self._ring: deque[Key] = deque()  # keys with queued jobs, whose turn first
+        self._turns = 0  # turns the key at the ring's front has had in a row
+        self._weight: dict[Key, int] = {}
+        self._running_by_key: Counter[Key] = Counter()
         self._draining = False
         self._hold: Hold | None = None
         self._pressure_high = False
@@ -131,9 +156,13 @@ class Admission:
 
     # -- events -----------------------------------------------------------
 
-    def arrive(self, job: JobId, now: float, footprint: int | None = None) -> Refusal | None:
+    def arrive(self, job: JobId, now: float, footprint: int | None = None, *,
+               key: Key = None, weight: int = 1) -> Refusal | None:
         """A new connection wants to run, expected to need `footprint` bytes at
-        its peak (None: the default). Returns why it is refused, or None if queued."""
+        its peak (None: the default), on behalf of `key` whose turns count
+        `weight` in a row. Returns why it is refused, or None if queued."""
+        if weight < 1:
+            raise ValueError("weight must be at least 1")
         if job in self._arrived or job in self._running:
             raise ValueError(f"job {job} is already known")
         refusal: Refusal | None = None
@@ -147,8 +176,34 @@ class Admission:
         self._queue[job] = now + self.limits.queue_timeout
         self._arrived[job] = now
         self._footprint[job] = self.limits.default_footprint if footprint is None else footprint
+        self._key[job] = key
+        self._weight[key] = weight
+        fifo = self._by_key.get(key)
+        if fifo is None:
+            fifo = self._by_key[key] = OrderedDict()
+            self._ring.append(key)
+        fifo[job] = None
         self._update_hold()
         return None
+
+    def _unqueue(self, job: JobId) -> None:
+        """Take a job out of its key's FIFO (the global queue is the caller's)."""
+        key = self._key[job]
+        fifo = self._by_key[key]
+        del fifo[job]
+        if not fifo:
+            del self._by_key[key]
+            if self._ring[0] == key:
+                self._ring.popleft()
+                self._turns = 0
+            else:
+                self._ring.remove(key)
+
+    def _forget(self, job: JobId) -> None:
+        """A job that never ran leaves for good."""
+        del self._arrived[job]
+        del self._footprint[job]
+        del self._key[job]
 
     def estimate(self, job: JobId, footprint: int) -> None:
         """A better estimate of a job's footprint (e.g. once its request named the
@@ -178,8 +233,8 @@ class Admission:
     def abandon(self, job: JobId) -> None:
         """A queued job left before it was admitted (client gone, cancelled)."""
         del self._queue[job]
-        del self._arrived[job]
-        del self._footprint[job]
+        self._unqueue(job)
+        self._forget(job)
         self._abandoned_total += 1
         self._update_hold()
 
@@ -189,6 +244,10 @@ class Admission:
         self._reserved -= self._reservation(job)
         del self._footprint[job]
         self._usage.pop(job, None)
+        key = self._key.pop(job)
+        self._running_by_key[key] -= 1
+        if not self._running_by_key[key]:
+            del self._running_by_key[key]
         self._finished_total += 1
         self._update_hold()
 
@@ -197,9 +256,11 @@ class Admission:
         self._draining = True
         drained = list(self._queue)
         self._queue.clear()
-        self._arrived.clear()
         for job in drained:
-            del self._footprint[job]
+            self._forget(job)
+        self._by_key.clear()
+        self._ring.clear()
+        self._turns = 0
         self._update_hold()
         return drained
 
@@ -213,8 +274,8 @@ class Admission:
             if deadline > now:
                 break
             self._queue.popitem(last=False)
-            del self._arrived[job]
-            del self._footprint[job]
+            self._unqueue(job)
+            self._forget(job)
             expired.append(job)
         self._expired_total += len(expired)
         if expired:
@@ -226,7 +287,8 @@ class Admission:
         """True when a job could start if memory allows: the caller should read
         memory and call `admit`. False means `admit` would do nothing, so the
         shell can skip the reading (and its timer) entirely."""
-        return bool(self._queue) and len(self._running) < self.limits.max_jobs
+        return (bool(self._queue) and len(self._running) < self.limits.max_jobs
+                and self._hold is not Hold.PER_KEY)
 
     def admit(self, now: float, available: int, *, pressure_high: bool = False) -> list[JobId]:
         """Admit queued jobs, head first, while a slot is free and the memory
@@ -238,19 +300,41 @@ class Admission:
         admitted: list[JobId] = []
         limits = self.limits
         while self._queue and len(self._running) < limits.max_jobs and not pressure_high:
-            job, deadline = next(iter(self._queue.items()))
+            job = self._candidate()
+            if job is None:
+                break  # every waiting key is at its per-key limit
             if available - self._reserved - self._footprint[job] < limits.min_free:
                 break
-            if deadline <= now:
+            if self._queue[job] <= now:
                 break  # the caller must expire it; never run a timed-out job
-            self._queue.popitem(last=False)
+            del self._queue[job]
             del self._arrived[job]
+            key = self._key[job]
+            self._unqueue(job)
+            if self._ring and self._ring[0] == key:
+                self._turns += 1
+                if self._turns >= self._weight[key]:
+                    self._ring.rotate(-1)
+                    self._turns = 0
             self._running.add(job)
+            self._running_by_key[key] += 1
             self._reserved += self._footprint[job]  # nothing of it shows yet
             admitted.append(job)
         self._admitted_total += len(admitted)
         self._update_hold()
         return admitted
+
+    def _candidate(self) -> JobId | None:
+        """The job whose turn it is: the head of the first key in the ring that is
+        under its per-key limit (keys at their limit are passed over)."""
+        limit = self.limits.max_per_key
+        for _ in range(len(self._ring)):
+            key = self._ring[0]
+            if limit is None or self._running_by_key[key] < limit:
+                return next(iter(self._by_key[key]))
+            self._ring.rotate(-1)
+            self._turns = 0
+        return None
 
     def next_deadline(self) -> float | None:
         """When the head of the queue times out (None if the queue is empty)."""
@@ -296,8 +380,16 @@ class Admission:
             out.append((job, self._arrived[job]))
         return out
 
+    def key_of(self, job: JobId) -> Key:
+        return self._key[job]
+
     def statistics(self) -> Snapshot:
-        head = next(iter(self._queue), None)
+        oldest = next(iter(self._queue), None)
+        head = self._peek_candidate()
+        busiest = sorted(
+            set(self._by_key) | set(self._running_by_key),
+            key=lambda k: (-(len(self._by_key.get(k, ())) + self._running_by_key[k]), str(k)),
+        )[:TOP_KEYS]
         return Snapshot(
             running=len(self._running),
             queued=len(self._queue),
@@ -308,13 +400,23 @@ class Admission:
             head_footprint=None if head is None else self._footprint[head],
             hold=self._hold,
             available=self._available,
-            oldest_arrival=None if head is None else self._arrived[head],
+            oldest_arrival=None if oldest is None else self._arrived[oldest],
             admitted_total=self._admitted_total,
             finished_total=self._finished_total,
             expired_total=self._expired_total,
             abandoned_total=self._abandoned_total,
             refused_total={r.value: n for r, n in self._refused.items()},
+            keys={("-" if k is None else k): (len(self._by_key.get(k, ())),
+                                             self._running_by_key[k]) for k in busiest},
         )
+
+    def _peek_candidate(self) -> JobId | None:
+        """`_candidate` without moving the ring (for views)."""
+        limit = self.limits.max_per_key
+        for key in self._ring:
+            if limit is None or self._running_by_key[key] < limit:
+                return next(iter(self._by_key[key]))
+        return None
 
     def _update_hold(self) -> None:
         if not self._queue:
@@ -323,6 +425,8 @@ class Admission:
             self._hold = Hold.DRAINING
         elif len(self._running) >= self.limits.max_jobs:
             self._hold = Hold.SLOTS
+        elif self._peek_candidate() is None:
+            self._hold = Hold.PER_KEY
         elif self._pressure_high:
             self._hold = Hold.PRESSURE
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -180,23 +182,40 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.available = 0
         self.pressure_high = False
         self.draining = False
+        self.keyed = False
+        self.weights: dict[str | None, int] = {None: 1}
+        self.key: dict[int, str | None] = {}
 
     @precondition(lambda self: self.core is None)
     @rule(max_jobs=st.integers(1, 4), min_free=st.integers(0, 3),
-          max_queue=st.integers(0, 6), timeout=st.integers(1, 20), reserve=st.integers(0, 2))
+          max_queue=st.integers(0, 6), timeout=st.integers(1, 20), reserve=st.integers(0, 2),
+          keyed=st.booleans(), max_per_key=st.none() | st.integers(1, 3),
+          weights=st.lists(st.integers(1, 3), min_size=3, max_size=3))
     def setup(self, max_jobs: int, min_free: int, max_queue: int, timeout: int,
-              reserve: int) -> None:
+              reserve: int, keyed: bool, max_per_key: int | None, weights: list[int]) -> None:
         self.core = Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=max_queue,
-                                     queue_timeout=float(timeout), default_footprint=reserve))
+                                     queue_timeout=float(timeout), default_footprint=reserve,
+                                     max_per_key=max_per_key))
+        self.keyed = keyed
+        if keyed:
+            self.weights = dict(zip("abc", weights, strict=True))
+
+    def running_of(self, key: str | None) -> int:
+        return sum(1 for j in self.running if self.key[j] == key)
+
+    def queued_keys(self) -> set[str | None]:
+        return {self.key[j] for j in self.arrival_order}
 
     @precondition(lambda self: self.core is not None)
-    @rule(footprint=st.none() | st.integers(0, 4))
-    def arrive(self, footprint: int | None) -> None:
+    @rule(footprint=st.none() | st.integers(0, 4), which=st.integers(0, 2))
+    def arrive(self, footprint: int | None, which: int) -> None:
         assert self.core is not None
         job = self.next_id
         self.next_id += 1
         full = len(self.arrival_order) >= self.core.limits.max_queue
-        refusal = self.core.arrive(job, self.now, footprint)
+        key = "abc"[which] if self.keyed else None
+        self.key[job] = key
+        refusal = self.core.arrive(job, self.now, footprint, key=key, weight=self.weights[key])
         if self.draining:
             assert refusal is Refusal.DRAINING
         else:
@@ -277,26 +296,40 @@ class AdmissionMachine(RuleBasedStateMachine):
                     if core.wants_memory_reading else [])
         if self.pressure_high:
             assert admitted == []
-        # FIFO: admitted jobs are the head of the queue, in order.
-        assert admitted == self.arrival_order[:len(admitted)]
-        del self.arrival_order[:len(admitted)]
+        # FIFO per key: each admitted job was the oldest queued job of its key.
+        for job in admitted:
+            key = self.key[job]
+            assert job == next(j for j in self.arrival_order if self.key[j] == key)
+            self.arrival_order.remove(job)
+        if not self.keyed:  # one key: plain FIFO
+            assert admitted == sorted(admitted)
         limits = core.limits
         # Memory rule: each admitted job fit beside the growth still expected from
         # the running jobs and from those admitted before it in this decision.
         for job in admitted:
             assert self.available - reserved - self.footprints[job] >= limits.min_free
             reserved += self.footprints[job]
-        # Work-conserving: if something is still queued with a free slot, memory held it.
-        if (self.arrival_order and before_running + len(admitted) < limits.max_jobs
-                and self.pressure_high and not self.draining):
-            assert core.hold is Hold.PRESSURE
-        elif self.arrival_order and before_running + len(admitted) < limits.max_jobs:
-            head = self.arrival_order[0]
-            assert self.available - reserved - self.footprints[head] < limits.min_free
-            assert core.hold is Hold.MEMORY
         for job in admitted:
             assert job not in self.finished
             self.running.add(job)
+        if limits.max_per_key is not None:
+            for key in self.weights:
+                assert self.running_of(key) <= limits.max_per_key
+        # Work-conserving: if something is still queued with a free slot, a per-key
+        # limit, pressure or memory held it.
+        if self.arrival_order and before_running + len(admitted) < limits.max_jobs:
+            eligible = [k for k in self.queued_keys()
+                        if limits.max_per_key is None or self.running_of(k) < limits.max_per_key]
+            if not eligible:
+                assert core.hold is Hold.PER_KEY
+            elif self.pressure_high:
+                assert core.hold is Hold.PRESSURE
+            else:
+                assert core.hold is Hold.MEMORY
+                heads = [next(j for j in self.arrival_order if self.key[j] == k)
+                         for k in eligible]
+                assert any(self.available - reserved - self.footprints[h] < limits.min_free
+                           for h in heads)
 
     @precondition(lambda self: self.core is not None)
     @rule()
@@ -397,3 +430,71 @@ def test_usage_following_growth_curves_never_crosses_the_limit(
     fits = {j for j, (peak, _) in enumerate(jobs) if other + peak <= total - min_free}
     first_misfit = min((j for j in range(len(jobs)) if j not in fits), default=len(jobs))
     assert set(range(first_misfit)) <= done  # FIFO: a misfit holds those behind it
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    arrivals=st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    weights=st.lists(st.integers(1, 4), min_size=4, max_size=4),
+    max_jobs=st.integers(1, 3),
+)
+def test_no_key_starves_and_weights_bound_the_wait(arrivals: list[int], weights: list[int],
+                                                   max_jobs: int) -> None:
+    """Everyone queued up front, capacity returning one job at a time: while a key
+    has jobs waiting, the other keys get at most their weights in turns between
+    two of its turns; within a key, order is arrival order."""
+    core = make(max_jobs=max_jobs, max_queue=len(arrivals))
+    keys = [f"k{i}" for i in arrivals]
+    for job, key in enumerate(keys):
+        core.arrive(job, 0.0, key=key, weight=weights[int(key[1:])])
+    order: list[int] = []
+    running: list[int] = []
+    while len(order) < len(arrivals):
+        new = core.admit(0.0, 0)
+        assert new, "capacity is free and jobs wait: someone must be admitted"
+        order += new
+        running += new
+        core.finish(running.pop(0))
+    by_key: dict[str, list[int]] = {}
+    for job in order:
+        by_key.setdefault(keys[job], []).append(job)
+    for jobs in by_key.values():
+        assert jobs == sorted(jobs)
+    for key in set(keys):
+        others = sum(weights[int(k[1:])] for k in set(keys) if k != key)
+        positions = [i for i, job in enumerate(order) if keys[job] == key]
+        # before its first turn and between its turns, the others have at most
+        # one round (their weights), plus up to max_jobs admitted in the first burst
+        gaps = [positions[0]] + [b - a - 1 for a, b in itertools.pairwise(positions)]
+        assert max(gaps) <= others + max_jobs
+
+
+def test_light_user_is_not_stuck_behind_a_heavy_backlog() -> None:
+    core = make(max_jobs=2, max_queue=100)
+    for job in range(64):
+        core.arrive(job, 0.0, key="heavy")
+    for job in range(64, 68):
+        core.arrive(job, 0.0, key="light")
+    order: list[int] = []
+    running: list[int] = []
+    while len(order) < 68:
+        new = core.admit(0.0, 0)
+        order += new
+        running += new
+        core.finish(running.pop(0))
+    light_positions = [order.index(j) for j in range(64, 68)]
+    assert max(light_positions) <= 2 + 2 * 4  # not after the 64 heavy jobs
+
+
+def test_max_per_key_makes_jobs_wait_not_fail() -> None:
+    a = Admission(Limits(max_jobs=4, min_free=0, max_queue=10, queue_timeout=100.0,
+                         max_per_key=1))
+    for job in range(3):
+        assert a.arrive(job, 0.0, key="one") is None
+    a.arrive(3, 0.0, key="two")
+    assert a.admit(0.0, 0) == [0, 3]
+    assert a.hold is Hold.PER_KEY
+    assert not a.wants_memory_reading  # no timer needed: only a finish can help
+    a.finish(0)
+    assert a.admit(0.0, 0) == [1]
+    assert a.statistics().keys == {"one": (1, 1), "two": (0, 1)}
