@@ -33,7 +33,7 @@ from typing import NoReturn
 
 import trio
 
-from . import __version__
+from . import __version__, statuscmd
 from .activation import (
     ActivationError,
     Notifier,
@@ -47,7 +47,7 @@ from .activation import (
     watchdog,
     watchdog_interval,
 )
-from .addresses import parse_address
+from .addresses import Address, parse_address
 from .allow import DEFAULT_ALLOW, AllowList
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -58,13 +58,18 @@ from .config import (
     DISTCC_PORT,
     Config,
 )
+from .fairness import FairBy, Priorities
 from .inetd import Command
+from .logformat import JsonFormatter
 from .memory import MemorySource, build_memory_source
+from .metrics import DEFAULT_METRICS
 from .serve import DEFAULT_DRAIN_TIMEOUT, Server, open_all
 
 log = logging.getLogger("gatekeeper")
 
 EXIT_USAGE = 2
+# `gatekeeper status|weight [--metrics ADDR]` read a running gatekeeper's /status.
+SUBCOMMANDS = ("status", "weight")
 EXIT_STARTUP = 1
 DEFAULT_BACKEND = "127.0.0.1:3633"
 
@@ -121,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     cpus = os.cpu_count() or 1
     p = _Parser(
         prog="gatekeeper",
-        usage="%(prog)s [options] [-- COMMAND [ARGS...]]",
+        usage="%(prog)s [options] [-- COMMAND [ARGS...]]\n"
+              "       %(prog)s status|weight [--metrics ADDR]",
         description="Hold incoming jobs until the box has a free slot and enough memory, "
                     "then splice them through to the backend -- or, after '--', run "
                     "COMMAND once per job with the connection as its stdin and stdout "
@@ -159,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read each job's distcc command line (without consuming it) to "
                         "learn footprints per compile; 'none' for other protocols "
                         "(default: distcc)")
+    p.add_argument("--fair-by", default="client", metavar="{none,client,subnet/N}",
+                   help="share the queue round-robin between clients (by address) or "
+                        "IPv4 subnets of N bits (IPv6: /64); none: one FIFO (default: client)")
+    p.add_argument("--max-per-client", type=_positive_int, metavar="N",
+                   help="at most N running jobs per client (or subnet); others wait, they "
+                        "are not refused (default: no such limit)")
+    p.add_argument("--priority", action="append", metavar="CIDR=WEIGHT",
+                   help="clients in CIDR get WEIGHT turns in a row in the round-robin "
+                        "(repeatable; first match wins; default weight 1)")
+    p.add_argument("--idle-timeout", type=_positive_number, metavar="SECONDS",
+                   help="cut off a running job that moved no byte either way for this long "
+                        "(default: off -- distccd is silent until a compile ends)")
+    p.add_argument("--data-path", choices=["splice", "copy"], default="splice",
+                   help="move bytes in the kernel with splice(2) (Linux), or copy them "
+                        "through a buffer (default: splice where available)")
     p.add_argument("--queue-timeout", type=_positive_number, default=DEFAULT_QUEUE_TIMEOUT,
                    metavar="SECONDS",
                    help="close a job that waited this long (default: "
@@ -181,9 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, give running jobs this long to finish "
                         f"(default: {DEFAULT_DRAIN_TIMEOUT:.0f})")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="serve /metrics (Prometheus), /status (JSON) and / (a live page) over "
+                        "HTTP here; a bare PORT means 127.0.0.1:PORT (default: off; "
+                        f"'gatekeeper status' looks at {DEFAULT_METRICS})")
+    p.add_argument("--agent", metavar="ADDR",
+                   help="answer HAProxy agent-checks here (up/drain/down, free capacity, "
+                        "maxconn); a bare PORT means every interface (default: off)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info: one line per connection)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: 'gatekeeper: LEVEL: message' lines; json: one object per line "
+                        "with the connection's fields typed (default: text)")
     p.add_argument("--version", action="version", version=f"gatekeeper {__version__}")
     return p
 
@@ -197,6 +228,7 @@ class Options:
     """inetd mode: run this per job instead of connecting to config.backend."""
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     listen_given: bool = False
+    log_format: str = "text"
     """Whether --listen was on the command line (not just the default)."""
 
 
@@ -207,6 +239,15 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
         return args, None
     cut = args.index("--")
     return args[:cut], args[cut + 1:]
+
+
+def _side_address(flag: str, text: str | None, bare_port_host: str | None) -> Address | None:
+    if text is None:
+        return None
+    try:
+        return parse_address(text, bare_port_host=bare_port_host)
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
 
 
 def parse_config(argv: Sequence[str]) -> Config:
@@ -242,6 +283,16 @@ def parse_options(argv: Sequence[str]) -> Options:
         allow = AllowList.parse(args.allow or DEFAULT_ALLOW)
     except ValueError as e:
         raise UsageError(f"--allow {e}") from None
+    try:
+        fair_by = FairBy.parse(args.fair_by)
+    except ValueError as e:
+        raise UsageError(f"--fair-by {e}") from None
+    try:
+        priorities = Priorities.parse(args.priority or [])
+    except ValueError as e:
+        raise UsageError(f"--priority {e}") from None
+    metrics = _side_address("--metrics", args.metrics, "127.0.0.1")
+    agent = _side_address("--agent", args.agent, None)
     config = Config(
         listen=listen,
         backend=backend,
@@ -258,15 +309,25 @@ def parse_options(argv: Sequence[str]) -> Options:
         identify=args.identify == "distcc",
         cgroup=args.cgroup,
         max_memory_pressure=args.max_memory_pressure,
+        metrics=metrics,
+        agent=agent,
+        fair_by=fair_by,
+        zero_copy=args.data_path == "splice",
+        idle_timeout=args.idle_timeout,
+        max_per_client=args.max_per_client,
+        priorities=priorities,
     )
     return Options(config, command=command, drain_timeout=args.drain_timeout,
-                   listen_given=args.listen is not None)
+                   listen_given=args.listen is not None, log_format=args.log_format)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, log_format: str = "text") -> None:
     # No timestamps: journald (and most supervisors) add their own.
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="gatekeeper: %(levelname)s: %(message)s")
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 # Beyond the listeners, the gate's epoll set and logging, each queued job holds
@@ -320,6 +381,7 @@ async def run(config: Config, options: Options | None = None, *,
         log.info("memory: %s", describe_memory())
     server = Server(config, memory, drain_timeout=options.drain_timeout,
                     command=options.command)
+    await server.open_side_listeners()  # before the nursery: in use = exit 1
     target = (f"command {options.command}" if options.command is not None
               else f"backend {config.backend}")
     log.info("gatekeeper %s: max-jobs %d, min-free %.0f MiB, max-queue %d, "
@@ -361,13 +423,16 @@ async def run(config: Config, options: Options | None = None, *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:  # never a flag, so no clash with the options
+        return statuscmd.main(args[0], args[1:])
     try:
-        options = parse_options(sys.argv[1:] if argv is None else argv)
+        options = parse_options(args)
     except UsageError as e:
         print(f"gatekeeper: {e}", file=sys.stderr)
         return EXIT_USAGE
     config = options.config
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, options.log_format)
     # Read (and unset, so inetd-mode children never see them) what a service
     # manager passed: notification socket, watchdog, activated sockets.
     notifier = Notifier.from_environ()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .addresses import Address
 from .allow import AllowList
+from .fairness import FairBy, Priorities
 
 DISTCC_PORT = 3632
 
@@ -40,6 +41,12 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_JOB_MEM_MB = 256.0
 
 
+# Fair by client address by default: one developer's make -j64 must not make
+# every other client wait behind all 64 of its jobs.
+DEFAULT_FAIR_BY = FairBy("client")
+NO_PRIORITIES = Priorities()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: tuple[Address, ...]
@@ -59,6 +66,21 @@ class Config:
     """Peek at distcc request heads to key learned footprints by compile."""
     cgroup: str | None = None
     """Watch this cgroup's memory (None: gatekeeper's own cgroups)."""
+    fair_by: FairBy = DEFAULT_FAIR_BY
+    """How clients are grouped for round-robin sharing of the queue."""
+    max_per_client: int | None = None
+    """At most this many running jobs per fairness key."""
+    priorities: Priorities = NO_PRIORITIES
+    """Weights of keys in the round-robin."""
+    idle_timeout: float | None = None
+    """Cut off a running job that moved no byte either way for this long (None:
+    never: distccd sends nothing until a compile ends, and big compiles are long)."""
+    zero_copy: bool = True
+    """Move bytes with os.splice where the platform has it (else a buffer copy)."""
     max_memory_pressure: float | None = None
     """Hold jobs while PSI memory `some avg10` exceeds this percentage."""
+    metrics: Address | None = None
+    """Serve /metrics, /status and / over HTTP here (None: off)."""
+    agent: Address | None = None
+    """Answer HAProxy agent-checks here (None: off)."""
     log_level: str = "info"

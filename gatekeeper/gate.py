@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .admission import Admission, Hold, JobId, Refusal, Snapshot
+from .admission import Admission, Hold, JobId, Key, Refusal, Snapshot
 from .memory import MemorySource
 
 log = logging.getLogger("gatekeeper")
@@ -70,12 +70,13 @@ class Gate:
         self._watchers = trio.lowlevel.ParkingLot()
 
     @asynccontextmanager
-    async def ticket(self, footprint: int | None = None) -> AsyncIterator[Ticket]:
+    async def ticket(self, footprint: int | None = None, *, key: Key = None,
+                     weight: int = 1) -> AsyncIterator[Ticket]:
         """Join the queue, expected to need `footprint` bytes (None: the policy's
         default); the slot or queue place is released on exit, exactly once,
         however the block ends (including cancellation)."""
         job = next(self._ids)
-        refused = self.admission.arrive(job, self._clock(), footprint)
+        refused = self.admission.arrive(job, self._clock(), footprint, key=key, weight=weight)
         ticket = Ticket(job, refused)
         if refused is None:
             self._tickets[job] = ticket

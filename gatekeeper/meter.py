@@ -191,6 +191,8 @@ class Meter:
         self._jobs: set[Usage] = set()
         self._wakeup = trio.Event()
         self._known_pids: deque[int] = deque(maxlen=64)
+        self._sampled = trio.Event()
+        self._sampled.set()  # no sampling in progress
 
     @contextmanager
     def measuring(self, locate: Callable[[Sequence[int]], int | None],
@@ -203,6 +205,11 @@ class Meter:
         finally:
             self._jobs.discard(usage)
 
+    async def quiescent(self) -> None:
+        """Wait until no sampling is under way (its thread holds /proc files open:
+        tests that count fds wait for this)."""
+        await self._sampled.wait()
+
     async def run(self) -> None:
         while True:
             if not self._jobs:
@@ -211,7 +218,11 @@ class Meter:
             await trio.sleep(self.interval)
             jobs = list(self._jobs)
             hints = list(self._known_pids)
-            await trio.to_thread.run_sync(_sample_all, jobs, hints)
+            self._sampled = trio.Event()
+            try:
+                await trio.to_thread.run_sync(_sample_all, jobs, hints)
+            finally:
+                self._sampled.set()
             for usage in jobs:
                 if usage.pid is not None and usage.pid not in self._known_pids:
                     self._known_pids.append(usage.pid)

@@ -19,7 +19,10 @@ clients, and gives running jobs `drain_timeout` seconds before cancelling them.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import resource
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import trio
 
 from .addresses import Address, connect, listener_address, open_listeners
 from .admission import Admission, Limits
+from .agent import BackendCheck
 from .config import Config
 from .footprints import FootprintBook
 from .gate import Gate, Verdict
@@ -35,8 +39,11 @@ from .inetd import Command, CommandRunner
 from .liveness import ClientWatch
 from .memory import MemorySource
 from .meter import Meter, backend_process
+from .metrics import Observatory
 from .peek import peek_distcc_job
 from .splice import Side, Transfer, abort, splice
+from .statuspage import page
+from .statusweb import Agent, StatusWeb
 
 log = logging.getLogger("gatekeeper")
 
@@ -50,6 +57,30 @@ DEFAULT_DRAIN_TIMEOUT = 60.0
 # the head is slow or never comes (not distcc: use --identify none).
 IDENTIFY_GRACE = 0.1
 
+# Out of fds (or kernel memory) at accept: wait this long before trying again
+# (trio's serve_listeners uses the same 100 ms).
+ACCEPT_RETRY = 0.1
+_ACCEPT_OVERLOAD = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+# fds kept back from the connection budget for everything that is not a
+# client: listeners, epoll sets, logging, /proc reads, the state file.
+FD_RESERVE = 64
+# A running job holds its backend connection and a splice pipe pair per
+# direction besides its client socket.
+FDS_PER_RUNNING_JOB = 5
+
+
+def connection_budget(config: Config) -> int:
+    """How many client connections may be open at once without starving running
+    jobs of the fds they need: the soft RLIMIT_NOFILE less what running jobs and
+    the process itself need; at least one per job slot."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return config.max_queue + config.max_jobs
+    spare = soft - FD_RESERVE - FDS_PER_RUNNING_JOB * config.max_jobs
+    return max(config.max_jobs, min(spare, config.max_queue + config.max_jobs + 64))
+
+
 # Learned footprints are written out this often (when something new was
 # learned) and at a clean stop, so a crash loses at most a minute of learning.
 SAVE_INTERVAL = 60.0
@@ -61,6 +92,7 @@ def limits_from(config: Config) -> Limits:
         min_free=config.min_free_bytes,
         max_queue=config.max_queue,
         queue_timeout=config.queue_timeout,
+        max_per_key=config.max_per_client,
     )
 
 
@@ -95,9 +127,34 @@ class ConnectionLog:
     job_name: str | None = None
     estimate: int | None = None
     peak: int | None = None
+    job: int | None = None
+    """The gate's id for this connection's ticket, once it has one."""
     backend_ends: tuple[tuple[str, int], tuple[str, int]] | None = None
     """(our end, the backend's end) of a TCP backend connection, to find the
     backend process that serves the job."""
+
+    @property
+    def bytes_in(self) -> int:
+        return self.transfer.to_backend if self.transfer is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        return self.transfer.to_client if self.transfer is not None else 0
+
+    def fields(self) -> dict[str, object]:
+        """The end line's facts as typed values (for --log-format json)."""
+        end = self.ended if self.ended is not None else self.accepted
+        wait_end = self.admitted if self.admitted is not None else end
+        out: dict[str, object] = {
+            "event": "end", "peer": self.peer, "outcome": self.outcome,
+            "wait_seconds": round(wait_end - self.accepted, 3),
+            "run_seconds": round(end - self.admitted, 3) if self.admitted is not None else 0.0,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+        }
+        extra = {"pid": self.pid, "job": self.job_name, "estimate_bytes": self.estimate,
+                 "peak_bytes": self.peak, "reason": self.detail}
+        out.update((k, v) for k, v in extra.items() if v is not None and v != "")
+        return out
 
     def line(self) -> str:
         end = self.ended if self.ended is not None else self.accepted
@@ -132,11 +189,23 @@ class Server:
         if config.state_dir is not None:
             self.book.load(config.state_dir)
         self.meter = Meter()
+        self._budget_size = connection_budget(config)
+        self._budget = trio.Semaphore(self._budget_size)
+        self._budget_spent = False
         # inetd mode: each admitted job runs `command` on the client socket
         # instead of being spliced to config.backend.
         self.runner = CommandRunner(command) if command is not None else None
         self._stop = trio.Event()
         self.addresses: list[str] = []
+        self.metrics_addresses: list[str] = []
+        self.agent_addresses: list[str] = []
+        # Live connections (by id), so /status can name the peers queued.
+        self._connections: dict[int, ConnectionLog] = {}
+        self._side: tuple[list[trio.SocketListener], list[trio.SocketListener]] | None = None
+        self.observatory = Observatory(
+            self.gate, memory, unknown_footprint=self.book.unknown_estimate,
+            queue_peers=self._queue_peers, stopping=lambda: self.stopping,
+            backend=BackendCheck(None if command is not None else config.backend))
 
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""
@@ -149,8 +218,14 @@ class Server:
     async def run(self, listeners: list[trio.SocketListener], *,
                   task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         self.addresses = [listener_address(lst) for lst in listeners]
+        web, agent = self._side or await self.open_side_listeners()
         async with trio.open_nursery() as root:
             root.start_soon(self.gate.run)
+            if web:
+                web_server = StatusWeb(self.observatory, page=page)
+                root.start_soon(trio.serve_listeners, web_server.handle, web)
+            if agent:
+                root.start_soon(trio.serve_listeners, Agent(self.observatory).handle, agent)
             root.start_soon(self.watch.run)
             root.start_soon(self.meter.run)
             if self.config.state_dir is not None:
@@ -160,8 +235,9 @@ class Server:
 
                 async def accept() -> None:
                     with accept_scope:
-                        await trio.serve_listeners(self.handle, listeners,
-                                                   handler_nursery=handlers)
+                        async with trio.open_nursery() as loops:
+                            for listener in listeners:
+                                loops.start_soon(self._accept_loop, listener, handlers)
 
                 handlers.start_soon(accept)
                 for address in self.addresses:
@@ -178,6 +254,70 @@ class Server:
                 log.warning("drain timeout: cut off the jobs still running")
             self.save_footprints()
             root.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener,
+                           handlers: trio.Nursery) -> None:
+        """Accept while the connection budget allows; when it is spent, stop
+        accepting and let the kernel's listen backlog hold the rest (as
+        s6-tcpserverd does), so the fds running jobs need for their backend
+        connection and pipes are never taken by waiting clients. EMFILE and
+        friends are logged and retried after a pause; the listener is closed on
+        exit."""
+        async with listener:
+            while True:
+                if self._budget.value == 0 and not self._budget_spent:
+                    self._budget_spent = True
+                    log.warning("connection budget spent (%d connections open; fd limit %d): "
+                                "new connections wait in the listen backlog (EMFILE avoided)",
+                                self._budget_size, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                await self._budget.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as e:
+                    self._budget.release()
+                    if e.errno not in _ACCEPT_OVERLOAD:
+                        raise
+                    log.error("accept: %s; retrying in %gs", os.strerror(e.errno or 0),
+                              ACCEPT_RETRY)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                except BaseException:
+                    self._budget.release()
+                    raise
+                handlers.start_soon(self._handle_in_budget, stream)
+
+    async def _handle_in_budget(self, stream: trio.SocketStream) -> None:
+        try:
+            await self.handle(stream)
+        finally:
+            self._budget.release()
+            if self._budget_spent and self._budget.value > self._budget_size // 2:
+                self._budget_spent = False
+                log.info("connection budget recovered: accepting again")
+
+    async def open_side_listeners(
+            self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+        """The --metrics and --agent listeners. Call before `run` (outside any
+        nursery) so a port in use is a plain startup OSError; `run` opens them
+        itself otherwise."""
+        web = await open_all(() if self.config.metrics is None else (self.config.metrics,))
+        try:
+            agent = await open_all(() if self.config.agent is None else (self.config.agent,))
+        except BaseException:
+            for listener in web:
+                await trio.aclose_forcefully(listener)
+            raise
+        self.metrics_addresses = [listener_address(lst) for lst in web]
+        self.agent_addresses = [listener_address(lst) for lst in agent]
+        for address in self.metrics_addresses:
+            log.info("metrics and status on http://%s/", address)
+        for address in self.agent_addresses:
+            log.info("HAProxy agent-check on %s", address)
+        self._side = web, agent
+        return self._side
+
+    def _queue_peers(self) -> dict[int, str]:
+        return {r.job: r.peer for r in self._connections.values() if r.job is not None}
 
     def save_footprints(self) -> None:
         if self.config.state_dir is None or not self.book.dirty:
@@ -196,13 +336,16 @@ class Server:
     async def handle(self, stream: trio.SocketStream) -> None:
         peer, host = describe_peer(stream)
         record = ConnectionLog(peer=peer, accepted=trio.current_time())
+        self._connections[id(record)] = record
         try:
             await self._handle(stream, host, record)
         finally:
             record.ended = trio.current_time()
             # Log before closing: the close is a checkpoint, and under
             # cancellation nothing after it would run.
-            log.info("%s", record.line())
+            log.info("%s", record.line(), extra={"fields": record.fields()})
+            del self._connections[id(record)]
+            self.observatory.connection_ended(record)
             await trio.aclose_forcefully(stream)
 
     async def _handle(self, stream: trio.SocketStream, host: str | None,
@@ -216,7 +359,10 @@ class Server:
             with trio.move_on_after(IDENTIFY_GRACE):
                 await self._identify(stream, record)
         record.estimate = self.book.estimate(record.job_key)
-        async with self.gate.ticket(record.estimate) as ticket:
+        key = self.config.fair_by.key(host)
+        weight = self.config.priorities.weight(host)
+        async with self.gate.ticket(record.estimate, key=key, weight=weight) as ticket:
+            record.job = ticket.job
             if ticket.refused is not None:
                 record.outcome = ticket.refused.value
                 return
@@ -284,14 +430,21 @@ class Server:
         record.backend_ends = _tcp_ends(backend)
         transfer = record.transfer = Transfer()
         try:
-            await splice(stream, backend, transfer)
+            await splice(stream, backend, transfer, zero_copy=self.config.zero_copy,
+                         idle_timeout=self.config.idle_timeout)
         finally:
-            if transfer.failed is Side.BACKEND:
+            if transfer.idle:
+                abort(stream)
+                abort(backend)
+            elif transfer.failed is Side.BACKEND:
                 abort(stream)
             elif transfer.failed is Side.CLIENT:
                 abort(backend)
             await trio.aclose_forcefully(backend)
-        if transfer.failed is None:
+        if transfer.idle:
+            record.outcome = "idle-timeout"
+            record.detail = f"no byte either way for {self.config.idle_timeout:g}s"
+        elif transfer.failed is None:
             record.outcome = "ok"
         else:
             record.outcome = "client-error" if transfer.failed is Side.CLIENT else "backend-failed"

@@ -9,6 +9,14 @@ A distcc client never half-closes, but protocols that send a request and then
 ``shutdown(SHUT_WR)`` must still get their reply (systemd-socket-proxyd
 drops it).
 
+On Linux the bytes need not pass through Python at all: each direction moves
+them socket -> pipe -> socket with os.splice, in the kernel (zero copy), driven
+by trio's wait_readable/wait_writable. The pipe is the one bounded chunk in
+flight (1 MiB where the kernel allows it), created only when a job is
+admitted and closed with it. The portable path (``zero_copy=False``) reads
+into a buffer and sends it; both behave the same for EOF, errors and
+cancellation, and the same tests run against both.
+
 If either direction fails (a reset, a broken pipe), the job is over: the other
 direction is cancelled, and the other peer is reset too (`abort`), never
 closed cleanly: a clean FIN after half a reply could pass for a complete
@@ -20,6 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
+import fcntl
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -29,6 +40,13 @@ import trio
 # 256 KiB: big enough that a multi-MB preprocessed source moves in a handful of
 # syscalls, small enough that one per direction per job is nothing.
 CHUNK = 256 * 1024
+
+# The zero-copy path's pipe: 1 MiB moves a large preprocessed source in a few
+# splices. F_SETPIPE_SZ may refuse it (fs.pipe-max-size, or a user over
+# pipe-user-pages-soft); the kernel's default 64 KiB pipe still works.
+PIPE_SIZE = 1024 * 1024
+ZERO_COPY_AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class Side(enum.Enum):
@@ -46,6 +64,10 @@ class Transfer:
     """Which side broke the job, if one did (None: both ended cleanly)."""
     error: str | None = None
     eofs: set[Side] = field(default_factory=set)
+    last_activity: float = 0.0
+    """trio time of the last chunk moved either way (for the idle timeout)."""
+    idle: bool = False
+    """The job was cut off for moving no byte for `idle_timeout` seconds."""
 
 
 async def _copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
@@ -75,6 +97,7 @@ async def _copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
             transfer.to_backend += len(data)
         else:
             transfer.to_client += len(data)
+        transfer.last_activity = trio.current_time()
 
 
 def _fail(transfer: Transfer, side: Side, exc: BaseException, cancel: trio.CancelScope) -> None:
@@ -86,19 +109,103 @@ def _fail(transfer: Transfer, side: Side, exc: BaseException, cancel: trio.Cance
 
 
 async def splice(client: trio.SocketStream, backend: trio.SocketStream,
-                 transfer: Transfer | None = None) -> Transfer:
-    """Copy both ways until both directions have ended or one has failed.
+                 transfer: Transfer | None = None, *,
+                 zero_copy: bool = ZERO_COPY_AVAILABLE,
+                 idle_timeout: float | None = None) -> Transfer:
+    """Copy both ways until both directions have ended or one has failed, or
+    (with `idle_timeout`) until no byte has moved either way for that long.
 
     Does not close either stream: the caller owns them (and closes them in
     its own ``finally``)."""
     if transfer is None:
         transfer = Transfer()
-    async with trio.open_nursery() as nursery:
-        scope = nursery.cancel_scope
-        nursery.start_soon(_copy, client, backend, Side.CLIENT, Side.BACKEND, transfer, True, scope)
-        nursery.start_soon(_copy, backend, client, Side.BACKEND, Side.CLIENT, transfer, False,
-                           scope)
+    transfer.last_activity = trio.current_time()
+    copy = _splice_copy if zero_copy and ZERO_COPY_AVAILABLE else _copy
+    async with trio.open_nursery() as outer:
+        scope = outer.cancel_scope
+        if idle_timeout is not None:
+            outer.start_soon(_idle_watch, transfer, idle_timeout, scope)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copy, client, backend, Side.CLIENT, Side.BACKEND, transfer,
+                               True, scope)
+            nursery.start_soon(copy, backend, client, Side.BACKEND, Side.CLIENT, transfer,
+                               False, scope)
+        scope.cancel()  # both directions are done: stop the idle watch
     return transfer
+
+
+async def _idle_watch(transfer: Transfer, idle_for: float, cancel: trio.CancelScope) -> None:
+    """One timer per running job, re-armed from the last activity (not per chunk)."""
+    while True:
+        deadline = transfer.last_activity + idle_for
+        if trio.current_time() >= deadline:
+            transfer.idle = True
+            cancel.cancel()
+            return
+        await trio.sleep_until(deadline)
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
+# Errors that mean "this peer is gone", as trio's streams translate them.
+_BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+async def _splice_copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
+                       dst_side: Side, transfer: Transfer, to_backend: bool,
+                       cancel: trio.CancelScope) -> None:
+    """One direction, socket -> pipe -> socket, never through user space."""
+    src_sock, dst_sock = src.socket, dst.socket
+    src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
+    r, w = _pipe()
+    try:
+        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 65536
+        while True:
+            try:
+                n = os.splice(src_fd, w, size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(src_sock)
+                continue
+            except OSError as e:
+                if isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF):
+                    _fail(transfer, src_side, e, cancel)
+                    return
+                raise
+            if n == 0:
+                transfer.eofs.add(src_side)
+                try:
+                    dst_sock.shutdown(socket.SHUT_WR)
+                except OSError as e:
+                    if e.errno != errno.ENOTCONN:
+                        _fail(transfer, dst_side, e, cancel)
+                return
+            while n:
+                try:
+                    m = os.splice(r, dst_fd, n, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(dst_sock)
+                    continue
+                except OSError as e:
+                    if isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF):
+                        _fail(transfer, dst_side, e, cancel)
+                        return
+                    raise
+                n -= m
+                if to_backend:
+                    transfer.to_backend += m
+                else:
+                    transfer.to_client += m
+            transfer.last_activity = trio.current_time()
+            # Both calls may keep succeeding without ever blocking: let others run.
+            await trio.lowlevel.checkpoint()
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)

@@ -99,6 +99,11 @@ def closed_port() -> TcpAddress:
 _KEEP: list[socket.socket] = []
 
 
+# Which data path `config` builds by default; test_serve flips it to run every
+# data-path test against both the splice path and the buffer-copy path.
+DATA_PATH = {"zero_copy": True}
+
+
 def config(backend: TcpAddress, **overrides: object) -> Config:
     values: dict[str, object] = {
         "listen": (TcpAddress("127.0.0.1", 0),),
@@ -109,6 +114,7 @@ def config(backend: TcpAddress, **overrides: object) -> Config:
         "max_queue": 100,
         "allow": AllowList.parse(["127.0.0.0/8", "::1/128"]),
         "job_mem_bytes": 0,  # the plain min-free rule unless a test says otherwise
+        "zero_copy": DATA_PATH["zero_copy"],
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]

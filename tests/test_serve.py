@@ -6,11 +6,13 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
 from fakes import (
+    DATA_PATH,
     backend,
     closed_port,
     config,
@@ -23,8 +25,19 @@ from fakes import (
 
 from gatekeeper.allow import AllowList
 from gatekeeper.serve import Server
+from gatekeeper.splice import ZERO_COPY_AVAILABLE
 
 MiB = 2**20
+
+
+@pytest.fixture(autouse=True, params=["splice", "copy"])
+def data_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs against both data paths (zero-copy and buffer copy)."""
+    if request.param == "splice" and not ZERO_COPY_AVAILABLE:
+        pytest.skip("no os.splice on this platform")
+    DATA_PATH["zero_copy"] = request.param == "splice"
+    yield request.param
+    DATA_PATH["zero_copy"] = True
 
 
 async def test_echo_with_half_close_passes_reply_through() -> None:

@@ -1,0 +1,225 @@
+"""What the server is doing, for Prometheus, `/status` and the load balancers.
+
+Two kinds of numbers, kept apart so the data path never pays for either:
+
+- the *picture* (running, queued, limits, memory, the queue itself) is read
+  from the gate's `Snapshot` and the memory source at scrape time by a custom
+  collector: nothing is updated between scrapes;
+- the *history* (jobs ended by outcome, queue waits, run times, bytes) is
+  counted once per connection end, from the record the end-of-connection log
+  line is made of. Never per chunk, never per byte.
+
+Counters start at zero for every known reason, so a rate() works from the
+first scrape. Metric names follow Prometheus conventions (`_total`,
+`_seconds`, `_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .admission import JobId, Snapshot
+from .agent import BackendCheck, health
+from .gate import Gate
+from .memory import MemorySource
+
+# Where `gatekeeper status` and `weight` look when not told: loopback (the
+# status page names clients), the port after distccd's 3632 and its --stats 3633.
+DEFAULT_METRICS = "127.0.0.1:3634"
+
+# Connection ends that never ran a job ("closed without running"). A backend
+# that could not be reached never ran the job either, though it was admitted.
+REJECT_REASONS = ("denied", "queue-full", "draining", "queue-timeout", "client-gone",
+                  "backend-error", "command-error")
+NOT_RUN = frozenset(REJECT_REASONS)
+COMPLETED_OUTCOMES = ("ok", "client-error", "backend-failed", "command-failed")
+
+# Queue waits: from "admitted at once" to the 240 s queue timeout.
+WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 240, float("inf"))
+# Job run times: compiles from a fraction of a second to many minutes.
+RUN_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
+
+# At most this many queue entries in /status: enough for any human, bounded
+# whatever --max-queue is.
+QUEUE_VIEW_LIMIT = 200
+
+
+class Ended(Protocol):
+    """What a connection end tells the metrics (serve.ConnectionLog)."""
+
+    outcome: str
+    accepted: float
+    admitted: float | None
+    ended: float | None
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+
+class Observatory:
+    """Counts connection ends and renders the live picture."""
+
+    def __init__(self, gate: Gate, memory: MemorySource, *,
+                 unknown_footprint: Callable[[], int],
+                 queue_peers: Callable[[], Mapping[JobId, str]],
+                 stopping: Callable[[], bool],
+                 backend: BackendCheck) -> None:
+        self.gate = gate
+        self.memory = memory
+        self.unknown_footprint = unknown_footprint
+        self.queue_peers = queue_peers
+        self.stopping = stopping
+        self.backend = backend
+        self.registry = CollectorRegistry()
+        self.completed: dict[str, int] = dict.fromkeys(COMPLETED_OUTCOMES, 0)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        r = self.registry
+        self._completed = Counter("gatekeeper_completed", "Jobs that ran, by how they ended",
+                                  ["outcome"], registry=r)
+        self._rejected = Counter("gatekeeper_rejected",
+                                 "Connections closed without running a job, by reason",
+                                 ["reason"], registry=r)
+        for outcome in COMPLETED_OUTCOMES:
+            self._completed.labels(outcome)
+        for reason in REJECT_REASONS:
+            self._rejected.labels(reason)
+        self._wait = Histogram("gatekeeper_queue_wait_seconds",
+                               "Time admitted jobs waited in the queue", buckets=WAIT_BUCKETS,
+                               registry=r)
+        self._run = Histogram("gatekeeper_job_run_seconds", "Time jobs ran once admitted",
+                              buckets=RUN_BUCKETS, registry=r)
+        self._in = Counter("gatekeeper_client_to_backend_bytes",
+                           "Bytes passed from clients to the backend", registry=r)
+        self._out = Counter("gatekeeper_backend_to_client_bytes",
+                            "Bytes passed from the backend to clients", registry=r)
+        r.register(_Picture(self))
+        ProcessCollector(namespace="gatekeeper", registry=r)
+
+    # -- per connection end -------------------------------------------------
+
+    def connection_ended(self, record: Ended) -> None:
+        outcome = record.outcome
+        if record.admitted is None or outcome in NOT_RUN:
+            self.rejected[outcome] = self.rejected.get(outcome, 0) + 1
+            self._rejected.labels(outcome).inc()
+        else:
+            self.completed[outcome] = self.completed.get(outcome, 0) + 1
+            self._completed.labels(outcome).inc()
+        if record.admitted is not None:
+            self._wait.observe(max(0.0, record.admitted - record.accepted))
+            if outcome not in NOT_RUN and record.ended is not None:
+                self._run.observe(max(0.0, record.ended - record.admitted))
+        if record.bytes_in:
+            self._in.inc(record.bytes_in)
+        if record.bytes_out:
+            self._out.inc(record.bytes_out)
+
+    # -- the picture --------------------------------------------------------
+
+    def available(self, snapshot: Snapshot) -> int | None:
+        """A fresh reading (a few µs); the policy's last one if it fails. The
+        policy reads memory only while jobs queue, so its own may be old."""
+        try:
+            return self.memory.available()
+        except (OSError, ValueError):
+            return snapshot.available
+
+    def status(self) -> dict[str, Any]:
+        """The `/status` document."""
+        s = self.gate.snapshot()
+        now = trio.current_time()
+        peers = self.queue_peers()
+        queue = [{"peer": peers.get(job, "?"), "waiting_seconds": round(now - arrived, 3)}
+                 for job, arrived in self.gate.admission.queue_view(QUEUE_VIEW_LIMIT)]
+        status: dict[str, Any] = {
+            "version": __version__,
+            "stopping": self.stopping(),
+            "running": s.running,
+            "max_jobs": s.max_jobs,
+            "queued": s.queued,
+            "max_queue": s.max_queue,
+            "hold": None if s.hold is None else s.hold.value,
+            "available_bytes": self.available(s),
+            "min_free_bytes": s.min_free,
+            "reserved_bytes": s.reserved,
+            "next_job_bytes": s.head_footprint,
+            "job_footprint_bytes": self.unknown_footprint(),
+            "memory_pressure": self.gate.pressure,
+            "admitted_total": s.admitted_total,
+            "completed_total": dict(self.completed),
+            "rejected_total": dict(self.rejected),
+            "backend": self.backend.view(),
+            "queue": queue,
+            "queue_shown": len(queue),
+        }
+        h = health(status)
+        status["health"] = {"state": h.state.value, "percent": h.percent, "reason": h.reason}
+        return status
+
+    def status_json(self) -> bytes:
+        return json.dumps(self.status(), separators=(",", ":")).encode()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Picture(Collector):
+    """Gauges read from the gate at scrape time."""
+
+    def __init__(self, observatory: Observatory) -> None:
+        self.o = observatory
+
+    def collect(self) -> Iterable[Metric]:
+        o = self.o
+        s = o.gate.snapshot()
+
+        def gauge(name: str, doc: str, value: float | None) -> Metric | None:
+            if value is None:
+                return None
+            return GaugeMetricFamily(name, doc, value=value)
+
+        available = o.available(s)
+        hold = GaugeMetricFamily("gatekeeper_hold",
+                                 "1 for why the head of the queue waits (0 for the others)",
+                                 labels=["reason"])
+        for reason in ("slots", "memory", "pressure", "draining"):
+            hold.add_metric([reason], 1.0 if s.hold is not None and s.hold.value == reason
+                            else 0.0)
+        metrics: list[Metric | None] = [
+            gauge("gatekeeper_running", "Jobs running now", s.running),
+            gauge("gatekeeper_queued", "Jobs waiting in the queue", s.queued),
+            gauge("gatekeeper_max_jobs", "--max-jobs", s.max_jobs),
+            gauge("gatekeeper_max_queue", "--max-queue", s.max_queue),
+            gauge("gatekeeper_min_free_memory_bytes", "--min-free-mb in bytes", s.min_free),
+            gauge("gatekeeper_available_memory_bytes",
+                  "Available memory (the smallest of the host and watched cgroups)", available),
+            gauge("gatekeeper_reserved_memory_bytes",
+                  "Growth still expected from running jobs", s.reserved),
+            gauge("gatekeeper_next_job_footprint_bytes",
+                  "Expected peak of the job at the head of the queue", s.head_footprint),
+            gauge("gatekeeper_job_footprint_bytes",
+                  "Expected peak of a job never seen before (learned)", o.unknown_footprint()),
+            gauge("gatekeeper_memory_pressure_percent",
+                  "Memory pressure (PSI some avg10) at the last reading", o.gate.pressure),
+            gauge("gatekeeper_oldest_queued_seconds", "How long the head of the queue waited",
+                  None if s.oldest_arrival is None
+                  else max(0.0, trio.current_time() - s.oldest_arrival)),
+            gauge("gatekeeper_stopping", "1 while draining for a stop",
+                  1.0 if o.stopping() else 0.0),
+            hold,
+            CounterMetricFamily("gatekeeper_admitted", "Jobs the policy admitted",
+                                value=s.admitted_total),
+        ]
+        return [m for m in metrics if m is not None]

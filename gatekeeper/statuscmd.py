@@ -1,0 +1,158 @@
+"""`gatekeeper status` and `gatekeeper weight`: read a running gatekeeper's
+`/status` (its `--metrics` address) and show it, or turn it into a keepalived
+MISC_CHECK exit code.
+
+Plain blocking sockets: one short request, no event loop needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from .addresses import Address, TcpAddress, UnixAddress, parse_address
+from .agent import EXIT_FAILED, health, keepalived_exit
+from .metrics import DEFAULT_METRICS
+
+# keepalived runs MISC_CHECK with its own misc_timeout (default: the check
+# interval); answering within a few seconds or failing is what it wants.
+FETCH_TIMEOUT = 3.0
+# /status is at most a few tens of KiB (the queue view is bounded).
+MAX_RESPONSE = 4 * 2**20
+
+EXIT_USAGE = 2
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Usage(message)
+
+
+def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[str, Any]:
+    """GET /status; raises OSError or ValueError with a one-line reason."""
+    if isinstance(address, UnixAddress):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address.path)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        assert isinstance(address, TcpAddress)
+        sock = socket.create_connection((address.host or "127.0.0.1", address.port),
+                                        timeout=timeout)
+    with sock:
+        sock.sendall(b"GET /status HTTP/1.0\r\nHost: gatekeeper\r\n\r\n")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_RESPONSE:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    first = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(first) < 2 or not first[0].startswith(b"HTTP/") or first[1] != b"200":
+        raise ValueError(f"unexpected answer: {head[:80]!r}")
+    status = json.loads(body)
+    if not isinstance(status, dict):
+        raise ValueError("/status is not a JSON object")
+    return status
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, int) or isinstance(n, bool):
+        return "?"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _counts(counts: object) -> str:
+    if not isinstance(counts, Mapping):
+        return "?"
+    shown = [f"{k} {v}" for k, v in counts.items() if v]
+    return ", ".join(shown) if shown else "none"
+
+
+def format_status(status: Mapping[str, Any], where: str) -> str:
+    """The human-readable table for `gatekeeper status`."""
+    h = health(status)
+    verdict = h.state.value + (f" ({h.reason})" if h.reason else "")
+    if h.state.value == "up":
+        verdict += f", {h.percent}% free"
+    hold = status.get("hold")
+    raw_backend = status.get("backend")
+    backend: Mapping[str, Any] = raw_backend if isinstance(raw_backend, Mapping) else {}
+    backend_text = {True: "reachable", False: f"unreachable: {backend.get('error')}",
+                    None: "not checked"}.get(backend.get("ok"), "?")
+    rows = [
+        ("gatekeeper", f"{status.get('version', '?')} at {where}: {verdict}"),
+        ("running", f"{status.get('running', '?')}/{status.get('max_jobs', '?')}"),
+        ("queued", f"{status.get('queued', '?')} (max {status.get('max_queue', '?')})"
+                   + (f", held for {hold}" if hold else "")),
+        ("memory", f"{_size(status.get('available_bytes'))} available, "
+                   f"{_size(status.get('min_free_bytes'))} min free, "
+                   f"{_size(status.get('reserved_bytes'))} reserved, "
+                   f"{_size(status.get('job_footprint_bytes'))} per new job"),
+        ("backend", backend_text),
+        ("admitted", str(status.get("admitted_total", "?"))),
+        ("completed", _counts(status.get("completed_total"))),
+        ("rejected", _counts(status.get("rejected_total"))),
+    ]
+    lines = [f"{name:<11}{value}" for name, value in rows]
+    queue = status.get("queue")
+    if isinstance(queue, list) and queue:
+        lines.append("")
+        lines.append(f"{'':<11}{'PEER':<42}WAITING")
+        for entry in queue:
+            if isinstance(entry, Mapping):
+                wait = entry.get("waiting_seconds")
+                wait_text = f"{wait:.1f}s" if isinstance(wait, (int, float)) else "?"
+                lines.append(f"{'':<11}{entry.get('peer', '?')!s:<42}{wait_text}")
+        queued = status.get("queued")
+        if isinstance(queued, int) and queued > len(queue):
+            lines.append(f"{'':<11}... and {queued - len(queue)} more")
+    return "\n".join(lines)
+
+
+def _parse(command: str, argv: Sequence[str]) -> Address:
+    p = _Parser(prog=f"gatekeeper {command}", allow_abbrev=False,
+                description="Show a running gatekeeper's status." if command == "status"
+                else "Exit with keepalived's MISC_CHECK misc_dynamic code: 1 failed, "
+                     "2 draining (weight 0), 2+PCT up with PCT%% capacity free.")
+    p.add_argument("--metrics", default=DEFAULT_METRICS, metavar="ADDR",
+                   help=f"the gatekeeper's --metrics address (default: {DEFAULT_METRICS})")
+    args = p.parse_args(list(argv))
+    try:
+        return parse_address(args.metrics, bare_port_host="127.0.0.1")
+    except ValueError as e:
+        raise _Usage(f"--metrics {e}") from None
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    """`gatekeeper status|weight [--metrics ADDR]`."""
+    try:
+        address = _parse(command, argv)
+    except _Usage as e:
+        print(f"gatekeeper {command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        status = fetch_status(address)
+    except (OSError, ValueError) as e:
+        print(f"gatekeeper {command}: cannot read {address}/status: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if command == "weight":
+        return keepalived_exit(health(status))
+    print(format_status(status, str(address)))
+    return 0
