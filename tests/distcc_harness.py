@@ -523,6 +523,7 @@ class DistccServer:
         self.wrapped: dict[str, str] = {}
         self._proc: subprocess.Popen[str] | None = None
         self._output: LineCollector | None = None
+        self._launch: tuple[list[str], dict[str, str], Path] | None = None
 
     @property
     def address(self) -> str:
@@ -614,6 +615,7 @@ class DistccServer:
             assert self._proc.stdout is not None
             self._output = LineCollector(self._proc.stdout, "distccd")
             if self._output.wait_for(_DISTCCD_READY, self.startup_timeout):
+                self._launch = (argv, env, run_dir)
                 return
             _stop_process_group(self._proc)
             self._output.join(STOP_TIMEOUT_S)
@@ -625,6 +627,22 @@ class DistccServer:
             f"(exit code {self._proc.returncode if self._proc else None}); output:\n"
             f"{last_output}"
         )
+
+    def restart(self) -> None:
+        """Kill distccd (and the compiles it runs) and start it again on the same
+        port, as an admin's `systemctl restart distcc` would."""
+        assert self._proc is not None and self._launch is not None
+        _stop_process_group(self._proc)
+        if self._output is not None:
+            self._output.join(STOP_TIMEOUT_S)
+        argv, env, run_dir = self._launch
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", env=env, cwd=run_dir, start_new_session=True)
+        assert self._proc.stdout is not None
+        self._output = LineCollector(self._proc.stdout, "distccd")
+        if not self._output.wait_for(_DISTCCD_READY, self.startup_timeout):
+            raise RuntimeError(f"distccd did not come back:\n{self._output.text}")
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -203,3 +203,50 @@ def test_memory_rule_holds_real_jobs_until_queue_timeout(
         assert "outcome=queue-timeout" in gk.log_text, diag
         assert "holding 1:" in gk.log_text and "min free" in gk.log_text, diag
         assert gk.is_running(), diag
+
+
+@pytest.mark.e2e
+@requires_toolchain
+def test_distccd_restart_mid_build_fails_in_flight_jobs_cleanly_and_the_queue_resumes(
+    project: Project, distccd: DistccServer, reference: Reference
+) -> None:
+    """An admin restarts distccd while a build runs through gatekeeper: the jobs in
+    flight fail (the client sees an error, never a hang or a bad object; with
+    backoff off it retries them), the queue does not stall, and the next build
+    through the same gatekeeper is correct."""
+    import re
+    import threading
+
+    args = ["--listen", f"{LOOPBACK}:0", "--backend", f"{LOOPBACK}:{distccd.port}",
+            "--max-jobs", "2", "--min-free-mb", "0"]
+    with GatekeeperProcess(args) as gk:
+        result: list[BuildResult] = []
+        builder = threading.Thread(target=lambda: result.append(distcc_build(
+            project, gk.port, jobs=MAKE_JOBS, host_slots=HOST_SLOTS)))
+        builder.start()
+        assert gk._output is not None
+        first_done = gk._output.wait_for(re.compile(r"end peer=.* outcome=ok"), 30)
+        assert first_done, gk.log_text
+        distccd.restart()
+        builder.join(60)
+        assert not builder.is_alive(), "the build hung after the restart"
+        broken = result[0]
+        diag = _diagnostics(broken, distccd, gk)
+        # The restart cut jobs off in flight, and gatekeeper says so ...
+        assert re.search(r"outcome=(backend-failed|backend-error)", gk.log_text), diag
+        # ... and the client saw errors, never bad objects: with backoff off it
+        # retries the host, so the build either fails or completes correctly.
+        if broken.ok:
+            assert object_mismatches(reference.objects, project) == [], diag
+        assert gk.is_running(), diag
+
+        # The same gatekeeper serves the next build correctly.
+        for built in (*project.objects, project.program.name):
+            (project.root / built).unlink(missing_ok=True)
+        again = distcc_build(project, gk.port, jobs=MAKE_JOBS, host_slots=HOST_SLOTS)
+        diag = _diagnostics(again, distccd, gk)
+        assert again.ok, diag
+        run = run_program(project)
+        assert run.stdout == reference.output, diag
+        assert object_mismatches(reference.objects, project) == [], diag
+        assert "Traceback" not in gk.log_text, diag
