@@ -45,10 +45,18 @@ class AllowList:
     def permits(self, host: str) -> bool:
         """Whether an IP peer is allowed. IPv4-mapped IPv6 peers (``::ffff:a.b.c.d``,
         as a dual-stack listener reports IPv4 clients) are judged as IPv4."""
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        addr = peer_ip(host)
+        return addr is not None and any(addr in net for net in self.networks)
+
+
+def peer_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as it should be judged: scope id dropped, IPv4-mapped IPv6
+    (``::ffff:a.b.c.d``, how a dual-stack listener reports IPv4 clients) as IPv4;
+    None if `host` is not an IP address."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .allow import Network, parse_network
+from .allow import Network, parse_network, peer_ip
 
 # `subnet/N` names an IPv4 prefix; IPv6 clients are grouped by /64, the size of
 # one LAN segment there (a single IPv6 host often has many addresses in it).
@@ -40,12 +40,9 @@ class FairBy:
             return None
         if host is None:
             return "unix"
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
+        addr = peer_ip(host)
+        if addr is None:
             return host
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         if self.mode == "client":
             return str(addr)
         prefix = self.prefix if addr.version == 4 else IPV6_SUBNET_PREFIX
@@ -69,14 +66,9 @@ class Priorities:
         return cls(tuple(rules))
 
     def weight(self, host: str | None) -> int:
-        if host is None or not self.rules:
+        addr = None if host is None else peer_ip(host)
+        if addr is None:
             return 1
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return 1
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         for network, weight in self.rules:
             if addr in network:
                 return weight

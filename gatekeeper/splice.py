@@ -156,6 +156,10 @@ def _pipe() -> tuple[int, int]:
 _BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
+def _peer_gone(e: OSError) -> bool:
+    return isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF)
+
+
 async def _splice_copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
                        dst_side: Side, transfer: Transfer, to_backend: bool,
                        cancel: trio.CancelScope) -> None:
@@ -172,10 +176,10 @@ async def _splice_copy(src: trio.SocketStream, dst: trio.SocketStream, src_side:
                 await trio.lowlevel.wait_readable(src_sock)
                 continue
             except OSError as e:
-                if isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF):
-                    _fail(transfer, src_side, e, cancel)
-                    return
-                raise
+                if not _peer_gone(e):
+                    raise
+                _fail(transfer, src_side, e, cancel)
+                return
             if n == 0:
                 transfer.eofs.add(src_side)
                 try:
@@ -191,10 +195,10 @@ async def _splice_copy(src: trio.SocketStream, dst: trio.SocketStream, src_side:
                     await trio.lowlevel.wait_writable(dst_sock)
                     continue
                 except OSError as e:
-                    if isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF):
-                        _fail(transfer, dst_side, e, cancel)
-                        return
-                    raise
+                    if not _peer_gone(e):
+                        raise
+                    _fail(transfer, dst_side, e, cancel)
+                    return
                 n -= m
                 if to_backend:
                     transfer.to_backend += m
