@@ -130,7 +130,21 @@ async def connect(address: Address) -> trio.SocketStream:
     """Open a stream to a backend address."""
     if isinstance(address, TcpAddress):
         assert address.host is not None
-        return await trio.open_tcp_stream(address.host, address.port)
+        try:
+            ip = ipaddress.ip_address(address.host)
+        except ValueError:
+            return await trio.open_tcp_stream(address.host, address.port)
+        # A literal address (the usual backend) needs no resolver and no happy
+        # eyeballs: a plain connect saves a nursery and two tasks per job, a
+        # visible share of the time between one job's end and the next's start.
+        sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                  socket.SOCK_STREAM)
+        try:
+            await sock.connect((address.host, address.port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
     return await trio.open_unix_socket(address.path)
 
 

@@ -14,12 +14,15 @@ Method: the resident set of the job's process tree, sampled every
   that accepted the job, and the compiler it runs is its child.
 
 Accuracy: compilers grow over seconds, so 200 ms sampling sees the peak within
-a few percent; a job shorter than one interval may go unmeasured (it is then
-not learned). RSS counts each process's resident pages, shared library pages
-included (a few MB per process), and not the page cache; a cgroup charges
-slightly more. Finding the proxy-mode process needs permission to read other
-users' /proc/PID/fd (root or CAP_SYS_PTRACE); without it jobs go unmeasured
-and keep their full reservation until they end, which is safe but slower.
+a few percent. A job's process is looked for only once the job is
+one interval old (the lookup is costly, see `_sample_all`), so a job shorter
+than about two intervals may go unmeasured (it is then not learned), and a
+job's reservation shrinks from its second interval on. RSS counts each
+process's resident pages, shared library pages included (a few MB per
+process), and not the page cache; a cgroup charges slightly more. Finding the
+proxy-mode process needs permission to read other users' /proc/PID/fd (root or
+CAP_SYS_PTRACE); without it jobs go unmeasured and keep their full reservation
+until they end, which is safe but slower.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -107,14 +111,19 @@ def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     path = "/proc/net/tcp" if version == 4 else "/proc/net/tcp6"
     try:
         with open(path, "rb") as f:
-            lines = f.read().decode().splitlines()[1:]
+            table = f.read()
     except OSError:
         return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
-            return int(fields[9]) or None
-    return None
+    # One substring search in C instead of splitting every line in Python: the
+    # table holds every TCP socket on the host (TIME_WAIT ones included), and a
+    # busy proxy looks a job up in it several times a second.
+    at = table.find(f" {want_local} {want_remote} ".encode())
+    if at < 0:
+        return None
+    end = table.find(b"\n", at)
+    fields = table[at:end if end >= 0 else len(table)].split()
+    # local, remote, st, tx:rx, tr:when, retrnsmt, uid, timeout, inode
+    return int(fields[8]) if len(fields) > 8 and fields[8].isdigit() and int(fields[8]) else None
 
 
 def pid_holding(inode: int, candidates: Iterable[int] = ()) -> int | None:
@@ -175,6 +184,7 @@ class Usage:
     current: int | None = None
     peak: int = 0
     samples: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class Meter:
@@ -220,7 +230,7 @@ class Meter:
             hints = list(self._known_pids)
             self._sampled = trio.Event()
             try:
-                await trio.to_thread.run_sync(_sample_all, jobs, hints)
+                await trio.to_thread.run_sync(_sample_all, jobs, hints, self.interval)
             finally:
                 self._sampled.set()
             for usage in jobs:
@@ -230,9 +240,18 @@ class Meter:
                     usage.on_sample(usage.current)
 
 
-def _sample_all(jobs: list[Usage], hints: list[int]) -> None:
+def _sample_all(jobs: list[Usage], hints: list[int], min_age: float = 0.0) -> None:
+    now = time.monotonic()
     for usage in jobs:
         if usage.pid is None:
+            # Finding a proxy-mode job's process reads /proc/net/tcp, which lists
+            # every TCP socket on the host (TIME_WAIT ones too: 38,000 lines, 5 MB,
+            # after a burst of small jobs). Jobs younger than one interval are
+            # mostly short ones that end before a second sample could see them
+            # grow, so they are not looked for. Under 1,000 small jobs/s the
+            # lookups had cost 40 % of gatekeeper's CPU (bench/RESULTS.md).
+            if now - usage.started < min_age:
+                continue
             usage.pid = usage.locate(hints)
             if usage.pid is None:
                 continue

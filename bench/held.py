@@ -1,0 +1,315 @@
+"""Held: many queued clients, each having sent 256 KiB, and what holding them costs.
+
+Run from the repository root: ``python3 bench/held.py [--clients N] [--idle S]``.
+
+gatekeeper runs with ``-j 1 --fair-by none``; a blocker job takes the one slot
+(the backend holds it until told), then one client process opens N connections
+one after another, each sending a 256 KiB request that starts with its
+sequence number. With all of them queued and sent, the bench reads:
+
+* gatekeeper's RSS (``VmRSS`` in /proc/PID/status), before and while holding;
+* the kernel's TCP memory (/proc/net/sockstat ``TCP ... mem``, in pages);
+* the CPU gatekeeper used (utime + stime, /proc/PID/stat) over `idle` seconds
+  of holding.
+
+Then the blocker is released and every queued job runs, one at a time; the
+backend records the order in which the sequence numbers arrive, which must be
+0, 1, 2, ... (global FIFO). Every phase is bounded in time; past a bound the
+bench reports how far it got. RLIMIT_NOFILE is raised to the hard limit in the
+bench's processes (gatekeeper raises its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import resource
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bulk import free_port, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = 256 * 1024
+BLOCKER = 2**64 - 1
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _recv_exact(c: socket.socket, n: int, buf: memoryview) -> int:
+    got = 0
+    while got < n:
+        k = c.recv_into(buf[got:n])
+        if not k:
+            break
+        got += k
+    return got
+
+
+def _backend_main(lsock: socket.socket, conn: Connection) -> None:
+    """Serve jobs one at a time; hold the blocker until told; send back the order."""
+    order: list[int] = []
+    buf = memoryview(bytearray(REQUEST))
+    lsock.settimeout(5)
+    deadline = None
+    while True:
+        if conn.poll() and conn.recv() == "stop":
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        try:
+            c, _ = lsock.accept()
+        except TimeoutError:
+            continue
+        c.settimeout(30)
+        with c, contextlib.suppress(OSError):
+            if _recv_exact(c, 8, buf) < 8:
+                continue  # a probe
+            job = int.from_bytes(buf[:8], "big")
+            if job == BLOCKER:
+                conn.send("blocking")
+                conn.recv()  # "release"
+                deadline = time.monotonic() + 600
+                continue
+            if _recv_exact(c, REQUEST - 8, buf[8:]) < REQUEST - 8:
+                order.append(-job - 1)  # short request: recorded, negated
+                continue
+            order.append(job)
+            c.sendall(b"ok")
+    conn.send(order)
+
+
+def _clients_main(port: int, n: int, serve_timeout: float, conn: Connection) -> None:
+    """Open n connections in order, send each 256 KiB; after "release", read replies."""
+    raise_nofile()
+    sel = selectors.DefaultSelector()
+    payload = bytes(REQUEST - 8)
+    socks: list[socket.socket] = []
+    left: dict[int, memoryview] = {}
+    error = ""
+
+    def pump(timeout: float) -> None:
+        for key, _ in sel.select(timeout):
+            s: socket.socket = key.fileobj  # type: ignore[assignment]
+            view = left[s.fileno()]
+            try:
+                k = s.send(view)
+            except BlockingIOError:
+                continue
+            if k == len(view):
+                del left[s.fileno()]
+                sel.unregister(s)
+            else:
+                left[s.fileno()] = view[k:]
+
+    t0 = time.monotonic()
+    for i in range(n):
+        try:
+            s = socket.socket()
+            # Room for the whole request in the kernel, as the queued gatekeeper
+            # side does not read: the default 16 KiB send buffer plus the peer's
+            # initial window would stall the write at about 100 KiB.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REQUEST)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+        except OSError as e:
+            error = f"connect {i}: {e}"
+            s.close()
+            break
+        s.setblocking(False)
+        socks.append(s)
+        view = memoryview(i.to_bytes(8, "big") + payload)
+        try:
+            k = s.send(view)
+        except BlockingIOError:
+            k = 0
+        if k < len(view):
+            left[s.fileno()] = view[k:]
+            sel.register(s, selectors.EVENT_WRITE)
+        if i % 64 == 0:
+            pump(0)
+    connect_time = time.monotonic() - t0
+    deadline = time.monotonic() + 60
+    while left and time.monotonic() < deadline:
+        pump(1)
+    conn.send((len(socks), len(socks) - len(left), connect_time, time.monotonic() - t0, error))
+    conn.recv()  # "release": now read every reply to EOF
+    for s in socks:
+        if s.fileno() in left:
+            sel.unregister(s)
+        sel.register(s, selectors.EVENT_READ)
+    served = 0
+    deadline = time.monotonic() + serve_timeout
+    open_ = len(socks)
+    while open_ and time.monotonic() < deadline:
+        for key, _ in sel.select(1):
+            s = key.fileobj  # type: ignore[assignment]
+            try:
+                data = s.recv(64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                served += data == b"ok"
+                continue
+            sel.unregister(s)
+            s.close()
+            open_ -= 1
+    conn.send(served)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+
+
+def tcp_mem_pages() -> int:
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            words = line.split()
+            return int(words[words.index("mem") + 1])
+    return -1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=10_000)
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of measured holding")
+    ap.add_argument("--data-path", choices=("splice", "copy"), default="splice")
+    ap.add_argument("--log-level", default="warning", help="gatekeeper's")
+    ap.add_argument("--request-kib", type=int, default=256,
+                    help="each client's request (the issue's case: 256)")
+    ap.add_argument("--serve-timeout", type=float, default=300.0,
+                    help="bound on serving everyone after the release")
+    args = ap.parse_args()
+    global REQUEST  # read by the forked backend and client processes
+    REQUEST = args.request_kib * 1024
+    nofile = raise_nofile()
+    print(f"held: {args.clients} clients x {REQUEST // 1024} KiB, -j 1, --fair-by none, "
+          f"data path {args.data_path}, {os.cpu_count()} CPUs; bench RLIMIT_NOFILE {nofile}")
+    print("| measure | value |")
+    print("|---|---|", flush=True)
+
+    def row(name: str, value: str) -> None:
+        print(f"| {name} | {value} |", flush=True)
+
+    ctx = mp.get_context("fork")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    b_mine, b_theirs = ctx.Pipe()
+    backend = ctx.Process(target=_backend_main, args=(lsock, b_theirs), daemon=True)
+    backend.start()
+    port = free_port()
+    # Closed with the process, at exit: it outlives every phase below.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    gk = subprocess.Popen(
+        [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}", "--backend",
+         f"127.0.0.1:{lsock.getsockname()[1]}", "-j", "1", "--min-free-mb", "0",
+         "--identify", "none", "--fair-by", "none", "--max-queue", str(args.clients + 100),
+         "--queue-timeout", "3600", "--data-path", args.data_path, "--log-level", args.log_level],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=log)
+    lsock.close()
+    mem0 = tcp_mem_pages()
+    limits = Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()
+    err = ""
+    try:
+        wait_port(port)
+        time.sleep(0.5)
+        rss0 = rss_kib(gk.pid)
+        row("kernel tcp_mem (pressure / max)", f"{int(limits[1]) * PAGE / 2**30:.2f} / "
+            f"{int(limits[2]) * PAGE / 2**30:.2f} GiB")
+        row("gatekeeper RSS idle, before clients", f"{rss0 / 1024:.1f} MiB")
+        blocker = socket.create_connection(("127.0.0.1", port))
+        blocker.sendall(BLOCKER.to_bytes(8, "big"))
+        if not b_mine.poll(10):
+            raise RuntimeError("the blocker never reached the backend")
+        b_mine.recv()
+        c_mine, c_theirs = ctx.Pipe()
+        clients = ctx.Process(target=_clients_main,
+                              args=(port, args.clients, args.serve_timeout, c_theirs),
+                              daemon=True)
+        clients.start()
+        if not c_mine.poll(600):
+            raise RuntimeError("clients did not finish connecting in 600 s")
+        opened, sent, connect_time, send_time, error = c_mine.recv()
+        if error:
+            row("client error", error)
+        row("connections opened / request fully sent", f"{opened} / {sent}")
+        row("time to open all / to send all (send bounded at 60 s)",
+            f"{connect_time:.1f} s / {send_time:.1f} s")
+        time.sleep(2)  # let gatekeeper settle after the burst
+        rss1 = rss_kib(gk.pid)
+        mem1 = tcp_mem_pages()
+        row("gatekeeper RSS holding", f"{rss1 / 1024:.1f} MiB "
+            f"({(rss1 - rss0) / max(opened, 1):.1f} KiB per queued client)")
+        row("kernel TCP memory (sockstat mem) before / holding",
+            f"{mem0 * PAGE / 2**20:.0f} / {mem1 * PAGE / 2**20:.0f} MiB ({mem1} pages)")
+        cpu0, w0 = cpu_seconds(gk.pid), time.monotonic()
+        time.sleep(args.idle)
+        cpu1, w1 = cpu_seconds(gk.pid), time.monotonic()
+        row(f"gatekeeper CPU over {w1 - w0:.1f} s of holding",
+            f"{cpu1 - cpu0:.2f} s = {100 * (cpu1 - cpu0) / (w1 - w0):.2f} % of a core "
+            f"(RSS after: {rss_kib(gk.pid) / 1024:.1f} MiB)")
+        b_mine.send("release")
+        # shutdown, not just close: the client process, forked later, holds a copy.
+        blocker.shutdown(socket.SHUT_RDWR)
+        blocker.close()
+        t_release = time.monotonic()
+        c_mine.send("release")
+        if not c_mine.poll(args.serve_timeout + 30):
+            raise RuntimeError("the client process did not report")
+        served_clients = c_mine.recv()
+        serve_time = time.monotonic() - t_release
+        b_mine.send("stop")
+        order: list[int] = b_mine.recv() if b_mine.poll(30) else []
+        in_order = sum(1 for i, job in enumerate(order) if job == i)
+        inversions = sum(1 for a, b in itertools.pairwise(order) if b < a)
+        row(f"served after release (backend saw / clients got ok; bounded at "
+            f"{args.serve_timeout:g} s)", f"{len(order)} / {served_clients} in {serve_time:.1f} s")
+        row("FIFO: jobs at their place / descents in order", f"{in_order} / {inversions}")
+    finally:
+        gk.terminate()
+        try:
+            gk.wait(30)
+        except subprocess.TimeoutExpired:
+            gk.kill()
+            gk.wait()
+        log.seek(0)
+        err = log.read()
+        backend.kill()
+        backend.join(5)
+    if err.strip():
+        print("gatekeeper stderr (last lines):")
+        print("\n".join(err.strip().splitlines()[-5:]))
+
+
+if __name__ == "__main__":
+    main()
