@@ -163,6 +163,8 @@ class Observatory:
             "backend": self.backend.view(),
             "queue": queue,
             "queue_shown": len(queue),
+            # the busiest fairness keys only (bounded: admission.TOP_KEYS)
+            "clients": {key: {"queued": q, "running": r} for key, (q, r) in s.keys.items()},
         }
         h = health(status)
         status["health"] = {"state": h.state.value, "percent": h.percent, "reason": h.reason}
@@ -181,6 +183,21 @@ class _Picture(Collector):
     def __init__(self, observatory: Observatory) -> None:
         self.o = observatory
 
+    @staticmethod
+    def _per_client(s: Snapshot) -> list[Metric]:
+        """Queued and running per fairness key, for the busiest keys only: label
+        cardinality stays bounded however many clients a farm has."""
+        queued = GaugeMetricFamily("gatekeeper_client_queued",
+                                   "Jobs waiting per client (busiest clients only)",
+                                   labels=["client"])
+        running = GaugeMetricFamily("gatekeeper_client_running",
+                                    "Jobs running per client (busiest clients only)",
+                                    labels=["client"])
+        for key, (q, r) in s.keys.items():
+            queued.add_metric([key], q)
+            running.add_metric([key], r)
+        return [queued, running]
+
     def collect(self) -> Iterable[Metric]:
         o = self.o
         s = o.gate.snapshot()
@@ -194,7 +211,7 @@ class _Picture(Collector):
         hold = GaugeMetricFamily("gatekeeper_hold",
                                  "1 for why the head of the queue waits (0 for the others)",
                                  labels=["reason"])
-        for reason in ("slots", "memory", "pressure", "draining"):
+        for reason in ("slots", "per-client", "memory", "pressure", "draining"):
             hold.add_metric([reason], 1.0 if s.hold is not None and s.hold.value == reason
                             else 0.0)
         metrics: list[Metric | None] = [
@@ -221,5 +238,6 @@ class _Picture(Collector):
             hold,
             CounterMetricFamily("gatekeeper_admitted", "Jobs the policy admitted",
                                 value=s.admitted_total),
+            *self._per_client(s),
         ]
         return [m for m in metrics if m is not None]

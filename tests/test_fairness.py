@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 from fakes import backend, config, gatekeeper, receive_all
@@ -79,6 +81,13 @@ async def test_two_clients_are_interleaved_not_queued_behind_each_other() -> Non
                 await gk.wait_for(lambda s: s.gate.snapshot().queued == len(clients))
         keys = gk.server.gate.snapshot().keys
         assert keys["127.0.0.2"] == (6, 0) and keys["127.0.0.3"] == (2, 0)
+        # The same per-client picture in /status and /metrics.
+        status = json.loads(gk.server.observatory.status_json())
+        assert status["clients"]["127.0.0.2"] == {"queued": 6, "running": 0}
+        assert status["clients"]["127.0.0.4"] == {"queued": 0, "running": 1}
+        metrics = gk.server.observatory.exposition().decode()
+        assert 'gatekeeper_client_queued{client="127.0.0.3"} 2.0' in metrics
+        assert 'gatekeeper_client_running{client="127.0.0.4"} 1.0' in metrics
         release.set()
         await finish_all([blocker, *clients])
     assert order == [b"H", b"L", b"H", b"L", b"H", b"H", b"H", b"H"]
