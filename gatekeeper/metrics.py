@@ -41,7 +41,7 @@ DEFAULT_METRICS = "127.0.0.1:3634"
 REJECT_REASONS = ("denied", "queue-full", "draining", "queue-timeout", "client-gone",
                   "backend-error", "command-error")
 NOT_RUN = frozenset(REJECT_REASONS)
-COMPLETED_OUTCOMES = ("ok", "client-error", "backend-failed", "command-failed")
+COMPLETED_OUTCOMES = ("ok", "client-error", "backend-failed", "idle-timeout", "command-failed")
 
 # Queue waits: from "admitted at once" to the 240 s queue timeout.
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 240, float("inf"))
