@@ -179,14 +179,43 @@ def process(argv: list[str], port: int, **kw: object) -> Iterator[int]:
             proc.wait()
 
 
-def gatekeeper(backend: int, data_path: str) -> Callable[[], object]:
-    # Ports are picked at each start, not up front: a port picked early could be
-    # taken meanwhile as an ephemeral port by another peer's connections.
-    return lambda: (port := free_port(), process(
-        [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}", "--backend",
-         f"127.0.0.1:{backend}", "--min-free-mb", "0", "--identify", "none",
-         "--data-path", data_path, "--log-level", "warning"],
-        port, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}))[1]
+def gatekeeper(backend: int, data_path: str, *, scraped: bool = False) -> Callable[[], object]:
+    """A gatekeeper peer; with `scraped`, --metrics on and /metrics fetched every 0.2 s
+    while it works (issue 5: metrics must not slow the data path)."""
+    @contextmanager
+    def start() -> Iterator[int]:
+        # Ports are picked at each start, not up front: a port picked early could be
+        # taken meanwhile as an ephemeral port by another peer's connections.
+        port = free_port()
+        argv = [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}",
+                "--backend", f"127.0.0.1:{backend}", "--min-free-mb", "0", "--identify",
+                "none", "--data-path", data_path, "--log-level", "warning"]
+        metrics_port = free_port()
+        if scraped:
+            argv += ["--metrics", f"127.0.0.1:{metrics_port}"]
+        with process(argv, port, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}):
+            if not scraped:
+                yield port
+                return
+            wait_port(metrics_port)
+            stop = threading.Event()
+            scraper = threading.Thread(target=scrape, args=(metrics_port, stop), daemon=True)
+            scraper.start()
+            try:
+                yield port
+            finally:
+                stop.set()
+                scraper.join(5)
+
+    return start
+
+
+def scrape(port: int, stop: threading.Event) -> None:
+    while not stop.wait(0.2):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            while c.recv(65536):
+                pass
 
 
 def socket_proxyd(backend: int) -> Callable[[], object] | None:
@@ -235,6 +264,8 @@ def run_mode(mode: str, total: int, rounds: int) -> dict[str, float]:
             "systemd-socket-proxyd": socket_proxyd(backend.port),
             "haproxy": haproxy(backend.port, Path(tmp)),
             "gatekeeper (splice)": gatekeeper(backend.port, "splice"),
+            "gatekeeper (splice, --metrics scraped 5/s)": gatekeeper(backend.port, "splice",
+                                                                     scraped=True),
             "gatekeeper (copy)": gatekeeper(backend.port, "copy"),
         }
         best: dict[str, float] = {}
