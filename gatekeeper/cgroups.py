@@ -33,6 +33,7 @@ measure a job in a cgroup of its own; job_cgroup.py creates those.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import logging
@@ -300,7 +301,7 @@ class CgroupSample:
         return max(0, self.limit - self.used)
 
 
-class CgroupMemory:
+class CgroupMemory(abc.ABC):
     """A cgroup's memory files, kept open. Subclasses name the files per version."""
 
     version: ClassVar[int]
@@ -336,8 +337,10 @@ class CgroupMemory:
         self._files = files
 
     @staticmethod
+    @abc.abstractmethod
     def parse_limit(data: bytes) -> int | None:
-        raise NotImplementedError
+        """A limit file's value in bytes; None for "no limit" (each version spells it
+        differently)."""
 
     def sample(self) -> CgroupSample | None:
         """The current limit and use, or None while there is no constraint (no
