@@ -90,3 +90,12 @@ def test_json_round_trip(samples: list[tuple[str, int]]) -> None:
     for key in "abcdef":
         assert again.estimate(key) == book.estimate(key)
     assert again.estimate(None) == book.estimate(None)
+
+
+def test_rare_heavy_jobs_still_set_the_unknown_estimate() -> None:
+    """The memory bench's mix: heavy files are 8 % of the jobs. A new file must be
+    assumed heavy, or two new heavy files start together and get OOM-killed."""
+    book = FootprintBook(seed=256 * MiB)
+    for i in range(104):
+        book.learn(f"f{i}", 232 * MiB if i % 13 == 0 else 37 * MiB)
+    assert book.estimate(None) >= 232 * MiB
