@@ -393,3 +393,28 @@ async def test_clients_get_keepalive_so_half_open_peers_are_found() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
         assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT < 240
+
+
+async def test_a_peer_that_opens_and_never_sends_harms_nobody(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """It is queued like anyone (its identity unknown after the short peek), takes
+    one slot at most, never blocks others, and --idle-timeout finally cuts it off."""
+    async def reverse_or_wait(stream: trio.SocketStream) -> None:
+        request = b""
+        async for data in stream:
+            request += data
+            if len(request) >= 4:
+                await stream.send_all(request[:4][::-1])
+                return
+
+    cfg_kwargs = {"max_jobs": 2, "idle_timeout": 600.0}
+    async with backend(reverse_or_wait) as be, \
+            gatekeeper(config(be.address, **cfg_kwargs)) as gk, settled(gk):
+        silent = await gk.connect()
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        for i in range(5):
+            await good_job(gk, b"ok%02d" % i)
+        start = trio.current_time()
+        assert await receive_until_closed(silent) == b""
+        assert 600 <= trio.current_time() - start <= 601
+        await silent.aclose()
