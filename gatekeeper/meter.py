@@ -14,12 +14,12 @@ Method: the resident set of the job's process tree, sampled every
   that accepted the job, and the compiler it runs is its child.
 
 Accuracy: compilers grow over seconds, so 200 ms sampling sees the peak within
-a few percent. A job's process is looked for only once the job is
-one interval old (the lookup is costly, see `_sample_all`), so a job shorter
-than about two intervals may go unmeasured (it is then not learned), and a
-job's reservation shrinks from its second interval on. RSS counts each
-process's resident pages, shared library pages included (a few MB per
-process), and not the page cache; a cgroup charges slightly more. Finding the
+a few percent; a job shorter than one interval may go unmeasured (it is then
+not learned). /proc/net/tcp is read once per sampling round however many jobs
+are looked up (see `_TableCache`). RSS counts each process's resident pages,
+shared library pages included (a few MB per process), and not the page cache;
+a cgroup may charge less (shared pages go to whoever loaded them first), which
+errs on the safe side. Finding the
 proxy-mode process needs permission to read other users' /proc/PID/fd (root or
 CAP_SYS_PTRACE); without it jobs go unmeasured and keep their full reservation
 until they end, which is safe but slower.
@@ -30,11 +30,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -100,6 +99,19 @@ def _hex_endpoint(host: str, port: int) -> tuple[int, str]:
     return addr.version, f"{words}:{port:04X}"
 
 
+class _TableCache(dict[str, bytes]):
+    """/proc/net/tcp{,6} read once per sampling round, however many jobs are looked
+    up in it: the table lists every TCP socket on the host (38,000 lines, 5 MB after
+    a burst of small jobs, TIME_WAIT ones included), and reading it per job had cost
+    40 % of gatekeeper's CPU under 1,000 small jobs a second. Used by the meter's one
+    worker thread only."""
+
+    caching = False
+
+
+_TABLES = _TableCache()
+
+
 def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     """Inode of the TCP socket on this host whose local end is `local` and remote
     end is `remote` (both (host, port)); None if there is none."""
@@ -109,11 +121,15 @@ def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     except ValueError:
         return None
     path = "/proc/net/tcp" if version == 4 else "/proc/net/tcp6"
-    try:
-        with open(path, "rb") as f:
-            table = f.read()
-    except OSError:
-        return None
+    table = _TABLES.get(path)
+    if table is None:
+        try:
+            with open(path, "rb") as f:
+                table = f.read()
+        except OSError:
+            return None
+        if _TABLES.caching:
+            _TABLES[path] = table
     # One substring search in C instead of splitting every line in Python: the
     # table holds every TCP socket on the host (TIME_WAIT ones included), and a
     # busy proxy looks a job up in it several times a second.
@@ -184,7 +200,6 @@ class Usage:
     current: int | None = None
     peak: int = 0
     samples: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 class Meter:
@@ -230,7 +245,7 @@ class Meter:
             hints = list(self._known_pids)
             self._sampled = trio.Event()
             try:
-                await trio.to_thread.run_sync(_sample_all, jobs, hints, self.interval)
+                await trio.to_thread.run_sync(_sample_all, jobs, hints)
             finally:
                 self._sampled.set()
             for usage in jobs:
@@ -240,25 +255,29 @@ class Meter:
                     usage.on_sample(usage.current)
 
 
-def _sample_all(jobs: list[Usage], hints: list[int], min_age: float = 0.0) -> None:
-    now = time.monotonic()
-    for usage in jobs:
+def _sample_all(jobs: list[Usage], hints: list[int]) -> None:
+    # Short jobs are looked for too: a light compile's small peak is exactly what
+    # lets the next build run it beside a heavy one. The table cache keeps that
+    # to one /proc/net/tcp read per round.
+    _TABLES.clear()
+    _TABLES.caching = True
+    try:
+        for usage in jobs:
+            _sample_one(usage, hints)
+    finally:
+        _TABLES.caching = False
+        _TABLES.clear()
+
+
+def _sample_one(usage: Usage, hints: list[int]) -> None:
+    if usage.pid is None:
+        usage.pid = usage.locate(hints)
         if usage.pid is None:
-            # Finding a proxy-mode job's process reads /proc/net/tcp, which lists
-            # every TCP socket on the host (TIME_WAIT ones too: 38,000 lines, 5 MB,
-            # after a burst of small jobs). Jobs younger than one interval are
-            # mostly short ones that end before a second sample could see them
-            # grow, so they are not looked for. Under 1,000 small jobs/s the
-            # lookups had cost 40 % of gatekeeper's CPU (bench/RESULTS.md).
-            if now - usage.started < min_age:
-                continue
-            usage.pid = usage.locate(hints)
-            if usage.pid is None:
-                continue
-        rss = tree_rss(usage.pid)
-        if rss is None:
-            usage.pid = None  # gone (an inetd child that exited): nothing more to see
-            continue
-        usage.current = rss
-        usage.peak = max(usage.peak, rss)
-        usage.samples += 1
+            return
+    rss = tree_rss(usage.pid)
+    if rss is None:
+        usage.pid = None  # gone (an inetd child that exited): nothing more to see
+        return
+    usage.current = rss
+    usage.peak = max(usage.peak, rss)
+    usage.samples += 1
