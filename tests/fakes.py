@@ -17,7 +17,7 @@ import trio
 from gatekeeper.addresses import TcpAddress
 from gatekeeper.allow import AllowList
 from gatekeeper.config import Config
-from gatekeeper.memory import FixedMemory
+from gatekeeper.memory import FixedMemory, MemorySource
 from gatekeeper.serve import Server, open_all
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -136,9 +136,12 @@ class Running:
 
 
 @asynccontextmanager
-async def gatekeeper(cfg: Config, *, available: int = 2**40) -> AsyncIterator[Running]:
+async def gatekeeper(cfg: Config, *, available: int = 2**40,
+                     source: MemorySource | None = None) -> AsyncIterator[Running]:
+    """A gatekeeper in the test's nursery. Its memory is a FixedMemory the test can
+    move (`Running.memory`), unless the test brings a real `source`."""
     memory = FixedMemory(available)
-    server = Server(cfg, memory, drain_timeout=5.0)
+    server = Server(cfg, source if source is not None else memory, drain_timeout=5.0)
     listeners = await open_all(cfg.listen)
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run, listeners)

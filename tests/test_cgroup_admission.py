@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from fakes import config, receive_until_closed
+from fakes import config, gatekeeper, receive_until_closed
 from test_learning import BACKEND, request
 
 from gatekeeper.addresses import TcpAddress
 from gatekeeper.memory import build_memory_source
-from gatekeeper.serve import Server, open_all
 
 MiB = 2**20
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
@@ -149,47 +148,27 @@ async def test_gatekeeper_watching_the_cgroup_prevents_oom_cold_and_warm(
     # Cold: nothing learned; the seed (160 MiB) stands in for each job's peak.
     cfg = config(backend_in_cgroup, max_jobs=4, min_free_bytes=16 * MiB,
                  job_mem_bytes=160 * MiB)
-    server = Server(cfg, memory, drain_timeout=5.0)
-    listeners = await open_all(cfg.listen)
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(server.run, listeners)
-        port = int(addresses[0].rpartition(":")[2])
-
-        async def via_gatekeeper() -> trio.SocketStream:
-            return await trio.open_tcp_stream("127.0.0.1", port)
-
-        cold = await three_at_once(via_gatekeeper, "cold.o")
+    async with gatekeeper(cfg, source=memory) as gk:
+        cold = await three_at_once(gk.connect, "cold.o")
         assert cold == [b"done 150"] * 3
         assert cgroup.oom_kills() == before
         with trio.fail_after(10):
-            while server.gate.snapshot().finished_total < 3:
-                await server.gate.wait_changed()
-        assert server.gate.snapshot().running == 0
-        server.stop()
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total >= 3)
+        assert gk.server.gate.snapshot().running == 0
 
     # Warm: a seed far too small (10 MiB) would let all three in at once and get
     # one killed; the footprint learned from one measured run holds the third.
     cfg = config(backend_in_cgroup, max_jobs=4, min_free_bytes=16 * MiB,
                  job_mem_bytes=10 * MiB)
-    server = Server(cfg, memory, drain_timeout=5.0)
-    listeners = await open_all(cfg.listen)
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(server.run, listeners)
-        port = int(addresses[0].rpartition(":")[2])
-
-        async def via_gatekeeper2() -> trio.SocketStream:
-            return await trio.open_tcp_stream("127.0.0.1", port)
-
-        first = await via_gatekeeper2()
+    async with gatekeeper(cfg, source=memory) as gk:
+        first = await gk.connect()
         await first.send_all(request("warm.o", JOB_MIB))
         assert await receive_until_closed(first) == b"done 150"
         await first.aclose()
         with trio.fail_after(10):
-            while server.gate.snapshot().finished_total < 1:
-                await server.gate.wait_changed()
-        assert server.book.estimate(None) == 10 * MiB  # unknown jobs still get the seed
-        warm = await three_at_once(via_gatekeeper2, "warm.o")
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total >= 1)
+        assert gk.server.book.estimate(None) == 10 * MiB  # unknown jobs still get the seed
+        warm = await three_at_once(gk.connect, "warm.o")
         assert warm == [b"done 150"] * 3
         assert cgroup.oom_kills() == before
-        server.stop()
     memory.close()
