@@ -91,7 +91,7 @@ def _token(data: bytes, pos: int) -> tuple[bytes, int, int]:
         raise _Incomplete
     name = data[pos:pos + 4]
     digits = data[pos + 4:pos + TOKEN_LEN]
-    if not name.isalpha() or not name.isupper() or not _is_hex(digits):
+    if not name.isalpha() or not name.isupper() or not is_hex8(digits):
         raise _NotDistcc
     return name, int(digits, 16), pos + TOKEN_LEN
 
@@ -128,7 +128,8 @@ def _parse(data: bytes) -> DistccJob:
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
-def _is_hex(digits: bytes) -> bool:
+def is_hex8(digits: bytes) -> bool:
+    """A token's number field: exactly 8 hex digits."""
     return len(digits) == 8 and all(c in _HEX for c in digits)
 
 

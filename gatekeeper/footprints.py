@@ -47,6 +47,11 @@ RECENT = 512
 PERCENTILE = 0.99
 MIN_SAMPLES = 8
 
+# A compile killed at X bytes needed more than X: how much more is unknown, so
+# guess half again as much (a growing compiler is usually well past half its
+# peak by the time it is killed). Too high only costs waiting; too low, a kill.
+CUT_SHORT_GROWTH = 1.5
+
 STATE_FILE = "footprints.json"
 FORMAT = 1
 
@@ -92,13 +97,27 @@ class FootprintBook:
         self._recent.append(peak)
         self._unknown_cache = None
         self.dirty = True
-        if key is None:
-            return
+        if key is not None:
+            self._remember(key, peak)
+
+    def _remember(self, key: str, peak: int) -> None:
+        """Append a peak to the key's last few, most recently used, within bounds."""
         peaks = self._peaks.pop(key, [])
-        peaks = [*peaks[-(PEAKS_PER_KEY - 1):], peak]
-        self._peaks[key] = peaks
+        self._peaks[key] = [*peaks[-(PEAKS_PER_KEY - 1):], peak]
         while len(self._peaks) > self.max_keys:
             self._peaks.popitem(last=False)
+
+    def learn_cut_short(self, key: str | None, peak: int) -> None:
+        """A job killed before its end (the OOM killer) reached `peak` and needed
+        more. Its identity is remembered as needing `CUT_SHORT_GROWTH` times
+        that, so the next run waits for room instead of meeting the same end;
+        a run that completes replaces the guess within `PEAKS_PER_KEY` runs.
+        The distribution of unknown jobs is left alone: a cut-short figure is
+        not a measurement."""
+        if key is None or peak <= 0:
+            return
+        self.dirty = True
+        self._remember(key, max([int(peak * CUT_SHORT_GROWTH), *self._peaks.get(key, [])]))
 
     # -- persistence ---------------------------------------------------
 

@@ -33,13 +33,15 @@ from .addresses import Address, connect, listener_address, open_listeners
 from .admission import Admission, Limits
 from .agent import BackendCheck
 from .config import Config
+from .distcc_reply import REPLY_HEAD, CompileStatus, parse_reply_status
 from .footprints import FootprintBook
 from .gate import Gate, Verdict
 from .inetd import Command, CommandRunner
 from .liveness import ClientWatch
-from .memory import MemorySource
+from .memory import MemorySource, format_bytes
 from .meter import Meter, backend_process
 from .metrics import Observatory
+from .oom import OomKills
 from .peek import peek_distcc_job
 from .splice import Side, Transfer, abort, splice
 from .statuspage import page
@@ -147,6 +149,12 @@ class ConnectionLog:
     peak: int | None = None
     job: int | None = None
     """The gate's id for this connection's ticket, once it has one."""
+    compile: CompileStatus | None = None
+    """distccd's report on the compiler (proxy mode, distcc jobs)."""
+    oom_kills: int | None = None
+    """The box's OOM-kill count when the job was admitted."""
+    oom_seen: bool = False
+    """The OOM killer struck while this job ran, and the job failed."""
     backend_ends: tuple[tuple[str, int], tuple[str, int]] | None = None
     """(our end, the backend's end) of a TCP backend connection, to find the
     backend process that serves the job."""
@@ -169,8 +177,10 @@ class ConnectionLog:
             "run_seconds": round(end - self.admitted, 3) if self.admitted is not None else 0.0,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
         }
-        extra = {"pid": self.pid, "job": self.job_name, "estimate_bytes": self.estimate,
-                 "peak_bytes": self.peak, "reason": self.detail}
+        extra = {"pid": self.pid, "job": self.job_name,
+                 "compile": self.compile.describe() if self.compile is not None else None,
+                 "oom": True if self.oom_seen else None,
+                 "estimate_bytes": self.estimate, "peak_bytes": self.peak, "reason": self.detail}
         out.update((k, v) for k, v in extra.items() if v is not None and v != "")
         return out
 
@@ -185,6 +195,10 @@ class ConnectionLog:
             text += f" pid={self.pid}"
         if self.job_name:
             text += f" job={self.job_name}"
+        if self.compile is not None:
+            text += f" compile={self.compile.describe()}"
+        if self.oom_seen:
+            text += " oom=yes"
         if self.estimate is not None:
             text += f" est={self.estimate / 2**20:.0f}MiB"
         if self.peak is not None:
@@ -207,6 +221,7 @@ class Server:
         if config.state_dir is not None:
             self.book.load(config.state_dir)
         self.meter = Meter()
+        self.oom = OomKills()
         self._budget_size = connection_budget(config)
         self._budget = trio.Semaphore(self._budget_size)
         self._budget_spent = False
@@ -271,6 +286,7 @@ class Server:
             if handlers.cancel_scope.cancelled_caught:
                 log.warning("drain timeout: cut off the jobs still running")
             self.save_footprints()
+            self.oom.close()
             root.cancel_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener,
@@ -408,14 +424,43 @@ class Server:
                 record.outcome = verdict.value
                 return
             record.admitted = trio.current_time()
+            record.oom_kills = self.oom.count()
             with self.meter.measuring(
                     lambda hints: self._locate(record, hints),
                     lambda usage: self.gate.observe(ticket, usage)) as usage:
                 await self._run_job(stream, self.config.backend, record)
             if usage.samples:
                 record.peak = usage.peak
-                if record.outcome == "ok":  # a killed job's peak says nothing
-                    self.book.learn(record.job_key, usage.peak)
+                self._learn(record, usage.peak)
+
+    def _learn(self, record: ConnectionLog, peak: int) -> None:
+        """Learn from a job that ran to its end, if its peak means something.
+
+        A compile distccd reports as done is learned. One that was killed, or
+        that failed while the OOM killer struck (g++ reports its killed
+        cc1plus as exit 1), needed more than the peak it died at: remembered as
+        such (`FootprintBook.learn_cut_short`). Any other failure (a compile
+        error, a broken connection) says nothing about what it needs. Where the
+        outcome cannot be seen (inetd mode, other backends) a job that ended
+        cleanly is learned, unless the OOM killer struck while it ran."""
+        status = record.compile
+        completed = record.outcome == "ok" and (status is None or status.ok)
+        killed = status is not None and status.signal is not None
+        if not completed or status is None:
+            record.oom_seen = self._oom_struck(record)
+        if killed or (record.oom_seen and not completed):
+            self.book.learn_cut_short(record.job_key, peak)
+            log.warning("job %s was cut short at %s (%s); it needs more than that",
+                        record.job_name or record.job_key or record.peer, format_bytes(peak),
+                        f"signal {status.signal}" if killed and status is not None
+                        else "the OOM killer struck while it ran")
+        elif completed and not record.oom_seen:
+            self.book.learn(record.job_key, peak)
+
+    def _oom_struck(self, record: ConnectionLog) -> bool:
+        before = record.oom_kills
+        after = self.oom.count() if before is not None else None
+        return before is not None and after is not None and after > before
 
     @staticmethod
     async def _identify(stream: trio.SocketStream, record: ConnectionLog) -> None:
@@ -451,7 +496,9 @@ class Server:
         transfer = record.transfer = Transfer()
         try:
             await splice(stream, backend, transfer, zero_copy=self.config.zero_copy,
-                         idle_timeout=self.config.idle_timeout)
+                         idle_timeout=self.config.idle_timeout,
+                         reply_prefix=REPLY_HEAD if record.job_key is not None else 0)
+            record.compile = parse_reply_status(transfer.reply_head)
         finally:
             if transfer.idle:
                 abort(stream)
@@ -466,6 +513,15 @@ class Server:
             record.detail = f"no byte either way for {self.config.idle_timeout:g}s"
         elif transfer.failed is None:
             record.outcome = "ok"
+            if record.job_key is not None and len(transfer.reply_head) < REPLY_HEAD:
+                # distccd answers every request it finished with DONE and STAT; a
+                # clean EOF before them is a distccd that died or gave up (a
+                # restart, a crash; a client half-close makes it kill the job).
+                client_eof = transfer.eofs[:1] == [Side.CLIENT]
+                record.outcome = "client-gone" if client_eof else "backend-failed"
+                record.detail = (f"{'after the client half-closed, ' if client_eof else ''}"
+                                 f"the backend closed after {len(transfer.reply_head)} bytes "
+                                 "of reply, before distccd's status")
         else:
             record.outcome = "client-error" if transfer.failed is Side.CLIENT else "backend-failed"
             record.detail = transfer.error

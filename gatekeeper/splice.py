@@ -33,6 +33,7 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -63,11 +64,38 @@ class Transfer:
     failed: Side | None = None
     """Which side broke the job, if one did (None: both ended cleanly)."""
     error: str | None = None
-    eofs: set[Side] = field(default_factory=set)
+    eofs: list[Side] = field(default_factory=list)
+    """The sides that ended their direction cleanly, in the order they did."""
     last_activity: float = 0.0
     """trio time of the last chunk moved either way (for the idle timeout)."""
     idle: bool = False
     """The job was cut off for moving no byte for `idle_timeout` seconds."""
+    reply_head: bytes = b""
+    """The first bytes of the reply, when the splice was asked to keep them."""
+
+
+async def _forward_prefix(src: trio.SocketStream, dst: trio.SocketStream, want: int,
+                          transfer: Transfer, cancel: trio.CancelScope) -> bool:
+    """Move the first `want` bytes of the reply through Python, keeping a copy in
+    ``transfer.reply_head`` (distccd's status, see `distcc_reply`). Stops early at
+    EOF and leaves it for the copy loop to see again. False if a side failed."""
+    while len(transfer.reply_head) < want:
+        try:
+            data = await src.receive_some(want - len(transfer.reply_head))
+        except trio.BrokenResourceError as e:
+            _fail(transfer, Side.BACKEND, e, cancel)
+            return False
+        if not data:
+            return True
+        try:
+            await dst.send_all(data)
+        except trio.BrokenResourceError as e:
+            _fail(transfer, Side.CLIENT, e, cancel)
+            return False
+        transfer.reply_head += data
+        transfer.to_client += len(data)
+        transfer.last_activity = trio.current_time()
+    return True
 
 
 async def _copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
@@ -80,7 +108,7 @@ async def _copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
             _fail(transfer, src_side, e, cancel)
             return
         if not data:
-            transfer.eofs.add(src_side)
+            transfer.eofs.append(src_side)
             try:
                 await dst.send_eof()
             except trio.BrokenResourceError as e:
@@ -100,6 +128,10 @@ async def _copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
         transfer.last_activity = trio.current_time()
 
 
+_Copy = Callable[[trio.SocketStream, trio.SocketStream, Side, Side, Transfer, bool,
+                   trio.CancelScope], Awaitable[None]]
+
+
 def _fail(transfer: Transfer, side: Side, exc: BaseException, cancel: trio.CancelScope) -> None:
     if transfer.failed is None:
         transfer.failed = side
@@ -111,9 +143,11 @@ def _fail(transfer: Transfer, side: Side, exc: BaseException, cancel: trio.Cance
 async def splice(client: trio.SocketStream, backend: trio.SocketStream,
                  transfer: Transfer | None = None, *,
                  zero_copy: bool = ZERO_COPY_AVAILABLE,
-                 idle_timeout: float | None = None) -> Transfer:
+                 idle_timeout: float | None = None, reply_prefix: int = 0) -> Transfer:
     """Copy both ways until both directions have ended or one has failed, or
     (with `idle_timeout`) until no byte has moved either way for that long.
+    With `reply_prefix`, the first that many bytes from the backend are also
+    kept in ``transfer.reply_head``.
 
     Does not close either stream: the caller owns them (and closes them in
     its own ``finally``)."""
@@ -128,10 +162,16 @@ async def splice(client: trio.SocketStream, backend: trio.SocketStream,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(copy, client, backend, Side.CLIENT, Side.BACKEND, transfer,
                                True, scope)
-            nursery.start_soon(copy, backend, client, Side.BACKEND, Side.CLIENT, transfer,
-                               False, scope)
+            nursery.start_soon(_reply, copy, backend, client, transfer, reply_prefix, scope)
         scope.cancel()  # both directions are done: stop the idle watch
     return transfer
+
+
+async def _reply(copy: _Copy, backend: trio.SocketStream, client: trio.SocketStream,
+                 transfer: Transfer, prefix: int, cancel: trio.CancelScope) -> None:
+    if prefix and not await _forward_prefix(backend, client, prefix, transfer, cancel):
+        return
+    await copy(backend, client, Side.BACKEND, Side.CLIENT, transfer, False, cancel)
 
 
 async def _idle_watch(transfer: Transfer, idle_for: float, cancel: trio.CancelScope) -> None:
@@ -181,7 +221,7 @@ async def _splice_copy(src: trio.SocketStream, dst: trio.SocketStream, src_side:
                 _fail(transfer, src_side, e, cancel)
                 return
             if n == 0:
-                transfer.eofs.add(src_side)
+                transfer.eofs.append(src_side)
                 try:
                     dst_sock.shutdown(socket.SHUT_WR)
                 except OSError as e:

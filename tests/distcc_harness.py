@@ -512,8 +512,12 @@ class DistccServer:
         hold_s: float = DEFAULT_HOLD_S,
         startup_timeout: float = STARTUP_TIMEOUT_S,
         keep_workdir: bool = False,
+        cgroup_procs: Path | None = None,
     ) -> None:
+        """`cgroup_procs`: a cgroup's ``cgroup.procs``; distccd starts in that cgroup,
+        so its pre-forked children and every compile they run are in it too."""
         self.jobs = jobs
+        self.cgroup_procs = cgroup_procs
         self.hold_s = hold_s
         self.startup_timeout = startup_timeout
         self.keep_workdir = keep_workdir
@@ -601,6 +605,8 @@ class DistccServer:
             ]
             if user is not None:
                 argv += ["--user", user.pw_name]
+            if self.cgroup_procs is not None:
+                argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cgroup_procs), *argv]
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 from fakes import config, gatekeeper, receive_until_closed
-from test_learning import BACKEND, request
+from test_learning import BACKEND, reply, request
 
 from gatekeeper.addresses import TcpAddress
 from gatekeeper.memory import build_memory_source
@@ -48,6 +48,23 @@ class Cgroup:
             if key == "oom_kill":
                 return int(value)
         raise AssertionError("memory.oom_control has no oom_kill line on this kernel")
+
+    def remove(self) -> None:
+        """Kill what is left in it (the test started all of it) and remove it."""
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+        # Killed tasks leave the cgroup asynchronously; cleanup (not synchronisation)
+        # retries rmdir for a bounded while.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.path.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
 
 def _cgroup_or_skip() -> Path:
@@ -76,20 +93,7 @@ def cgroup() -> Iterator[Cgroup]:
         (path / "memory.swappiness").write_text("0")
         yield Cgroup(path)
     finally:
-        for pid in (path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
-        # Killed tasks leave the cgroup asynchronously; cleanup (not synchronisation)
-        # retries rmdir for a bounded while.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        Cgroup(path).remove()
 
 
 @pytest.fixture
@@ -109,7 +113,7 @@ def backend_in_cgroup(cgroup: Cgroup) -> Iterator[TcpAddress]:
 
 
 async def three_at_once(connect: object, name: str) -> list[bytes]:
-    """Send three identical heavy jobs at once; the replies ('done N' or b'' for a
+    """Send three identical heavy jobs at once; the replies (`reply` or b'' for a
     job whose process was killed)."""
     replies: list[bytes] = [b""] * 3
 
@@ -137,7 +141,7 @@ async def test_control_three_at_once_straight_to_backend_get_oom_killed(
     killed = cgroup.oom_kills() - before
     print(f"control: replies {replies}, OOM kills {killed}")
     assert killed >= 1
-    assert replies.count(b"done 150") < 3
+    assert replies.count(reply(JOB_MIB)) < 3
 
 
 async def test_gatekeeper_watching_the_cgroup_prevents_oom_cold_and_warm(
@@ -150,7 +154,7 @@ async def test_gatekeeper_watching_the_cgroup_prevents_oom_cold_and_warm(
                  job_mem_bytes=160 * MiB)
     async with gatekeeper(cfg, source=memory) as gk:
         cold = await three_at_once(gk.connect, "cold.o")
-        assert cold == [b"done 150"] * 3
+        assert cold == [reply(JOB_MIB)] * 3
         assert cgroup.oom_kills() == before
         with trio.fail_after(10):
             await gk.wait_for(lambda s: s.gate.snapshot().finished_total >= 3)
@@ -163,12 +167,12 @@ async def test_gatekeeper_watching_the_cgroup_prevents_oom_cold_and_warm(
     async with gatekeeper(cfg, source=memory) as gk:
         first = await gk.connect()
         await first.send_all(request("warm.o", JOB_MIB))
-        assert await receive_until_closed(first) == b"done 150"
+        assert await receive_until_closed(first) == reply(JOB_MIB)
         await first.aclose()
         with trio.fail_after(10):
             await gk.wait_for(lambda s: s.gate.snapshot().finished_total >= 1)
         assert gk.server.book.estimate(None) == 10 * MiB  # unknown jobs still get the seed
         warm = await three_at_once(gk.connect, "warm.o")
-        assert warm == [b"done 150"] * 3
+        assert warm == [reply(JOB_MIB)] * 3
         assert cgroup.oom_kills() == before
     memory.close()

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.footprints import MARGIN, MIN_SAMPLES, STATE_FILE, FootprintBook
+from gatekeeper.footprints import (
+    CUT_SHORT_GROWTH,
+    MARGIN,
+    MIN_SAMPLES,
+    PEAKS_PER_KEY,
+    STATE_FILE,
+    FootprintBook,
+)
 
 MiB = 2**20
 
@@ -99,3 +106,24 @@ def test_rare_heavy_jobs_still_set_the_unknown_estimate() -> None:
     for i in range(104):
         book.learn(f"f{i}", 232 * MiB if i % 13 == 0 else 37 * MiB)
     assert book.estimate(None) >= 232 * MiB
+
+
+def test_a_cut_short_job_is_remembered_as_needing_more() -> None:
+    book = FootprintBook(seed=100)
+    for _ in range(8):
+        book.learn("other", 50)
+    unknown = book.unknown_estimate()
+    book.learn_cut_short("heavy", 200)
+    assert book.knows("heavy")
+    assert book.estimate("heavy") >= int(200 * CUT_SHORT_GROWTH)
+    assert book.unknown_estimate() == unknown  # a guess is not a measurement
+    # Cut short again at a lower point: the guess never shrinks from that.
+    book.learn_cut_short("heavy", 100)
+    assert book.estimate("heavy") >= int(200 * CUT_SHORT_GROWTH)
+    # Completed runs replace the guess within PEAKS_PER_KEY runs.
+    for _ in range(PEAKS_PER_KEY):
+        book.learn("heavy", 250)
+    assert book.estimate("heavy") == int(250 * (1 + MARGIN))
+    before = book.unknown_estimate()
+    book.learn_cut_short(None, 500)  # unidentified: nothing to remember it by
+    assert book.unknown_estimate() == before

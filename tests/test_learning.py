@@ -3,6 +3,8 @@ backend process's memory, learn the peak, hold the next run of the same compile.
 
 from __future__ import annotations
 
+import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +15,10 @@ import trio
 from fakes import config, gatekeeper, receive_all
 
 from gatekeeper.addresses import TcpAddress
+from gatekeeper.distcc_reply import encode_reply_head, parse_reply_status
 from gatekeeper.distcc_request import DistccJob, encode_request_head, parse_request_head
-from gatekeeper.footprints import STATE_FILE, FootprintBook
+from gatekeeper.footprints import CUT_SHORT_GROWTH, STATE_FILE, FootprintBook
+from gatekeeper.oom import OomKills
 
 MiB = 2**20
 
@@ -38,11 +42,14 @@ while True:
                 os._exit(1)
             data += chunk
         mib = int(data[:-3].rsplit(b"MIB=", 1)[1])
+        # Answer like distccd: DONE, then the compiler's wait status (STAT=x or 0).
+        stat = int(data.split(b"STAT=")[1][:8], 16) if b"STAT=" in data else 0
+        head = b"DONE00000001STAT%08x" % stat
         block = bytearray(mib * 2**20)
         for i in range(0, len(block), 4096):
             block[i] = 1
         time.sleep(0.8)
-        conn.sendall(b"done %d" % mib)
+        conn.sendall(head + b"done %d" % mib)
         conn.close()
         os._exit(0)
     conn.close()
@@ -69,13 +76,23 @@ def forking_backend() -> Iterator[TcpAddress]:
         proc.wait()
 
 
-def request(output: str, mib: int) -> bytes:
-    argv = ["g++", "-O2", "-c", output.replace(".o", ".cc"), "-o", output, f"MIB={mib}"]
+def request(output: str, mib: int, stat: int | None = None) -> bytes:
+    """A distcc head for `output` whose compile touches `mib`; with `stat`, the
+    backend answers as distccd would for a compiler that ended with that status."""
+    argv = ["g++", "-O2", "-c", output.replace(".o", ".cc"), "-o", output]
+    if stat is not None:
+        argv.append(f"STAT={stat:08x}")
+    argv.append(f"MIB={mib}")
     return encode_request_head(argv) + b"END"
 
 
-def key_of(output: str, mib: int) -> str:
-    job = parse_request_head(request(output, mib))
+def reply(mib: int, stat: int = 0) -> bytes:
+    """What the backend answers to `request(..., mib, stat)`."""
+    return encode_reply_head(stat) + b"done %d" % mib
+
+
+def key_of(output: str, mib: int, stat: int | None = None) -> str:
+    job = parse_request_head(request(output, mib, stat))
     assert isinstance(job, DistccJob)
     return job.key
 
@@ -94,7 +111,7 @@ async def test_learns_peak_and_holds_the_next_run_until_it_fits(
     cfg = config(forking_backend, max_jobs=4, min_free_bytes=100 * MiB, state_dir=state)
     async with gatekeeper(cfg, available=10_000 * MiB) as gk:
         client = await gk.connect()
-        assert await run_job(client, request("big.o", 120)) == b"done 120"
+        assert await run_job(client, request("big.o", 120)) == reply(120)
         await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
         book = gk.server.book
         key = key_of("big.o", 120)
@@ -112,7 +129,7 @@ async def test_learns_peak_and_holds_the_next_run_until_it_fits(
         assert snap.hold is not None and snap.hold.value == "memory"
         await gk.wait_for(lambda s: s.gate.snapshot().head_footprint == learned)
         gk.memory.value = 100 * MiB + learned + MiB  # now it fits
-        assert await receive_all(held) == b"done 120"
+        assert await receive_all(held) == reply(120)
         await held.aclose()
     # Saved at stop, and a new server starts out knowing it.
     assert (state / STATE_FILE).exists()
@@ -131,7 +148,47 @@ async def test_reservation_of_a_running_job_shrinks_as_its_usage_shows(
         assert gk.server.gate.snapshot().reserved == 500 * MiB
         # The meter finds the forked child and reports its growing usage.
         await gk.wait_for(lambda s: s.gate.snapshot().reserved <= 500 * MiB - 80 * MiB)
-        assert await receive_all(client) == b"done 80"
+        assert await receive_all(client) == reply(80)
         await client.aclose()
         await gk.wait_for(lambda s: s.gate.snapshot().running == 0)
         assert gk.server.gate.snapshot().reserved == 0
+
+
+@pytest.mark.parametrize(("stat", "oom", "learned"), [
+    (0, False, "peak"),            # a clean compile: its peak is the truth
+    (0, True, "peak"),             # it completed; the kill was something else's
+    (signal.SIGKILL, False, "cut-short"),  # the compiler itself was killed
+    (1 << 8, True, "cut-short"),   # g++'s "Killed signal terminated program cc1plus"
+    (1 << 8, False, "nothing"),    # a compile error: its peak means nothing
+])
+async def test_what_is_learned_follows_how_the_compile_ended(
+        forking_backend: TcpAddress, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        stat: int, oom: bool, learned: str) -> None:
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("nr_free_pages 1\noom_kill 7\nnuma_hit 3\n")
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    cfg = config(forking_backend, max_jobs=1)
+    async with gatekeeper(cfg) as gk:
+        gk.server.oom = OomKills(str(vmstat))
+        client = await gk.connect()
+        await client.send_all(request("x.o", 30, stat))
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        if oom:
+            vmstat.write_text("nr_free_pages 1\noom_kill 8\nnuma_hit 3\n")
+        # The reply reaches the client whole, the status included.
+        assert await receive_all(client) == reply(30, stat)
+        await client.aclose()
+    # The server has stopped: every connection's end is logged and learned from.
+    book, key = gk.server.book, key_of("x.o", 30, stat)
+    end = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("end "))
+    assert f"compile={parse_reply_status(encode_reply_head(stat)).describe()}" in end
+    assert ("oom=yes" in end) == (oom and stat != 0)
+    peak = book._recent[-1] if book._recent else 0
+    if learned == "peak":
+        assert book.knows(key) and 30 * MiB < book.estimate(key) < 300 * MiB
+    elif learned == "cut-short":
+        assert book.knows(key) and not book._recent  # a guess, not a measurement
+        assert book.estimate(key) >= CUT_SHORT_GROWTH * 30 * MiB
+        assert any("cut short" in r.getMessage() for r in caplog.records)
+    else:
+        assert not book.knows(key) and peak == 0

@@ -24,6 +24,8 @@ from fakes import (
 )
 
 from gatekeeper.allow import AllowList
+from gatekeeper.distcc_reply import encode_reply_head
+from gatekeeper.distcc_request import encode_request_head
 from gatekeeper.serve import Server
 from gatekeeper.splice import ZERO_COPY_AVAILABLE
 
@@ -354,3 +356,72 @@ async def test_slot_accounting_survives_a_mix_of_faults() -> None:
         snap = gk.server.gate.snapshot()
         assert (snap.running, snap.queued) == (0, 0)
         assert be.max_active <= 2
+
+
+@pytest.mark.parametrize("pieces", [
+    [encode_reply_head(0) + b"SERR00000000" + os.urandom(300_000)],  # all at once
+    [b"DON", b"E00000001STAT0", b"0000000", os.urandom(70_000)],  # a head in pieces
+    [b"DONE0000"],  # a reply cut short inside the head, then a clean EOF
+    [],  # no reply at all
+])
+async def test_a_distcc_reply_head_is_read_on_the_way_and_passed_on_whole(
+        pieces: list[bytes], caplog: pytest.LogCaptureFixture) -> None:
+    """For a distcc job the reply's first 24 bytes go through Python to read the
+    compiler's status; the client must still get every byte, in order, and the EOF."""
+    async def distccd(stream: trio.SocketStream) -> None:
+        got = b""
+        while len(got) < len(request):  # like distccd: the request, no EOF needed
+            got += await stream.receive_some()
+        for piece in pieces:
+            await stream.send_all(piece)
+            await trio.sleep(0.01)  # let the pieces arrive apart
+    request = encode_request_head(["g++", "-c", "a.cc", "-o", "a.o"]) + b"DOTI00000000"
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    async with backend(distccd) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(request)
+        assert await receive_all(client) == b"".join(pieces)
+        await client.aclose()
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
+    complete = len(b"".join(pieces)) >= 24
+    assert len(ends) == 1
+    assert ("compile=ok" in ends[0]) == complete
+    # A distccd that closes before its status died or gave up: not "ok".
+    assert ("outcome=ok" if complete else "outcome=backend-failed") in ends[0]
+
+
+async def test_a_backend_reset_inside_the_reply_head_resets_the_client() -> None:
+    async def dies(stream: trio.SocketStream) -> None:
+        await receive_all(stream)
+        await stream.send_all(b"DONE00000001ST")
+        await trio.sleep(0.01)
+        reset(stream)
+    request = encode_request_head(["g++", "-c", "a.cc", "-o", "a.o"])
+    async with backend(dies) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(request)
+        await client.send_eof()
+        got = b""
+        with pytest.raises(trio.BrokenResourceError):
+            async for data in client:
+                got += data
+        assert got == b"DONE00000001ST"
+        await client.aclose()
+
+
+async def test_a_distcc_client_that_half_closes_has_its_job_ended_by_distccd(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """distccd kills the compile of a client that half-closes and answers nothing;
+    that is the client's doing, logged as client-gone, not a backend failure."""
+    async def distccd(stream: trio.SocketStream) -> None:
+        await receive_all(stream)  # "Client fd disconnected, killing job"
+
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    async with backend(distccd) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(encode_request_head(["g++", "-c", "a.cc", "-o", "a.o"]))
+        await client.send_eof()
+        assert await receive_all(client) == b""
+        await client.aclose()
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
+    assert len(ends) == 1 and "outcome=client-gone" in ends[0], ends
