@@ -7,6 +7,7 @@ connection is queued.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,10 +50,12 @@ class AllowList:
         return addr is not None and any(addr in net for net in self.networks)
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A peer's address as it should be judged: scope id dropped, IPv4-mapped IPv6
     (``::ffff:a.b.c.d``, how a dual-stack listener reports IPv4 clients) as IPv4;
-    None if `host` is not an IP address."""
+    None if `host` is not an IP address. Cached: a build farm's clients are a
+    few hundred hosts connecting thousands of times, and parsing is not free."""
     try:
         addr = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -66,6 +66,8 @@ class Priorities:
         return cls(tuple(rules))
 
     def weight(self, host: str | None) -> int:
+        if not self.rules:
+            return 1
         addr = None if host is None else peer_ip(host)
         if addr is None:
             return 1

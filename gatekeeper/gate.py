@@ -66,6 +66,8 @@ class Gate:
         self._ids = itertools.count(1)
         self._tickets: dict[JobId, Ticket] = {}
         self._changed = trio.Event()
+        self._armed = -math.inf
+        """When the timer task will next wake by itself (-inf: not running yet)."""
         self._last_hold: Hold | None = None
         self._watchers = trio.lowlevel.ParkingLot()
 
@@ -159,7 +161,10 @@ class Gate:
         ticket.event.set()
 
     def _wake_timer(self) -> None:
-        self._changed.set()
+        # Only if the timer must now fire earlier than it is set to: waking it
+        # on every arrival and release would cost a task switch each.
+        if self._next_wakeup() < self._armed:
+            self._changed.set()
         self._watchers.unpark_all()
 
     def _log_hold(self) -> None:
@@ -192,9 +197,11 @@ class Gate:
         re-check, or until an event changes either. Runs in the server nursery."""
         while True:
             self._changed = trio.Event()
-            with trio.move_on_at(self._next_wakeup()):
+            self._armed = self._next_wakeup()
+            with trio.move_on_at(self._armed):
                 await self._changed.wait()
                 continue  # an event already decided; just recompute the wakeup
+            self._armed = math.inf
             self._decide()
 
 

@@ -9,14 +9,15 @@ Method: the resident set of the job's process tree, sampled every
 
 * in inetd mode, the child gatekeeper started for the job (known exactly);
 * in proxy mode, the backend process holding the other end of our backend
-  connection: /proc/net/tcp{,6} names the socket's inode, and the process
+  connection: the kernel's sock_diag names that socket's inode (exact lookup
+  by addresses; /proc/net/tcp{,6} where netlink is refused), and the process
   holding that inode is found in /proc/*/fd. For distccd that is the child
   that accepted the job, and the compiler it runs is its child.
 
 Accuracy: compilers grow over seconds, so 200 ms sampling sees the peak within
 a few percent; a job shorter than one interval may go unmeasured (it is then
-not learned). /proc/net/tcp is read once per sampling round however many jobs
-are looked up (see `_TableCache`). RSS counts each process's resident pages,
+not learned). In the fallback, /proc/net/tcp is read once per sampling round
+however many jobs are looked up (see `_TableCache`). RSS counts each process's resident pages,
 shared library pages included (a few MB per process), and not the page cache;
 a cgroup may charge less (shared pages go to whoever loaded them first), which
 errs on the safe side. Finding the
@@ -28,6 +29,7 @@ until they end, which is safe but slower.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import sys
 from collections import deque
@@ -36,6 +38,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
+
+from .sock_diag import SockDiag
+
+log = logging.getLogger("gatekeeper")
 
 # Sampling period while jobs run: compilers grow over seconds, so five reads
 # a second see their peak closely and cost well under 1 % of a core.
@@ -112,9 +118,33 @@ class _TableCache(dict[str, bytes]):
 _TABLES = _TableCache()
 
 
+class _Diag:
+    """The meter thread's sock_diag socket: opened on first use; after a netlink
+    failure, /proc/net/tcp for good (logged once)."""
+
+    diag: SockDiag | None = None
+    refused = False
+
+
 def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     """Inode of the TCP socket on this host whose local end is `local` and remote
-    end is `remote` (both (host, port)); None if there is none."""
+    end is `remote` (both (host, port)); None if there is none. Asks the kernel
+    for that one socket (sock_diag); where that is refused, searches /proc/net/tcp."""
+    if not _Diag.refused:
+        if _Diag.diag is None:
+            _Diag.diag = SockDiag.open()
+        if _Diag.diag is not None:
+            try:
+                return _Diag.diag.inode(local, remote)
+            except OSError as e:
+                _Diag.diag.close()
+                _Diag.diag = None
+                log.warning("sock_diag lookups failed (%s): reading /proc/net/tcp instead", e)
+        _Diag.refused = True
+    return _table_inode(local, remote)
+
+
+def _table_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     try:
         version, want_local = _hex_endpoint(*local)
         _, want_remote = _hex_endpoint(*remote)

@@ -43,7 +43,8 @@ from .meter import Meter, backend_process
 from .metrics import Observatory
 from .oom import OomKills
 from .peek import peek_distcc_job
-from .splice import Side, Transfer, abort, splice
+from .relay import Relay
+from .splice import ZERO_COPY_AVAILABLE, Side, Transfer, abort, splice
 from .statuspage import page
 from .statusweb import Agent, StatusWeb
 
@@ -89,7 +90,8 @@ SAVE_INTERVAL = 60.0
 
 
 # A client whose machine died or whose network vanished sends no FIN and no
-# RST: only TCP keepalive finds out. Probing after 60 s idle, every 10 s, 6
+# RST: only TCP keepalive finds out. Set on the listeners: accepted sockets
+# inherit the options. Probing after 60 s idle, every 10 s, 6
 # times, a half-open client is dropped in about 2 minutes -- well inside the
 # 240 s queue timeout -- instead of the kernel default of over 2 hours.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 6
@@ -221,6 +223,8 @@ class Server:
         if config.state_dir is not None:
             self.book.load(config.state_dir)
         self.meter = Meter()
+        # The zero-copy data path (Linux): one epoll set for every running job.
+        self.relay = Relay() if config.zero_copy and ZERO_COPY_AVAILABLE else None
         self.oom = OomKills()
         self._budget_size = connection_budget(config)
         self._budget = trio.Semaphore(self._budget_size)
@@ -251,6 +255,10 @@ class Server:
     async def run(self, listeners: list[trio.SocketListener], *,
                   task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         self.addresses = [listener_address(lst) for lst in listeners]
+        for listener in listeners:
+            # Accepted sockets inherit these (Linux), so no client costs setsockopts.
+            if listener.socket.family in (socket.AF_INET, socket.AF_INET6):
+                enable_keepalive(listener.socket)
         web, agent = self._side or await self.open_side_listeners()
         async with trio.open_nursery() as root:
             root.start_soon(self.gate.run)
@@ -261,6 +269,8 @@ class Server:
                 root.start_soon(trio.serve_listeners, Agent(self.observatory).handle, agent)
             root.start_soon(self.watch.run)
             root.start_soon(self.meter.run)
+            if self.relay is not None:
+                root.start_soon(self.relay.run)
             if self.config.state_dir is not None:
                 root.start_soon(self._save_periodically)
             async with trio.open_nursery() as handlers:
@@ -369,8 +379,6 @@ class Server:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         peer, host = describe_peer(stream)
-        if host is not None:
-            enable_keepalive(stream.socket)
         record = ConnectionLog(peer=peer, accepted=trio.current_time())
         self._connections[id(record)] = record
         try:
@@ -379,7 +387,8 @@ class Server:
             record.ended = trio.current_time()
             # Log before closing: the close is a checkpoint, and under
             # cancellation nothing after it would run.
-            log.info("%s", record.line(), extra={"fields": record.fields()})
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s", record.line(), extra={"fields": record.fields()})
             del self._connections[id(record)]
             self.observatory.connection_ended(record)
             await trio.aclose_forcefully(stream)
@@ -424,7 +433,7 @@ class Server:
                 record.outcome = verdict.value
                 return
             record.admitted = trio.current_time()
-            record.oom_kills = self.oom.count()
+            record.oom_kills = self.oom.baseline(record.admitted)
             with self.meter.measuring(
                     lambda hints: self._locate(record, hints),
                     lambda usage: self.gate.observe(ticket, usage)) as usage:
@@ -495,9 +504,13 @@ class Server:
         record.backend_ends = _tcp_ends(backend)
         transfer = record.transfer = Transfer()
         try:
-            await splice(stream, backend, transfer, zero_copy=self.config.zero_copy,
-                         idle_timeout=self.config.idle_timeout,
-                         reply_prefix=REPLY_HEAD if record.job_key is not None else 0)
+            prefix = REPLY_HEAD if record.job_key is not None else 0
+            if self.relay is not None:
+                await self.relay.splice(stream, backend, transfer, reply_prefix=prefix,
+                                        idle_timeout=self.config.idle_timeout)
+            else:
+                await splice(stream, backend, transfer, reply_prefix=prefix,
+                             idle_timeout=self.config.idle_timeout)
             record.compile = parse_reply_status(transfer.reply_head)
         finally:
             if transfer.idle:

@@ -9,13 +9,11 @@ A distcc client never half-closes, but protocols that send a request and then
 ``shutdown(SHUT_WR)`` must still get their reply (systemd-socket-proxyd
 drops it).
 
-On Linux the bytes need not pass through Python at all: each direction moves
-them socket -> pipe -> socket with os.splice, in the kernel (zero copy), driven
-by trio's wait_readable/wait_writable. The pipe is the one bounded chunk in
-flight (1 MiB where the kernel allows it), created only when a job is
-admitted and closed with it. The portable path (``zero_copy=False``) reads
-into a buffer and sends it; both behave the same for EOF, errors and
-cancellation, and the same tests run against both.
+This module is the portable path: a task per direction reads into a buffer
+and sends it. On Linux the server uses `relay` instead, which moves the bytes
+socket -> pipe -> socket with os.splice (zero copy) for every job on one epoll
+set. Both behave the same for EOF, errors, idleness and cancellation, share
+`Transfer`, `Side` and `abort`, and the same tests run against both.
 
 If either direction fails (a reset, a broken pipe), the job is over: the other
 direction is cancelled, and the other peer is reset too (`abort`), never
@@ -31,9 +29,9 @@ import enum
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -46,8 +44,8 @@ CHUNK = 256 * 1024
 # splices. F_SETPIPE_SZ may refuse it (fs.pipe-max-size, or a user over
 # pipe-user-pages-soft); the kernel's default 64 KiB pipe still works.
 PIPE_SIZE = 1024 * 1024
-ZERO_COPY_AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+ZERO_COPY_AVAILABLE = (hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+                       and hasattr(select, "epoll"))
 
 
 class Side(enum.Enum):
@@ -128,21 +126,20 @@ async def _copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
         transfer.last_activity = trio.current_time()
 
 
-_Copy = Callable[[trio.SocketStream, trio.SocketStream, Side, Side, Transfer, bool,
-                   trio.CancelScope], Awaitable[None]]
-
-
 def _fail(transfer: Transfer, side: Side, exc: BaseException, cancel: trio.CancelScope) -> None:
     if transfer.failed is None:
         transfer.failed = side
-        cause = exc.__cause__ or exc
-        transfer.error = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        transfer.error = describe_error(exc)
     cancel.cancel()
+
+
+def describe_error(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
 
 
 async def splice(client: trio.SocketStream, backend: trio.SocketStream,
                  transfer: Transfer | None = None, *,
-                 zero_copy: bool = ZERO_COPY_AVAILABLE,
                  idle_timeout: float | None = None, reply_prefix: int = 0) -> Transfer:
     """Copy both ways until both directions have ended or one has failed, or
     (with `idle_timeout`) until no byte has moved either way for that long.
@@ -154,24 +151,23 @@ async def splice(client: trio.SocketStream, backend: trio.SocketStream,
     if transfer is None:
         transfer = Transfer()
     transfer.last_activity = trio.current_time()
-    copy = _splice_copy if zero_copy and ZERO_COPY_AVAILABLE else _copy
     async with trio.open_nursery() as outer:
         scope = outer.cancel_scope
         if idle_timeout is not None:
             outer.start_soon(_idle_watch, transfer, idle_timeout, scope)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(copy, client, backend, Side.CLIENT, Side.BACKEND, transfer,
+            nursery.start_soon(_copy, client, backend, Side.CLIENT, Side.BACKEND, transfer,
                                True, scope)
-            nursery.start_soon(_reply, copy, backend, client, transfer, reply_prefix, scope)
+            nursery.start_soon(_reply, backend, client, transfer, reply_prefix, scope)
         scope.cancel()  # both directions are done: stop the idle watch
     return transfer
 
 
-async def _reply(copy: _Copy, backend: trio.SocketStream, client: trio.SocketStream,
+async def _reply(backend: trio.SocketStream, client: trio.SocketStream,
                  transfer: Transfer, prefix: int, cancel: trio.CancelScope) -> None:
     if prefix and not await _forward_prefix(backend, client, prefix, transfer, cancel):
         return
-    await copy(backend, client, Side.BACKEND, Side.CLIENT, transfer, False, cancel)
+    await _copy(backend, client, Side.BACKEND, Side.CLIENT, transfer, False, cancel)
 
 
 async def _idle_watch(transfer: Transfer, idle_for: float, cancel: trio.CancelScope) -> None:
@@ -185,71 +181,14 @@ async def _idle_watch(transfer: Transfer, idle_for: float, cancel: trio.CancelSc
         await trio.sleep_until(deadline)
 
 
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    return r, w
-
-
 # Errors that mean "this peer is gone", as trio's streams translate them.
 _BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
-def _peer_gone(e: OSError) -> bool:
+def peer_gone(e: OSError) -> bool:
+    """Whether an error from a socket call means the peer is gone (as opposed to
+    a bug here)."""
     return isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF)
-
-
-async def _splice_copy(src: trio.SocketStream, dst: trio.SocketStream, src_side: Side,
-                       dst_side: Side, transfer: Transfer, to_backend: bool,
-                       cancel: trio.CancelScope) -> None:
-    """One direction, socket -> pipe -> socket, never through user space."""
-    src_sock, dst_sock = src.socket, dst.socket
-    src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
-    r, w = _pipe()
-    try:
-        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 65536
-        while True:
-            try:
-                n = os.splice(src_fd, w, size, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(src_sock)
-                continue
-            except OSError as e:
-                if not _peer_gone(e):
-                    raise
-                _fail(transfer, src_side, e, cancel)
-                return
-            if n == 0:
-                transfer.eofs.append(src_side)
-                try:
-                    dst_sock.shutdown(socket.SHUT_WR)
-                except OSError as e:
-                    if e.errno != errno.ENOTCONN:
-                        _fail(transfer, dst_side, e, cancel)
-                return
-            while n:
-                try:
-                    m = os.splice(r, dst_fd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst_sock)
-                    continue
-                except OSError as e:
-                    if not _peer_gone(e):
-                        raise
-                    _fail(transfer, dst_side, e, cancel)
-                    return
-                n -= m
-                if to_backend:
-                    transfer.to_backend += m
-                else:
-                    transfer.to_client += m
-            transfer.last_activity = trio.current_time()
-            # Both calls may keep succeeding without ever blocking: let others run.
-            await trio.lowlevel.checkpoint()
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)

@@ -26,7 +26,7 @@ from fakes import (
 from gatekeeper.allow import AllowList
 from gatekeeper.distcc_reply import encode_reply_head
 from gatekeeper.distcc_request import encode_request_head
-from gatekeeper.serve import Server
+from gatekeeper.serve import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Server
 from gatekeeper.splice import ZERO_COPY_AVAILABLE
 
 MiB = 2**20
@@ -425,3 +425,64 @@ async def test_a_distcc_client_that_half_closes_has_its_job_ended_by_distccd(
         await client.aclose()
     ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
     assert len(ends) == 1 and "outcome=client-gone" in ends[0], ends
+
+
+async def test_clients_get_tcp_keepalive_without_a_setsockopt_each() -> None:
+    """A client whose machine died sends nothing: keepalive drops it in ~2 min.
+    The options are set on the listener and inherited by every accepted socket."""
+    seen: list[tuple[int, ...]] = []
+    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
+        handle = gk.server.handle
+
+        async def spy(stream: trio.SocketStream) -> None:
+            sock = stream.socket
+            seen.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)))
+            await handle(stream)
+
+        gk.server.handle = spy  # type: ignore[method-assign]
+        client = await gk.connect()
+        await client.send_all(b"x")
+        await client.send_eof()
+        assert await receive_all(client) == b"x"
+        await client.aclose()
+    assert seen == [(1, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)]
+
+
+async def test_a_bulk_transfer_does_not_starve_a_small_job() -> None:
+    """While one job streams as fast as loopback allows, another job's small
+    request and reply still go through promptly: the data path takes turns."""
+    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
+        bulk = await gk.connect()
+        moved = 0
+        small_done, under_way = trio.Event(), trio.Event()
+
+        async def stream_bulk() -> None:
+            nonlocal moved
+            chunk = bytes(MiB)
+            while not small_done.is_set() and moved < 2048 * MiB:
+                await bulk.send_all(chunk)
+                moved += len(chunk)
+                if moved >= 64 * MiB:
+                    under_way.set()
+            await bulk.send_eof()
+
+        async def drain_bulk() -> None:
+            async for _ in bulk:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream_bulk)
+            nursery.start_soon(drain_bulk)
+            await under_way.wait()
+            small = await gk.connect()
+            with trio.fail_after(5):
+                await small.send_all(b"ping")
+                await small.send_eof()
+                assert await receive_all(small) == b"ping"
+            small_done.set()
+            await small.aclose()
+        assert moved < 2048 * MiB  # the small job finished while the bulk one ran
+        await bulk.aclose()
