@@ -368,33 +368,6 @@ async def _hammer(port: int, count: int) -> int:
     return served
 
 
-async def test_clients_get_keepalive_so_half_open_peers_are_found() -> None:
-    """A client whose host vanished sends no FIN or RST; keepalive probes find it
-    (about 2 minutes) inside the queue timeout instead of the kernel's 2 hours."""
-    import socket
-
-    from gatekeeper.serve import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
-    seen: list[trio.SocketStream] = []
-    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
-        original = gk.server.handle
-
-        async def spy(stream: trio.SocketStream) -> None:
-            seen.append(stream)
-            await original(stream)
-
-        gk.server.handle = spy  # type: ignore[method-assign]
-        c = await gk.connect()
-        await c.send_all(b"x")
-        await c.send_eof()
-        assert await receive_all(c) == b"x"
-        sock = seen[0].socket
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
-        assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT < 240
-
-
 async def test_a_peer_that_opens_and_never_sends_harms_nobody(
         autojump_clock: trio.testing.MockClock) -> None:
     """It is queued like anyone (its identity unknown after the short peek), takes
