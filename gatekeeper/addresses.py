@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import socket
 import stat
@@ -126,14 +127,16 @@ async def open_unix_listener(path: str, mode: int = 0o666) -> trio.SocketListene
     return trio.SocketListener(sock)
 
 
-async def connect(address: Address) -> trio.SocketStream:
-    """Open a stream to a backend address."""
+async def connect(address: Address, *, connect_timeout: float = math.inf) -> trio.SocketStream:
+    """Open a stream to a backend address; trio.TooSlowError after `connect_timeout`
+    seconds (the deadline is only set up if the connect has to be waited for)."""
     if isinstance(address, TcpAddress):
         assert address.host is not None
         try:
             ip = ipaddress.ip_address(address.host)
         except ValueError:
-            return await trio.open_tcp_stream(address.host, address.port)
+            with trio.fail_after(connect_timeout):
+                return await trio.open_tcp_stream(address.host, address.port)
         # A literal address (the usual backend) needs no resolver and no happy
         # eyeballs: a plain non-blocking connect saves a nursery and two tasks
         # per job (trio.open_tcp_stream) and trio's address normalisation, a
@@ -144,7 +147,8 @@ async def connect(address: Address) -> trio.SocketStream:
             raw.setblocking(False)
             err = raw.connect_ex((address.host, address.port))
             if err == errno.EINPROGRESS and not _connected(raw):
-                await trio.lowlevel.wait_writable(raw)
+                with trio.fail_after(connect_timeout):
+                    await trio.lowlevel.wait_writable(raw)
                 err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             else:
                 err = 0 if err == errno.EINPROGRESS else err
@@ -155,7 +159,8 @@ async def connect(address: Address) -> trio.SocketStream:
             raw.close()
             raise
         return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
-    return await trio.open_unix_socket(address.path)
+    with trio.fail_after(connect_timeout):
+        return await trio.open_unix_socket(address.path)
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -118,30 +118,30 @@ class _TableCache(dict[str, bytes]):
 _TABLES = _TableCache()
 
 
-class _Diag:
-    """The meter thread's sock_diag socket: opened on first use; after a netlink
-    failure, /proc/net/tcp for good (logged once)."""
+class SocketFinder:
+    """Finds a TCP socket's inode by its two ends: one exact sock_diag question
+    to the kernel; where netlink is refused or fails, a search of /proc/net/tcp
+    (logged once). Owned by the `Meter` (opened with it, closed when its run
+    ends) and used from its one worker thread at a time."""
 
-    diag: SockDiag | None = None
-    refused = False
+    def __init__(self) -> None:
+        self._diag = SockDiag.open()
 
-
-def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """Inode of the TCP socket on this host whose local end is `local` and remote
-    end is `remote` (both (host, port)); None if there is none. Asks the kernel
-    for that one socket (sock_diag); where that is refused, searches /proc/net/tcp."""
-    if not _Diag.refused:
-        if _Diag.diag is None:
-            _Diag.diag = SockDiag.open()
-        if _Diag.diag is not None:
+    def inode(self, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+        """Inode of the TCP socket on this host whose local end is `local` and
+        remote end is `remote` (both (host, port)); None if there is none."""
+        if self._diag is not None:
             try:
-                return _Diag.diag.inode(local, remote)
+                return self._diag.inode(local, remote)
             except OSError as e:
-                _Diag.diag.close()
-                _Diag.diag = None
+                self.close()
                 log.warning("sock_diag lookups failed (%s): reading /proc/net/tcp instead", e)
-        _Diag.refused = True
-    return _table_inode(local, remote)
+        return _table_inode(local, remote)
+
+    def close(self) -> None:
+        if self._diag is not None:
+            self._diag.close()
+            self._diag = None
 
 
 def _table_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
@@ -208,22 +208,26 @@ def _holds(pid: int, target: str) -> bool:
 
 
 def backend_process(local: tuple[str, int], remote: tuple[str, int],
-                    candidates: Iterable[int] = ()) -> int | None:
+                    candidates: Iterable[int], finder: SocketFinder) -> int | None:
     """The process on this host serving our connection from `local` to `remote`
     (the backend's accepted socket has them the other way round)."""
-    inode = socket_inode(remote, local)
+    inode = finder.inode(remote, local)
     if inode is None:
         return None
     return pid_holding(inode, candidates)
+
+
+Locate = Callable[[Sequence[int], SocketFinder], int | None]
 
 
 @dataclass(eq=False)
 class Usage:
     """One running job's measurements, filled in by the `Meter`."""
 
-    locate: Callable[[Sequence[int]], int | None]
+    locate: Locate
     """Finds the job's root process (called in a worker thread, with the pids
-    that served earlier jobs as hints); None until it can be found."""
+    that served earlier jobs as hints and the meter's socket finder); None
+    until it can be found."""
     on_sample: Callable[[int], None]
     """Told each new reading of the tree's resident bytes (in the trio thread)."""
     pid: int | None = None
@@ -248,9 +252,10 @@ class Meter:
         self._known_pids: deque[int] = deque(maxlen=64)
         self._sampled = trio.Event()
         self._sampled.set()  # no sampling in progress
+        self.finder = SocketFinder()
 
     @contextmanager
-    def measuring(self, locate: Callable[[Sequence[int]], int | None],
+    def measuring(self, locate: Locate,
                   on_sample: Callable[[int], None]) -> Iterator[Usage]:
         usage = Usage(locate, on_sample)
         self._jobs.add(usage)
@@ -266,26 +271,32 @@ class Meter:
         await self._sampled.wait()
 
     async def run(self) -> None:
-        while True:
-            if not self._jobs:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-            await trio.sleep(self.interval)
-            jobs = list(self._jobs)
-            hints = list(self._known_pids)
-            self._sampled = trio.Event()
-            try:
-                await trio.to_thread.run_sync(_sample_all, jobs, hints)
-            finally:
-                self._sampled.set()
-            for usage in jobs:
-                if usage.pid is not None and usage.pid not in self._known_pids:
-                    self._known_pids.append(usage.pid)
-                if usage in self._jobs and usage.current is not None:
-                    usage.on_sample(usage.current)
+        try:
+            while True:
+                await self._round()
+        finally:
+            self.finder.close()  # the worker thread is done with it: run_sync waits
+
+    async def _round(self) -> None:
+        if not self._jobs:
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        await trio.sleep(self.interval)
+        jobs = list(self._jobs)
+        hints = list(self._known_pids)
+        self._sampled = trio.Event()
+        try:
+            await trio.to_thread.run_sync(_sample_all, jobs, hints, self.finder)
+        finally:
+            self._sampled.set()
+        for usage in jobs:
+            if usage.pid is not None and usage.pid not in self._known_pids:
+                self._known_pids.append(usage.pid)
+            if usage in self._jobs and usage.current is not None:
+                usage.on_sample(usage.current)
 
 
-def _sample_all(jobs: list[Usage], hints: list[int]) -> None:
+def _sample_all(jobs: list[Usage], hints: list[int], finder: SocketFinder) -> None:
     # Short jobs are looked for too: a light compile's small peak is exactly what
     # lets the next build run it beside a heavy one. The table cache keeps that
     # to one /proc/net/tcp read per round.
@@ -293,15 +304,15 @@ def _sample_all(jobs: list[Usage], hints: list[int]) -> None:
     _TABLES.caching = True
     try:
         for usage in jobs:
-            _sample_one(usage, hints)
+            _sample_one(usage, hints, finder)
     finally:
         _TABLES.caching = False
         _TABLES.clear()
 
 
-def _sample_one(usage: Usage, hints: list[int]) -> None:
+def _sample_one(usage: Usage, hints: list[int], finder: SocketFinder) -> None:
     if usage.pid is None:
-        usage.pid = usage.locate(hints)
+        usage.pid = usage.locate(hints, finder)
         if usage.pid is None:
             return
     rss = tree_rss(usage.pid)

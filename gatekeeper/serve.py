@@ -34,15 +34,16 @@ from .admission import Admission, Limits
 from .agent import BackendCheck
 from .config import Config
 from .distcc_reply import REPLY_HEAD, CompileStatus, parse_reply_status
+from .distcc_request import INCOMPLETE, DistccJob, Unparsed
 from .footprints import FootprintBook
 from .gate import Gate, Verdict
 from .inetd import Command, CommandRunner
 from .liveness import ClientWatch
 from .memory import MemorySource, format_bytes
-from .meter import Meter, backend_process
+from .meter import Meter, SocketFinder, backend_process
 from .metrics import Observatory
 from .oom import OomKills
-from .peek import peek_distcc_job
+from .peek import peek_distcc_job, peek_distcc_job_now
 from .relay import Relay
 from .splice import ZERO_COPY_AVAILABLE, Side, Transfer, abort, splice
 from .statuspage import page
@@ -57,8 +58,11 @@ DEFAULT_DRAIN_TIMEOUT = 60.0
 # How long a new connection may take to show its request head before it joins
 # the queue as an unknown job. A distcc client writes the head right after
 # connecting, so this is normally not waited at all; it bounds the wait when
-# the head is slow or never comes (not distcc: use --identify none).
-IDENTIFY_GRACE = 0.1
+# the head is slow or never comes (not distcc: use --identify none). Half a
+# second, not less: on a build box with make -j12 on 2 cores a client was seen
+# taking over 100 ms, and an unidentified job loses its learned footprint and
+# the check of distccd's status.
+IDENTIFY_GRACE = 0.5
 
 # Out of fds (or kernel memory) at accept: wait this long before trying again
 # (trio's serve_listeners uses the same 100 ms).
@@ -401,8 +405,7 @@ class Server:
         if self.config.identify:
             # Before joining the queue, so a known compile's learned footprint
             # counts from its first admission decision on.
-            with trio.move_on_after(IDENTIFY_GRACE):
-                await self._identify(stream, record)
+            await self._identify(stream, record)
         record.estimate = self.book.estimate(record.job_key)
         key = self.config.fair_by.key(host)
         weight = self.config.priorities.weight(host)
@@ -425,8 +428,10 @@ class Server:
 
                     with self.watch.watching(stream.socket, on_gone):
                         verdict = await self.gate.wait(ticket)
-            if gone or (verdict is Verdict.ADMITTED
-                        and self.watch.is_gone(stream.socket, fin_counts=waited)):
+            # (One admitted at once is not checked: if it is already gone, its
+            # first read says so, and the check would cost every job a poll.)
+            if gone or (waited and verdict is Verdict.ADMITTED
+                        and self.watch.is_gone(stream.socket)):
                 record.outcome = "client-gone"
                 return
             if verdict is not Verdict.ADMITTED:
@@ -435,7 +440,7 @@ class Server:
             record.admitted = trio.current_time()
             record.oom_kills = self.oom.baseline(record.admitted)
             with self.meter.measuring(
-                    lambda hints: self._locate(record, hints),
+                    lambda hints, finder: self._locate(record, hints, finder),
                     lambda usage: self.gate.observe(ticket, usage)) as usage:
                 await self._run_job(stream, self.config.backend, record)
             if usage.samples:
@@ -473,20 +478,25 @@ class Server:
 
     @staticmethod
     async def _identify(stream: trio.SocketStream, record: ConnectionLog) -> None:
-        """Read the job's identity from its request head, without consuming it."""
-        job = await peek_distcc_job(stream.socket)
-        if job is not None:
+        """Read the job's identity from its request head, without consuming it:
+        at once if it is there (the usual case), else within `IDENTIFY_GRACE`."""
+        job: DistccJob | Unparsed | None = peek_distcc_job_now(stream.socket)
+        if job is INCOMPLETE:
+            with trio.move_on_after(IDENTIFY_GRACE):
+                job = await peek_distcc_job(stream.socket)
+        if isinstance(job, DistccJob):
             record.job_key, record.job_name = job.key, job.output
 
     @staticmethod
-    def _locate(record: ConnectionLog, hints: Sequence[int]) -> int | None:
+    def _locate(record: ConnectionLog, hints: Sequence[int],
+                finder: SocketFinder) -> int | None:
         """The job's root process: the inetd child, or the backend process holding
         the other end of our connection. Called in a worker thread."""
         if record.pid is not None:
             return record.pid
         if record.backend_ends is not None:
             ours, theirs = record.backend_ends
-            return backend_process(ours, theirs, hints)
+            return backend_process(ours, theirs, hints, finder)
         return None
 
     async def _run_job(self, stream: trio.SocketStream, backend_address: Address,
@@ -495,8 +505,8 @@ class Server:
             await self._run_command(self.runner, stream, record)
             return
         try:
-            with trio.fail_after(self.config.connect_timeout):
-                backend = await connect(backend_address)
+            backend = await connect(backend_address,
+                                    connect_timeout=self.config.connect_timeout)
         except (OSError, trio.TooSlowError) as e:
             record.outcome = "backend-error"
             record.detail = f"connect {backend_address}: {e or 'timed out'}"

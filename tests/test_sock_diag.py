@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gatekeeper.meter import _table_inode
+from gatekeeper.meter import SocketFinder, _table_inode
 from gatekeeper.sock_diag import SockDiag
 
 
@@ -74,3 +74,15 @@ def test_a_dual_stack_backend_socket_is_found_from_the_ipv4_side(diag: SockDiag)
         assert server.getsockname()[0].startswith("::ffff:")
         ours, theirs = _ends(client)
         assert diag.inode(theirs, ours) == os.fstat(server.fileno()).st_ino
+
+
+def test_the_finder_falls_back_to_proc_net_tcp_without_netlink() -> None:
+    listener, client, server = _pair(socket.AF_INET, "127.0.0.1")
+    finder = SocketFinder()
+    try:
+        finder.close()  # as if netlink had been refused
+        local, remote = _ends(server)
+        assert finder.inode(local, remote) == os.fstat(server.fileno()).st_ino
+    finally:
+        for s in (listener, client, server):
+            s.close()
