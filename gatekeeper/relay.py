@@ -38,9 +38,14 @@ from .splice import PIPE_SIZE, Side, Transfer, describe_error, peer_gone
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# A socket readable (or at EOF, or broken) moves the direction it is the
+# source of; writable (or broken), the direction it is the destination of.
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 # Chunks (pipe loads) one job may move per turn before others get theirs.
 BUDGET = 16
+DEFAULT_PIPE = 65536  # Linux's default pipe capacity (16 pages)
 
 
 class _State(enum.Enum):
@@ -52,8 +57,9 @@ class _State(enum.Enum):
 
 
 class _Direction:
-    __slots__ = ("dst", "dst_fd", "dst_side", "ended", "out", "pending", "pipe_r", "pipe_w",
-                 "size", "src_fd", "src_side", "to_backend", "want")
+    __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "out", "pending",
+                 "pipe_r", "pipe_w", "ready", "size", "src_fd", "src_side", "to_backend",
+                 "want")
 
     def __init__(self, src: trio.socket.SocketType, dst: trio.socket.SocketType,
                  src_side: Side, dst_side: Side, want: int) -> None:
@@ -61,10 +67,10 @@ class _Direction:
         self.src_side, self.dst_side = src_side, dst_side
         self.to_backend = dst_side is Side.BACKEND
         self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            self.size = fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # refused (pipe-max-size, pipe-user-pages-soft): the default works
-            self.size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+        # The kernel's default pipe (64 KiB) until a splice fills it: most
+        # requests and replies fit, and growing costs a syscall per pipe.
+        self.size = DEFAULT_PIPE
+        self.grown = False
         self.pending = 0
         """Bytes in the pipe, read from src, not yet written to dst."""
         self.out = b""
@@ -72,6 +78,11 @@ class _Direction:
         self.want = want
         """Bytes of prefix still to read through Python."""
         self.ended = False
+        """The source said EOF."""
+        self.complete = False
+        """EOF passed on and nothing left to write: this direction is over."""
+        self.ready = True
+        """The kernel said (or may have said) there is something to do."""
 
     def close(self) -> None:
         os.close(self.pipe_r)
@@ -101,6 +112,7 @@ class _Direction:
                 self._count(transfer, n)
                 continue
             if self.ended:
+                self.complete = True
                 return _State.DONE
             try:
                 if self.want:
@@ -114,6 +126,8 @@ class _Direction:
                 return job.fail(self.src_side, e)
             if n == 0:
                 return self._end(job)
+            if n == self.size and not self.grown:
+                self._grow()
             if self.want:
                 self.want -= n
                 self.out = data
@@ -121,6 +135,13 @@ class _Direction:
             else:
                 self.pending = n
         return _State.BUSY
+
+    def _grow(self) -> None:
+        """A full pipe: a big transfer, which moves in fewer splices with 1 MiB."""
+        self.grown = True
+        # Refused (pipe-max-size, pipe-user-pages-soft): the default pipe works.
+        with contextlib.suppress(OSError):
+            self.size = fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
     def _count(self, transfer: Transfer, n: int) -> None:
         if self.to_backend:
@@ -138,6 +159,7 @@ class _Direction:
         except OSError as e:
             if e.errno != errno.ENOTCONN:
                 return job.fail(self.dst_side, e)
+        self.complete = True
         return _State.DONE
 
 
@@ -156,19 +178,28 @@ class _Job:
         self.finished = False
         self.done = trio.Event()
 
+    def note(self, fd: int, events: int) -> None:
+        """An epoll event on one of the job's sockets: which directions it concerns."""
+        readable = events & _READ_EVENTS
+        writable = events & _WRITE_EVENTS
+        src, dst = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
+        if readable:
+            src.ready = True
+        if writable:
+            dst.ready = True
+
     def pump(self) -> _State:
-        if self.finished:
-            return _State.DONE
-        up = self.up.pump(self)
-        if self.finished:
-            return _State.DONE
-        down = self.down.pump(self)
-        if self.finished:
-            return _State.DONE
-        if up is _State.DONE and down is _State.DONE:
+        """Run the directions the kernel has news for until they would block."""
+        for direction in (self.up, self.down):
+            if direction.ready and not direction.complete:
+                state = direction.pump(self)
+                if self.finished:
+                    return _State.DONE
+                direction.ready = state is _State.BUSY
+        if self.up.complete and self.down.complete:
             self._finish()
             return _State.DONE
-        return _State.BUSY if _State.BUSY in (up, down) else _State.BLOCKED
+        return _State.BUSY if self.up.ready or self.down.ready else _State.BLOCKED
 
     def fail(self, side: Side, exc: OSError) -> _State:
         if not peer_gone(exc):
@@ -209,9 +240,10 @@ class Relay:
                     with self._sleep:
                         await trio.lowlevel.wait_readable(self._epoll.fileno())
                     self._sleep = None
-                for fd, _ in self._epoll.poll(0):
+                for fd, events in self._epoll.poll(0):
                     job = self._jobs.get(fd)
                     if job is not None:
+                        job.note(fd, events)
                         self._ready[job] = None
                 self._pump_ready()
         finally:

@@ -58,11 +58,11 @@ DEFAULT_DRAIN_TIMEOUT = 60.0
 # How long a new connection may take to show its request head before it joins
 # the queue as an unknown job. A distcc client writes the head right after
 # connecting, so this is normally not waited at all; it bounds the wait when
-# the head is slow or never comes (not distcc: use --identify none). Half a
-# second, not less: on a build box with make -j12 on 2 cores a client was seen
-# taking over 100 ms, and an unidentified job loses its learned footprint and
-# the check of distccd's status.
-IDENTIFY_GRACE = 0.5
+# the head is slow or never comes (not distcc: use --identify none). 0.3 s,
+# not the 0.1 s it was: on a loaded 2-core box running make -j12 a distcc
+# client can take over 100 ms, and an unidentified job loses its learned
+# footprint and the check of distccd's status.
+IDENTIFY_GRACE = 0.3
 
 # Out of fds (or kernel memory) at accept: wait this long before trying again
 # (trio's serve_listeners uses the same 100 ms).
