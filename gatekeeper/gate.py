@@ -15,8 +15,7 @@ import enum
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -54,6 +53,26 @@ class Ticket:
         return self.verdict is Verdict.ADMITTED
 
 
+class TicketScope:
+    """The async context manager `Gate.ticket` returns. A plain class, not
+    @asynccontextmanager: one is entered per connection, and the generator
+    machinery cost more than the arrival itself."""
+
+    __slots__ = ("_footprint", "_gate", "_key", "_ticket", "_weight")
+
+    def __init__(self, gate: Gate, footprint: int | None, key: Key, weight: int) -> None:
+        self._gate, self._footprint, self._key, self._weight = gate, footprint, key, weight
+        self._ticket: Ticket | None = None
+
+    async def __aenter__(self) -> Ticket:
+        self._ticket = self._gate._arrive(self._footprint, self._key, self._weight)
+        return self._ticket
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._ticket is not None
+        self._gate._release(self._ticket)
+
+
 class Gate:
     def __init__(self, admission: Admission, memory: MemorySource, *,
                  clock: Callable[[], float] = trio.current_time,
@@ -71,12 +90,15 @@ class Gate:
         self._last_hold: Hold | None = None
         self._watchers = trio.lowlevel.ParkingLot()
 
-    @asynccontextmanager
-    async def ticket(self, footprint: int | None = None, *, key: Key = None,
-                     weight: int = 1) -> AsyncIterator[Ticket]:
-        """Join the queue, expected to need `footprint` bytes (None: the policy's
-        default); the slot or queue place is released on exit, exactly once,
-        however the block ends (including cancellation)."""
+    def ticket(self, footprint: int | None = None, *, key: Key = None,
+               weight: int = 1) -> TicketScope:
+        """``async with gate.ticket(...) as ticket``: join the queue, expected to
+        need `footprint` bytes (None: the policy's default); the slot or queue
+        place is released on exit, exactly once, however the block ends
+        (including cancellation)."""
+        return TicketScope(self, footprint, key, weight)
+
+    def _arrive(self, footprint: int | None, key: Key, weight: int) -> Ticket:
         job = next(self._ids)
         refused = self.admission.arrive(job, self._clock(), footprint, key=key, weight=weight)
         ticket = Ticket(job, refused)
@@ -84,10 +106,7 @@ class Gate:
             self._tickets[job] = ticket
             ticket.event = trio.Event()
             self._decide()
-        try:
-            yield ticket
-        finally:
-            self._release(ticket)
+        return ticket
 
     async def wait(self, ticket: Ticket) -> Verdict:
         """Wait until the ticket is admitted, expired or drained. Cancelling the
