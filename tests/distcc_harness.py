@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
 LOOPBACK = "127.0.0.1"
 DISTCC_WHITELIST_DIR = Path("/usr/lib/distcc")
@@ -499,7 +499,56 @@ def _drop_user() -> pwd.struct_passwd | None:
     raise RuntimeError("running as root but no distccd/distcc/nobody account exists")
 
 
-class DistccServer:
+class _Daemon:
+    """A daemon started as its own process group with its output collected:
+    what DistccServer and GatekeeperProcess share. Use as a context manager."""
+
+    port: int
+    _proc: subprocess.Popen[str] | None
+    _output: LineCollector | None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def log_lines(self) -> list[str]:
+        return self._output.lines if self._output else []
+
+    @property
+    def log_text(self) -> str:
+        return "\n".join(self.log_lines)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop_process_group(self._proc)
+        if self._output is not None:
+            self._output.join(STOP_TIMEOUT_S)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+
+class DistccServer(_Daemon):
     """A real distccd on 127.0.0.1 whose every compile goes through the recording wrapper.
 
     Use as a context manager. `compile_log()` reads what the wrapper recorded so far.
@@ -528,34 +577,6 @@ class DistccServer:
         self._proc: subprocess.Popen[str] | None = None
         self._output: LineCollector | None = None
         self._launch: tuple[list[str], dict[str, str], Path] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def log_lines(self) -> list[str]:
-        return self._output.lines if self._output else []
-
-    @property
-    def log_text(self) -> str:
-        return "\n".join(self.log_lines)
-
-    def __enter__(self) -> DistccServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _prepare_workdir(self) -> tuple[Path, Path, pwd.struct_passwd | None]:
         user = _drop_user()
@@ -651,10 +672,7 @@ class DistccServer:
             raise RuntimeError(f"distccd did not come back:\n{self._output.text}")
 
     def stop(self) -> None:
-        if self._proc is not None:
-            _stop_process_group(self._proc)
-        if self._output is not None:
-            self._output.join(STOP_TIMEOUT_S)
+        super().stop()
         if self.workdir is not None and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -678,8 +696,6 @@ class DistccServer:
             )
         return self.job_summaries()
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
 
 # --------------------------------------------------------------------------------------
@@ -689,7 +705,7 @@ class DistccServer:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class GatekeeperProcess:
+class GatekeeperProcess(_Daemon):
     """`python -m gatekeeper ...` as a subprocess; ready once it logs its bound port."""
 
     def __init__(self, args: Sequence[str], *, startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
@@ -698,34 +714,6 @@ class GatekeeperProcess:
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
         self._output: LineCollector | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def log_lines(self) -> list[str]:
-        return self._output.lines if self._output else []
-
-    @property
-    def log_text(self) -> str:
-        return "\n".join(self.log_lines)
-
-    def __enter__(self) -> GatekeeperProcess:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         pythonpath = os.pathsep.join(
@@ -754,14 +742,6 @@ class GatekeeperProcess:
             )
         self.port = int(match["port"])
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            _stop_process_group(self._proc)
-        if self._output is not None:
-            self._output.join(STOP_TIMEOUT_S)
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
 
 # --------------------------------------------------------------------------------------
