@@ -28,6 +28,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import logging
 import os
 import select
 import socket
@@ -35,6 +36,8 @@ import socket
 import trio
 
 from .splice import PIPE_SIZE, Side, Transfer, describe_error, peer_gone
+
+log = logging.getLogger("gatekeeper")
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -46,6 +49,10 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 # Chunks (pipe loads) one job may move per turn before others get theirs.
 BUDGET = 16
 DEFAULT_PIPE = 65536  # Linux's default pipe capacity (16 pages)
+# A direction that has moved this much is a big transfer: its pipe grows to
+# PIPE_SIZE, so it moves in fewer splices.
+GROW_AFTER = 4 * DEFAULT_PIPE
+MAX_EVENTS = 256  # per epoll_wait; more simply wait for the next round
 
 
 class _State(enum.Enum):
@@ -57,8 +64,8 @@ class _State(enum.Enum):
 
 
 class _Direction:
-    __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "out", "pending",
-                 "pipe_r", "pipe_w", "ready", "size", "src_fd", "src_side", "to_backend",
+    __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "moved", "out",
+                 "pending", "pipe_r", "pipe_w", "ready", "size", "src_fd", "src_side", "to_backend",
                  "want")
 
     def __init__(self, src: trio.socket.SocketType, dst: trio.socket.SocketType,
@@ -67,10 +74,11 @@ class _Direction:
         self.src_side, self.dst_side = src_side, dst_side
         self.to_backend = dst_side is Side.BACKEND
         self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        # The kernel's default pipe (64 KiB) until a splice fills it: most
-        # requests and replies fit, and growing costs a syscall per pipe.
+        # The kernel's default pipe until the direction has moved GROW_AFTER:
+        # most requests and replies are smaller, and growing costs a syscall.
         self.size = DEFAULT_PIPE
         self.grown = False
+        self.moved = 0
         self.pending = 0
         """Bytes in the pipe, read from src, not yet written to dst."""
         self.out = b""
@@ -98,6 +106,7 @@ class _Direction:
                     return _State.BLOCKED
                 except OSError as e:
                     return job.fail(self.dst_side, e)
+                transfer.reply_head += self.out[:n]  # kept once delivered, as splice.py does
                 self.out = self.out[n:]
                 self._count(transfer, n)
                 continue
@@ -126,18 +135,18 @@ class _Direction:
                 return job.fail(self.src_side, e)
             if n == 0:
                 return self._end(job)
-            if n == self.size and not self.grown:
+            self.moved += n
+            if self.moved >= GROW_AFTER and not self.grown:
                 self._grow()
             if self.want:
                 self.want -= n
                 self.out = data
-                transfer.reply_head += data
             else:
                 self.pending = n
         return _State.BUSY
 
     def _grow(self) -> None:
-        """A full pipe: a big transfer, which moves in fewer splices with 1 MiB."""
+        """A big transfer: it moves in fewer splices through 1 MiB."""
         self.grown = True
         # Refused (pipe-max-size, pipe-user-pages-soft): the default pipe works.
         with contextlib.suppress(OSError):
@@ -190,6 +199,8 @@ class _Job:
 
     def pump(self) -> _State:
         """Run the directions the kernel has news for until they would block."""
+        if self.finished:  # failed: its handler has yet to run; touch nothing
+            return _State.DONE
         for direction in (self.up, self.down):
             if direction.ready and not direction.complete:
                 state = direction.pump(self)
@@ -202,8 +213,12 @@ class _Job:
         return _State.BUSY if self.up.ready or self.down.ready else _State.BLOCKED
 
     def fail(self, side: Side, exc: OSError) -> _State:
+        """A socket call on `side` failed: the job is over. Whatever the errno
+        (a reset, or EHOSTUNREACH from a client whose host vanished), it is
+        about this connection only; raising here would stop the relay and with
+        it every other job."""
         if not peer_gone(exc):
-            raise exc  # not about this connection: a bug, and loud
+            log.warning("job ended by an unusual error on the %s side: %s", side.value, exc)
         if self.transfer.failed is None:
             self.transfer.failed = side
             self.transfer.error = describe_error(exc)
@@ -240,7 +255,7 @@ class Relay:
                     with self._sleep:
                         await trio.lowlevel.wait_readable(self._epoll.fileno())
                     self._sleep = None
-                for fd, events in self._epoll.poll(0):
+                for fd, events in self._epoll.poll(0, MAX_EVENTS):
                     job = self._jobs.get(fd)
                     if job is not None:
                         job.note(fd, events)
@@ -277,7 +292,7 @@ class Relay:
         finally:
             for fd in registered:
                 del self._jobs[fd]
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):  # ValueError: relay closed
                     self._epoll.unregister(fd)
             self._ready.pop(job, None)
             job.close()

@@ -68,6 +68,13 @@ IDENTIFY_GRACE = 0.3
 # (trio's serve_listeners uses the same 100 ms).
 ACCEPT_RETRY = 0.1
 _ACCEPT_OVERLOAD = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Errors accept() reports about the one connection it was taking (Linux passes
+# on errors pending on the new socket; netfilter can refuse with EPERM): skip
+# it and accept the next, as trio's own SocketListener does.
+_ACCEPT_IGNORABLE = {getattr(errno, name) for name in (
+    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ETIMEDOUT", "ECONNRESET")
+    if hasattr(errno, name)}
 
 # fds kept back from the connection budget for everything that is not a
 # client: listeners, epoll sets, logging, /proc reads, the state file.
@@ -342,6 +349,8 @@ class Server:
                 continue
             except OSError as e:
                 self._budget.release()
+                if e.errno in _ACCEPT_IGNORABLE:
+                    continue  # that one connection failed (a firewall, an early reset)
                 if e.errno not in _ACCEPT_OVERLOAD:
                     raise
                 log.error("accept: %s; retrying in %gs", os.strerror(e.errno or 0),
@@ -547,6 +556,15 @@ class Server:
                 await splice(stream, backend, transfer, reply_prefix=prefix,
                              idle_timeout=self.config.idle_timeout)
             record.compile = parse_reply_status(transfer.reply_head)
+        except OSError as e:  # no fds left for the splice's pipes (EMFILE, ENFILE)
+            transfer.failed = Side.BACKEND
+            transfer.error = f"cannot relay: {e}"
+        except BaseException:
+            # Cancelled (the drain deadline) or a bug: the job is cut off, and
+            # both peers must see a reset, never a clean end after half a reply.
+            abort(stream)
+            abort(backend)
+            raise
         finally:
             if transfer.idle:
                 abort(stream)

@@ -391,3 +391,96 @@ async def test_a_peer_that_opens_and_never_sends_harms_nobody(
         assert await receive_until_closed(silent) == b""
         assert 600 <= trio.current_time() - start <= 601
         await silent.aclose()
+
+
+async def test_an_unusual_socket_error_ends_that_job_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """EHOSTUNREACH (a client whose host vanished, as keepalive reports it) from the
+    data path ends that job; the relay and every other job carry on."""
+    import errno
+
+    from gatekeeper import relay
+    real_splice = os.splice
+    struck: list[int] = []
+
+    def splice(src: int, dst: int, count: int, *args: object, **kw: object) -> int:
+        if not struck:
+            struck.append(src)
+            raise OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH))
+        return real_splice(src, dst, count, *args, **kw)  # type: ignore[arg-type]
+
+    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
+        if gk.server.relay is None:
+            pytest.skip("no zero-copy relay on this platform")
+        monkeypatch.setattr(relay.os, "splice", splice)
+        victim = await gk.connect()
+        await victim.send_all(b"first")
+        with pytest.raises(trio.BrokenResourceError):
+            async for _ in victim:
+                pass
+        await victim.aclose()
+        assert struck
+        bystander = await gk.connect()
+        await bystander.send_all(b"second")
+        await bystander.send_eof()
+        assert await receive_all(bystander) == b"second"
+        await bystander.aclose()
+
+
+async def test_an_accept_error_about_one_connection_is_skipped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """accept() can fail for the connection it was taking (ECONNABORTED, EPERM from
+    a firewall): the server skips it and keeps accepting."""
+    import errno
+    import socket
+
+    real_accept = socket.socket.accept
+    failed: list[int] = []
+
+    async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
+        port = gk.address.port
+
+        def accept(self: socket.socket) -> tuple[socket.socket, object]:
+            if not failed and self.getsockname()[1] == port:
+                conn, _ = real_accept(self)
+                conn.close()  # that connection is lost, as the kernel would lose it
+                failed.append(port)
+                raise OSError(errno.ECONNABORTED, "Software caused connection abort")
+            return real_accept(self)
+
+        monkeypatch.setattr(socket.socket, "accept", accept)
+        lost = await gk.connect()
+        assert await receive_until_closed(lost) == b""
+        await lost.aclose()
+        assert failed
+        client = await gk.connect()
+        await client.send_all(b"still here")
+        await client.send_eof()
+        assert await receive_all(client) == b"still here"
+        await client.aclose()
+
+
+async def test_a_job_cut_off_by_the_drain_deadline_is_reset_both_ways(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A clean FIN after half a reply could pass for a whole one: a job the drain
+    deadline cuts off ends with a reset to the client (and to the backend)."""
+    backend_saw: list[str] = []
+
+    async def half_then_hang(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"half a reply")
+        try:
+            await stream.receive_some()
+            backend_saw.append("eof")
+        except trio.BrokenResourceError:
+            backend_saw.append("reset")
+
+    async with backend(half_then_hang) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(b"request")
+        assert await client.receive_some() == b"half a reply"
+        gk.server.stop()
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_some()
+        await client.aclose()
+    assert backend_saw == ["reset"]
