@@ -98,7 +98,8 @@ _CLIENT_ERROR = re.compile(r"distcc\[\d+\] (?:\(\w+\) )?ERROR:")
 _KILLED = re.compile(r"Killed signal terminated program|killed by signal 9|signal 9")
 _GK_END = re.compile(
     r"end peer=\S+ outcome=(?P<outcome>\S+) wait=(?P<wait>[\d.]+)s run=(?P<run>[\d.]+)s"
-    r".*?(?: job=(?P<job>\S+))?(?: est=(?P<est>\d+)MiB)?(?: peak=(?P<peak>\d+)MiB)?"
+    r".*?(?: job=(?P<job>\S+))?(?: compile=(?P<compile>\S+))?(?: oom=yes)?"
+    r"(?: est=(?P<est>\d+)MiB)?(?: peak=(?P<peak>\d+)MiB)?"
     r"(?: reason=.*)?$")
 _GK_HOLD = re.compile(r"holding \d+: ")
 _MAXRSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
