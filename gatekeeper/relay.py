@@ -202,11 +202,15 @@ class _Job:
         if self.finished:  # failed: its handler has yet to run; touch nothing
             return _State.DONE
         for direction in (self.up, self.down):
-            if direction.ready and not direction.complete:
-                state = direction.pump(self)
-                if self.finished:
-                    return _State.DONE
-                direction.ready = state is _State.BUSY
+            if not direction.ready:
+                continue
+            if direction.complete:  # an event on a socket whose direction is over
+                direction.ready = False
+                continue
+            state = direction.pump(self)
+            if self.finished:
+                return _State.DONE
+            direction.ready = state is _State.BUSY
         if self.up.complete and self.down.complete:
             self._finish()
             return _State.DONE

@@ -506,3 +506,25 @@ async def test_a_bulk_transfer_does_not_starve_a_small_job() -> None:
             await small.aclose()
         assert moved < 2048 * MiB  # the small job finished while the bulk one ran
         await bulk.aclose()
+
+
+async def test_a_half_closed_client_waiting_for_its_reply_costs_nothing() -> None:
+    """Request, shutdown(SHUT_WR), then a long wait for the reply: while it waits,
+    every task must be asleep (no data path spinning on the finished direction)."""
+    release = trio.Event()
+
+    async def slow(stream: trio.SocketStream) -> None:
+        request = await receive_all(stream)
+        await release.wait()
+        await stream.send_all(request.upper())
+
+    async with backend(slow) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(b"request")
+        await client.send_eof()
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        with trio.fail_after(2):
+            await trio.testing.wait_all_tasks_blocked(0.05)
+        release.set()
+        assert await receive_all(client) == b"REQUEST"
+        await client.aclose()
