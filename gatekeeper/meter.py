@@ -72,10 +72,20 @@ def tree_rss(pid: int) -> int | None:
     return total
 
 
+def _read(path: str) -> bytes:
+    """A small /proc file in one read: os.open/os.read, not open(), which adds an
+    fstat, an lseek and an isatty ioctl per file -- this runs five times a
+    second for every process of every running job."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
 def _rss(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
+        return int(_read(f"/proc/{pid}/statm").split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
 
@@ -88,8 +98,7 @@ def _children(pid: int) -> list[int]:
         return out
     for tid in tasks:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(c) for c in f.read().split())
+            out.extend(int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split())
         except (OSError, ValueError):
             continue
     return out
