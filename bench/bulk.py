@@ -50,8 +50,7 @@ class Sink:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        view = memoryview(bytearray(CHUNK))
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -59,49 +58,43 @@ class Sink:
                 return
             # A reset (wait_port's probe through a proxy) ends that connection only.
             with conn, contextlib.suppress(OSError):
-                # An 8-byte length first, so no half-close is needed (which
-                # systemd-socket-proxyd would not pass on).
-                header = b""
-                while len(header) < 8:
-                    more = conn.recv(8 - len(header))
-                    if not more:
-                        break
-                    header += more
-                left = int.from_bytes(header, "big") if len(header) == 8 else 0
+                left = _length(conn)
                 while left > 0:
                     n = conn.recv_into(view[:min(CHUNK, left)])
                     if not n:
                         break
+                    self._received(conn, view[:n])
                     left -= n
                 if left == 0:
-                    conn.sendall(b"ok")
+                    self._done(conn)
+
+    def _received(self, conn: socket.socket, data: memoryview) -> None:
+        pass  # dropped
+
+    def _done(self, conn: socket.socket) -> None:
+        conn.sendall(b"ok")
 
 
 class Echo(Sink):
     """A backend that sends back everything it receives (after the length header)."""
 
-    def _serve(self) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                header = b""
-                while len(header) < 8:
-                    more = conn.recv(8 - len(header))
-                    if not more:
-                        break
-                    header += more
-                left = int.from_bytes(header, "big") if len(header) == 8 else 0
-                while left > 0:
-                    n = conn.recv_into(view[:min(CHUNK, left)])
-                    if not n:
-                        break
-                    conn.sendall(view[:n])
-                    left -= n
+    def _received(self, conn: socket.socket, data: memoryview) -> None:
+        conn.sendall(data)
+
+    def _done(self, conn: socket.socket) -> None:
+        pass
+
+
+def _length(conn: socket.socket) -> int:
+    """The 8-byte length a bulk client sends first, so no half-close is needed
+    (systemd-socket-proxyd would not pass it on); 0 if the peer left early."""
+    header = b""
+    while len(header) < 8:
+        more = conn.recv(8 - len(header))
+        if not more:
+            return 0
+        header += more
+    return int.from_bytes(header, "big")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
