@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .admission import JobId, Snapshot
 from .agent import BackendCheck, health
+from .distcc_reply import CompileStatus
 from .gate import Gate
 from .memory import MemorySource
 
@@ -42,6 +43,8 @@ REJECT_REASONS = ("denied", "queue-full", "draining", "queue-timeout", "client-g
                   "backend-error", "command-error")
 NOT_RUN = frozenset(REJECT_REASONS)
 COMPLETED_OUTCOMES = ("ok", "client-error", "backend-failed", "idle-timeout", "command-failed")
+# How distccd said a compile went (proxy mode; see distcc_reply).
+COMPILE_RESULTS = ("ok", "failed", "killed")
 
 # Queue waits: from "admitted at once" to the 240 s queue timeout.
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 240, float("inf"))
@@ -60,6 +63,8 @@ class Ended(Protocol):
     accepted: float
     admitted: float | None
     ended: float | None
+    compile: CompileStatus | None
+    oom_seen: bool
 
     @property
     def bytes_in(self) -> int: ...
@@ -100,6 +105,14 @@ class Observatory:
                                registry=r)
         self._run = Histogram("gatekeeper_job_run_seconds", "Time jobs ran once admitted",
                               buckets=RUN_BUCKETS, registry=r)
+        self._compiles = Counter("gatekeeper_compiles",
+                                 "distcc compiles by what distccd reported: ok, failed (an exit "
+                                 "status), killed (by a signal)", ["result"], registry=r)
+        for result in COMPILE_RESULTS:
+            self._compiles.labels(result)
+        self._oom_struck = Counter("gatekeeper_oom_struck_jobs",
+                                   "Jobs that failed while the kernel's OOM killer struck",
+                                   registry=r)
         self._in = Counter("gatekeeper_client_to_backend_bytes",
                            "Bytes passed from clients to the backend", registry=r)
         self._out = Counter("gatekeeper_backend_to_client_bytes",
@@ -121,6 +134,12 @@ class Observatory:
             self._wait.observe(max(0.0, record.admitted - record.accepted))
             if outcome not in NOT_RUN and record.ended is not None:
                 self._run.observe(max(0.0, record.ended - record.admitted))
+        status = record.compile
+        if status is not None:
+            result = "ok" if status.ok else "killed" if status.signal is not None else "failed"
+            self._compiles.labels(result).inc()
+        if record.oom_seen:
+            self._oom_struck.inc()
         if record.bytes_in:
             self._in.inc(record.bytes_in)
         if record.bytes_out:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 from fakes import config, gatekeeper, receive_all
+from prometheus_client import generate_latest
 
 from gatekeeper.addresses import TcpAddress
 from gatekeeper.distcc_reply import encode_reply_head, parse_reply_status
@@ -180,6 +181,10 @@ async def test_what_is_learned_follows_how_the_compile_ended(
         await client.aclose()
     # The server has stopped: every connection's end is logged and learned from.
     book, key = gk.server.book, key_of("x.o", 30, stat)
+    metrics = generate_latest(gk.server.observatory.registry).decode()
+    result = "ok" if stat == 0 else "killed" if stat == signal.SIGKILL else "failed"
+    assert f'gatekeeper_compiles_total{{result="{result}"}} 1.0' in metrics
+    assert f"gatekeeper_oom_struck_jobs_total {1.0 if oom and stat else 0.0}" in metrics
     end = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("end "))
     assert f"compile={parse_reply_status(encode_reply_head(stat)).describe()}" in end
     assert ("oom=yes" in end) == (oom and stat != 0)
