@@ -35,7 +35,7 @@ import socket
 
 import trio
 
-from .splice import PIPE_SIZE, Side, Transfer, describe_error, peer_gone
+from .splice import PIPE_SIZE, Side, Transfer, describe_error, means_peer_gone
 
 log = logging.getLogger("gatekeeper")
 
@@ -221,7 +221,7 @@ class _Job:
         (a reset, or EHOSTUNREACH from a client whose host vanished), it is
         about this connection only; raising here would stop the relay and with
         it every other job."""
-        if not peer_gone(exc):
+        if not means_peer_gone(exc):
             log.warning("job ended by an unusual error on the %s side: %s", side.value, exc)
         if self.transfer.failed is None:
             self.transfer.failed = side

@@ -185,7 +185,7 @@ async def _idle_watch(transfer: Transfer, idle_for: float, cancel: trio.CancelSc
 _BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
-def peer_gone(e: OSError) -> bool:
+def means_peer_gone(e: OSError) -> bool:
     """Whether an error from a socket call means the peer is gone (as opposed to
     a bug here)."""
     return isinstance(e, _BROKEN) or e.errno in (errno.ENOTCONN, errno.EBADF)

@@ -1076,7 +1076,7 @@ def gatekeeper_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class ServiceProcess:
+class ServiceProcess(_Daemon):
     """Any command in its own session, stdout+stderr collected line by line.
 
     For runs GatekeeperProcess does not cover: under systemd-socket-activate (which
@@ -1105,14 +1105,6 @@ class ServiceProcess:
     def pid(self) -> int:
         return self._proc.pid
 
-    @property
-    def log_text(self) -> str:
-        return self._output.text
-
-    @property
-    def log_lines(self) -> list[str]:
-        return self._output.lines
-
     def wait_for(self, pattern: re.Pattern[str], timeout: float = STARTUP_TIMEOUT_S
                  ) -> re.Match[str]:
         match = self._output.wait_for(pattern, timeout)
@@ -1136,22 +1128,13 @@ class ServiceProcess:
     def poll(self) -> int | None:
         return self._proc.poll()
 
+    def start(self) -> None:
+        pass  # started by __init__
+
     def stop(self) -> None:
-        _stop_process_group(self._proc)
-        self._output.join(STOP_TIMEOUT_S)
-        if self._proc.stdout is not None:
+        super().stop()
+        if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()
-
-    def __enter__(self) -> ServiceProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:
