@@ -719,8 +719,12 @@ class Bench:
         env_bin = shutil.which("env") or "/usr/bin/env"
         command = [env_bin, f"PATH={self.bin_dir}:{SYSTEM_PATH}",
                    f"TMPDIR={self.run_dir / 'tmp'}", distccd, "--inetd", "--log-stderr",
-                   "--log-level", "info", "--allow", LOOPBACK, "--user", self.user.pw_name]
-        argv = self.cgroup.enter_argv([*self._gatekeeper_argv(state_dir, []), "--", *command])
+                   "--log-level", "info", "--user", self.user.pw_name]
+        # Clients are filtered by gatekeeper's --allow; distccd has none, so
+        # --inetd-io auto relays each job and wakes distccd when its compiler ends.
+        extra = ["--inetd-io", self.args.inetd_io]
+        argv = self.cgroup.enter_argv([*self._gatekeeper_argv(state_dir, extra), "--",
+                                       *command])
         daemon = Daemon(argv, self.logs / f"{name}-gatekeeper.log", env=self._gatekeeper_env(),
                         cwd=self.workdir)
         self.daemons.append(daemon)
@@ -1155,6 +1159,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run only these configurations")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS-memory.md",
                    help="markdown report (default bench/RESULTS-memory.md); '-' for none")
+    p.add_argument("--inetd-io", choices=["auto", "direct", "relay"], default="auto",
+                   help="gatekeeper's --inetd-io for runs e and f")
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     return p.parse_args(argv)
 

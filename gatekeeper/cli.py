@@ -57,6 +57,7 @@ from .config import (
     DEFAULT_QUEUE_TIMEOUT,
     DISTCC_PORT,
     Config,
+    InetdIo,
 )
 from .fairness import FairBy, Priorities
 from .inetd import Command
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", choices=["splice", "copy"], default="splice",
                    help="move bytes in the kernel with splice(2) (Linux), or copy them "
                         "through a buffer (default: splice where available)")
+    p.add_argument("--inetd-io", choices=[m.value for m in InetdIo], default="auto",
+                   help="inetd mode: give COMMAND the client socket itself (direct), or a "
+                        "socket gatekeeper relays (relay: distccd's compile status is read "
+                        "and distccd --inetd's one-second wait for its compiler is cut "
+                        "short, but distccd sees a unix-domain client, which its --allow "
+                        "refuses); auto: relay distcc jobs unless COMMAND has --allow "
+                        "(default: auto)")
     p.add_argument("--queue-timeout", type=_positive_number, default=DEFAULT_QUEUE_TIMEOUT,
                    metavar="SECONDS",
                    help="close a job that waited this long (default: "
@@ -312,6 +320,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         agent=agent,
         fair_by=fair_by,
         zero_copy=args.data_path == "splice",
+        inetd_io=InetdIo(args.inetd_io),
         idle_timeout=args.idle_timeout,
         max_per_client=args.max_per_client,
         priorities=priorities,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,23 @@ DEFAULT_FAIR_BY = FairBy("client")
 NO_PRIORITIES = Priorities()
 
 
+class InetdIo(enum.Enum):
+    """What an inetd-mode COMMAND gets as its stdin and stdout.
+
+    DIRECT: the client socket itself, as inetd does: the child sees the real
+    peer address, and no byte passes through gatekeeper.
+    RELAY: one end of a socketpair that gatekeeper relays: distccd's compile
+    status is read like a backend's, and ``distccd --inetd``'s whole-second
+    wait for its compiler is cut short (`inetd_wake`); the child sees a
+    unix-domain peer, so distccd's own --allow would refuse it.
+    AUTO: RELAY for distcc jobs unless COMMAND has --allow; DIRECT otherwise.
+    """
+
+    AUTO = "auto"
+    DIRECT = "direct"
+    RELAY = "relay"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: tuple[Address, ...]
@@ -77,6 +95,8 @@ class Config:
     never: distccd sends nothing until a compile ends, and big compiles are long)."""
     zero_copy: bool = True
     """Move bytes with os.splice where the platform has it (else a buffer copy)."""
+    inetd_io: InetdIo = InetdIo.AUTO
+    """inetd mode: what COMMAND gets as stdin/stdout (see InetdIo)."""
     max_memory_pressure: float | None = None
     """Hold jobs while PSI memory `some avg10` exceeds this percentage."""
     metrics: Address | None = None

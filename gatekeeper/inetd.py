@@ -1,18 +1,20 @@
-"""inetd mode: one COMMAND per admitted connection, the client socket as its stdin/stdout.
+"""inetd mode: one COMMAND per admitted connection, on its stdin/stdout.
 
 ``gatekeeper [options] -- distccd --inetd ...`` works like inetd, tcpserver or
 ``systemd-socket-activate --inetd``, except that a connection waits in
 gatekeeper's queue until admitted instead of getting its process at once. Why
 run a process per job instead of splicing to a daemon:
 
-* the child holds the real client socket, so distccd sees (and checks with
-  its own ``--allow``) the real peer address, not 127.0.0.1;
-* no byte passes through gatekeeper once the job runs;
 * each job is one process tree, which is what a per-job memory meter needs:
   `CommandRunner.children` maps the pid of every running child to its
   `trio.Process`, and `on_start` / `on_exit` report each pid as it comes and
   goes. The child leads its own process group (and session), so its tree is
   ``/proc/*/stat`` entries with that pgid, or can be signalled as one.
+
+What the child gets as stdin/stdout is the server's choice (``--inetd-io``):
+the client socket itself (this module's default: the child sees the real peer
+address, and no byte passes through gatekeeper), or one end of a socketpair the
+server relays (`inetd_wake` says why). `CommandRunner.run` takes either.
 
 Resource handling:
 
@@ -45,6 +47,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -108,6 +111,14 @@ class Exit:
         return f"exit status {self.returncode}"
 
 
+def filters_peers(command: Command) -> bool:
+    """Whether COMMAND checks its client's address itself (distccd's ``--allow``
+    / ``-a``): then it must get the real client socket, since through a relay
+    every client is a unix-domain socket, which distccd's access list refuses."""
+    return any(arg.startswith("--allow") or (arg.startswith("-a") and not arg.startswith("--"))
+               for arg in command.argv[1:])
+
+
 class CommandRunner:
     """Runs `command` once per job; see the module docstring for who owns what."""
 
@@ -121,11 +132,16 @@ class CommandRunner:
         self.children: dict[int, trio.Process] = {}
         """Running children by pid (a frozen copy is cheap: ``dict(children)``)."""
 
-    async def run(self, stream: trio.SocketStream, *,
+    async def run(self, stdio: socket.socket | trio.socket.SocketType, *, blocking: bool = True,
                   started: Callable[[int], None] | None = None) -> Exit:
-        """Run the command on `stream` until it exits. Does not close `stream`."""
-        fd = stream.socket.fileno()
-        os.set_blocking(fd, True)
+        """Run the command with `stdio` as its stdin and stdout until it exits.
+        Does not close `stdio`. `blocking`: clear O_NONBLOCK (shared with the
+        child) for the child's lifetime, as most inetd programs expect, and set
+        it again afterwards; False leaves the flag as the caller set it.
+        `started(pid)` runs once the child exists (before this waits)."""
+        fd = stdio.fileno()
+        if blocking:
+            os.set_blocking(fd, True)
         try:
             try:
                 proc = await trio.lowlevel.open_process(
@@ -151,8 +167,9 @@ class CommandRunner:
                     self.on_exit(proc.pid)
             return Exit(proc.pid, proc.returncode)
         finally:
-            with contextlib.suppress(OSError):  # closed already: nothing to restore
-                os.set_blocking(fd, False)
+            if blocking and stdio.fileno() != -1:  # closed already: nothing to restore
+                with contextlib.suppress(OSError):
+                    os.set_blocking(fd, False)
 
     async def _stop(self, proc: trio.Process) -> None:
         _signal_group(proc, signal.SIGTERM)

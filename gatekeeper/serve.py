@@ -19,6 +19,7 @@ clients, and gives running jobs `drain_timeout` seconds before cancelling them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,12 +33,13 @@ import trio
 from .addresses import Address, connect, listener_address, open_listeners
 from .admission import Admission, Limits
 from .agent import BackendCheck
-from .config import Config
+from .config import Config, InetdIo
 from .distcc_reply import REPLY_HEAD, CompileStatus, parse_reply_status
 from .distcc_request import INCOMPLETE, DistccJob, Unparsed
 from .footprints import FootprintBook
 from .gate import Gate, Verdict
-from .inetd import Command, CommandRunner
+from .inetd import Command, CommandRunner, Exit, filters_peers
+from .inetd_wake import Waker, oob_available
 from .liveness import ClientWatch
 from .memory import MemorySource, format_bytes
 from .meter import Meter, SocketFinder, backend_process
@@ -54,6 +56,11 @@ log = logging.getLogger("gatekeeper")
 # After SIGTERM running jobs get this long to finish. A compile that is half
 # done is worth finishing; systemd's own stop timeout (90 s) is above this.
 DEFAULT_DRAIN_TIMEOUT = 60.0
+
+# Relayed inetd mode: once the child has exited, its reply is delivered as long
+# as bytes keep moving; a relay that stalls this long after the exit (something
+# the child left behind holds its socket open) is cut off.
+EXIT_GRACE = 5.0
 
 # How long a new connection may take to show its request head before it joins
 # the queue as an unknown job. A distcc client writes the head right after
@@ -243,6 +250,11 @@ class Server:
         # inetd mode: each admitted job runs `command` on the client socket
         # instead of being spliced to config.backend.
         self.runner = CommandRunner(command) if command is not None else None
+        # Relayed inetd mode (see InetdIo): auto relays distcc jobs unless the
+        # command checks client addresses itself; distccd is woken (inetd_wake)
+        # where the kernel allows.
+        self._auto_relay = command is not None and not filters_peers(command)
+        self.waker = Waker() if command is not None and oob_available() else None
         self._stop = trio.Event()
         self.addresses: list[str] = []
         self.metrics_addresses: list[str] = []
@@ -282,6 +294,8 @@ class Server:
             root.start_soon(self.meter.run)
             if self.relay is not None:
                 root.start_soon(self.relay.run)
+            if self.waker is not None:
+                root.start_soon(self.waker.run)
             if self.config.state_dir is not None:
                 root.start_soon(self._save_periodically)
             async with trio.open_nursery() as handlers:
@@ -546,7 +560,18 @@ class Server:
             record.detail = f"connect {backend_address}: {e or 'timed out'}"
             return
         record.backend_ends = _tcp_ends(backend)
-        transfer = record.transfer = Transfer()
+        try:
+            transfer = await self._relay_job(stream, backend, record, Transfer())
+        finally:
+            backend.socket.close()
+        self._settle(record, transfer)
+
+    async def _relay_job(self, stream: trio.SocketStream, backend: trio.SocketStream,
+                         record: ConnectionLog, transfer: Transfer) -> Transfer:
+        """Move the job's bytes both ways until done, recording it in `transfer`;
+        on failure make sure each peer sees a reset, never a clean end after half
+        a reply. Does not close either stream."""
+        record.transfer = transfer
         try:
             prefix = REPLY_HEAD if record.job_key is not None else 0
             if self.relay is not None:
@@ -560,8 +585,7 @@ class Server:
             transfer.failed = Side.BACKEND
             transfer.error = f"cannot relay: {e}"
         except BaseException:
-            # Cancelled (the drain deadline) or a bug: the job is cut off, and
-            # both peers must see a reset, never a clean end after half a reply.
+            # Cancelled (the drain deadline) or a bug: the job is cut off.
             abort(stream)
             abort(backend)
             raise
@@ -573,32 +597,43 @@ class Server:
                 abort(stream)
             elif transfer.failed is Side.CLIENT:
                 abort(backend)
-            backend.socket.close()
+        return transfer
+
+    def _settle(self, record: ConnectionLog, transfer: Transfer,
+                exited: Exit | None = None) -> None:
+        """The job's outcome from how its bytes (and, relayed inetd, its child) ended."""
         if transfer.idle:
             record.outcome = "idle-timeout"
             record.detail = f"no byte either way for {self.config.idle_timeout:g}s"
-        elif transfer.failed is None:
-            record.outcome = "ok"
-            if record.job_key is not None and len(transfer.reply_head) < REPLY_HEAD:
-                # distccd answers every request it finished with DONE and STAT; a
-                # clean EOF before them is a distccd that died or gave up (a
-                # restart, a crash; a client half-close makes it kill the job).
-                client_eof = transfer.eofs[:1] == [Side.CLIENT]
-                record.outcome = "client-gone" if client_eof else "backend-failed"
-                record.detail = (f"{'after the client half-closed, ' if client_eof else ''}"
-                                 f"the backend closed after {len(transfer.reply_head)} bytes "
-                                 "of reply, before distccd's status")
-        else:
+        elif transfer.failed is not None:
             record.outcome = "client-error" if transfer.failed is Side.CLIENT else "backend-failed"
             record.detail = transfer.error
+        elif exited is not None and not exited.ok:
+            record.outcome = "command-failed"
+            record.detail = exited.describe()
+        elif record.job_key is not None and len(transfer.reply_head) < REPLY_HEAD:
+            # distccd answers every request it finished with DONE and STAT; a
+            # clean EOF before them is a distccd that died or gave up (a
+            # restart, a crash; a client half-close makes it kill the job).
+            client_eof = transfer.eofs[:1] == [Side.CLIENT]
+            record.outcome = "client-gone" if client_eof else "backend-failed"
+            record.detail = (f"{'after the client half-closed, ' if client_eof else ''}"
+                             f"the backend closed after {len(transfer.reply_head)} bytes "
+                             "of reply, before distccd's status")
+        else:
+            record.outcome = "ok"
 
     async def _run_command(self, runner: CommandRunner, stream: trio.SocketStream,
                            record: ConnectionLog) -> None:
         """inetd mode: the job is the child's lifetime; the caller closes the client."""
+        if self._relays(record):
+            await self._run_command_relayed(runner, stream, record)
+            return
+
         def started(pid: int) -> None:
             record.pid = pid
 
-        result = await runner.run(stream, started=started)
+        result = await runner.run(stream.socket, started=started)
         if result.error is not None:
             record.outcome = "command-error"  # never started: the client falls back
         elif result.returncode != 0:
@@ -607,6 +642,66 @@ class Server:
             record.outcome = "ok"
         if not result.ok:
             record.detail = result.describe()
+
+    def _relays(self, record: ConnectionLog) -> bool:
+        """Whether this inetd job gets a relayed socketpair (see `InetdIo`)."""
+        mode = self.config.inetd_io
+        if mode is InetdIo.AUTO:
+            return record.job_key is not None and self._auto_relay
+        return mode is InetdIo.RELAY
+
+    async def _run_command_relayed(self, runner: CommandRunner, stream: trio.SocketStream,
+                                   record: ConnectionLog) -> None:
+        """inetd mode through a socketpair: the child gets one end, the job's bytes
+        are relayed through the other like a backend connection's (so distccd's
+        status is read), and a distcc job's distccd is woken when its compiler
+        is done (`inetd_wake`). The job ends when the child has exited and the
+        relay has delivered what it wrote; a relay that moves nothing for
+        `EXIT_GRACE` after the child exited (a grandchild holding the socket) is
+        cut off."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        wake = record.job_key is not None and self.waker is not None
+        theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
+        backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        transfer = Transfer()
+        transfer.last_activity = trio.current_time()
+        relayed = trio.Event()
+        relay_scope = trio.CancelScope()
+        try:
+            async with trio.open_nursery() as nursery:
+                async def relay() -> None:
+                    with relay_scope:
+                        await self._relay_job(stream, backend, record, transfer)
+                    if relay_scope.cancelled_caught:
+                        transfer.failed = Side.BACKEND
+                        transfer.error = (f"the command exited; nothing more moved "
+                                          f"for {EXIT_GRACE:g}s")
+                    relayed.set()
+
+                def started(pid: int) -> None:
+                    record.pid = pid
+                    theirs.close()  # the child's copies are the only ones now
+                    nursery.start_soon(relay)
+
+                with contextlib.ExitStack() as waking:
+                    if wake and self.waker is not None:
+                        waking.enter_context(self.waker.waking(ours))
+                    result = await runner.run(theirs, blocking=False, started=started)
+                if result.error is not None:
+                    record.outcome = "command-error"  # never started: the client falls back
+                    record.detail = result.describe()
+                    return
+                while not relayed.is_set():
+                    with trio.move_on_at(transfer.last_activity + EXIT_GRACE):
+                        await relayed.wait()
+                    if (not relayed.is_set()
+                            and trio.current_time() >= transfer.last_activity + EXIT_GRACE):
+                        relay_scope.cancel()
+                        await relayed.wait()
+            self._settle(record, transfer, result)
+        finally:
+            theirs.close()
+            ours.close()
 
 
 async def open_all(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:

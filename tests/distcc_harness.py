@@ -1163,6 +1163,9 @@ class InetdDistccd(DistccServer):
     """
 
     command: list[str]
+    allow: bool = True
+    """Pass distccd --allow (it then needs the real client socket: --inetd-io
+    auto gives it that); False leaves distccd unfiltered, so auto relays it."""
 
     def start(self) -> None:
         bin_dir, run_dir, user = self._prepare_workdir()
@@ -1180,9 +1183,9 @@ class InetdDistccd(DistccServer):
             "--log-stderr",
             "--log-level",
             "info",
-            "--allow",
-            LOOPBACK,
         ]
+        if self.allow:
+            self.command += ["--allow", LOOPBACK]
         if user is not None:
             self.command += ["--user", user.pw_name]
 

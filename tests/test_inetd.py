@@ -9,7 +9,9 @@ checked for leftovers in /proc.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import signal
@@ -37,9 +39,12 @@ from distcc_harness import (
 )
 from fakes import Running, config, receive_all, receive_until_closed
 
+from gatekeeper import serve
 from gatekeeper.addresses import TcpAddress
-from gatekeeper.config import Config
-from gatekeeper.inetd import Command, CommandRunner, Exit
+from gatekeeper.config import Config, InetdIo
+from gatekeeper.distcc_request import encode_request_head
+from gatekeeper.inetd import Command, CommandRunner, Exit, filters_peers
+from gatekeeper.inetd_wake import oob_available
 from gatekeeper.memory import FixedMemory
 from gatekeeper.serve import Server, open_all
 
@@ -203,6 +208,159 @@ def test_command_resolve() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Relayed inetd mode (--inetd-io): the child gets a socketpair gatekeeper relays
+# --------------------------------------------------------------------------------------
+
+# Like distccd --inetd: read the whole request, run a "compiler", and wait for it
+# with waitpid(WNOHANG) + select() on the client socket with a 1 s timeout, taking
+# a readable socket whose read finds nothing for a spurious wakeup. Its reply is
+# distccd's status head, then what it saw: how often it was woken that way, any
+# stray byte it read while waiting, its stdin's blocking flag and family, and a
+# digest of the request.
+FAKE_DISTCCD = r"""
+import hashlib, os, select, socket, subprocess, sys
+need = int(sys.argv[1])
+stdin = socket.socket(fileno=0)
+family, blocking = stdin.family.name, os.get_blocking(0)
+stdin.detach()
+data = b""
+while len(data) < need:
+    select.select([0], [], [], 1.0)
+    try:
+        chunk = os.read(0, need - len(data))
+    except BlockingIOError:
+        continue
+    if not chunk:
+        sys.exit(2)
+    data += chunk
+child = subprocess.Popen(["sleep", "0.3"])
+wakeups, extra = 0, b""
+while os.waitpid(child.pid, os.WNOHANG)[0] == 0:
+    if select.select([0], [], [], 1.0)[0]:
+        try:
+            b = os.read(0, 1)
+        except BlockingIOError:
+            wakeups += 1
+            continue
+        if not b:
+            sys.exit(3)
+        extra += b
+report = f"wakeups={wakeups} extra={extra!r} blocking={blocking} family={family} "
+report += "sha=" + hashlib.sha256(data).hexdigest()
+os.write(1, b"DONE00000001STAT00000000" + report.encode())
+"""
+DISTCC_REQUEST = encode_request_head(["g++", "-c", "a.cc", "-o", "a.o"]) + os.urandom(200_000)
+
+
+def fake_distccd(*extra: str) -> list[str]:
+    return [sys.executable, "-c", FAKE_DISTCCD, str(len(DISTCC_REQUEST)), *extra]
+
+
+def report_of(reply: bytes) -> dict[str, str]:
+    assert reply[:24] == b"DONE00000001STAT00000000", reply[:100]
+    return dict(field.split("=", 1) for field in reply[24:].decode().split())
+
+
+async def run_distcc_job(gk: Running) -> dict[str, str]:
+    client = await gk.connect()
+    await client.send_all(DISTCC_REQUEST)
+    with trio.fail_after(10):
+        reply = await receive_all(client)
+    await client.aclose()
+    return report_of(reply)
+
+
+@pytest.mark.skipif(not oob_available(), reason="needs AF_UNIX out-of-band data (Linux 5.15+)")
+async def test_distcc_job_is_relayed_and_its_waiting_child_woken(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gatekeeper")
+    async with inetd_gatekeeper(config(UNUSED_BACKEND), fake_distccd()) as gk:
+        report = await run_distcc_job(gk)
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+    # The child got a non-blocking unix socket, saw the request intact and no
+    # stray byte, and its 1 s wait was cut short (without the nudge: 0 wakeups).
+    assert report["family"] == "AF_UNIX" and report["blocking"] == "False"
+    assert report["sha"] == hashlib.sha256(DISTCC_REQUEST).hexdigest()
+    assert report["extra"] == "b''"
+    assert int(report["wakeups"]) >= 1
+    # The relay read distccd's status and counted the bytes, as in proxy mode.
+    assert re.search(rf"outcome=ok .*in={len(DISTCC_REQUEST)} .*pid=\d+ job=a\.o "
+                     r"compile=ok", caplog.text), caplog.text
+
+
+async def test_auto_gives_a_command_with_allow_the_real_socket() -> None:
+    # distccd --allow would refuse a unix-domain client: auto mode leaves it direct.
+    async with inetd_gatekeeper(config(UNUSED_BACKEND),
+                                fake_distccd("--allow", "127.0.0.1")) as gk:
+        report = await run_distcc_job(gk)
+    assert report["family"] == "AF_INET" and report["blocking"] == "True"
+    assert report["wakeups"] == "0"
+    assert report["sha"] == hashlib.sha256(DISTCC_REQUEST).hexdigest()
+
+
+@pytest.mark.parametrize("mode", [InetdIo.DIRECT, InetdIo.RELAY])
+async def test_inetd_io_mode_is_obeyed(mode: InetdIo) -> None:
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, inetd_io=mode), fake_distccd()) as gk:
+        report = await run_distcc_job(gk)
+    assert report["family"] == ("AF_INET" if mode is InetdIo.DIRECT else "AF_UNIX")
+    assert report["sha"] == hashlib.sha256(DISTCC_REQUEST).hexdigest()
+
+
+async def test_relay_mode_serves_any_command_on_blocking_stdio(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Not a distcc job: relayed, but not nudged, and cat gets a blocking stdin.
+    caplog.set_level("INFO", logger="gatekeeper")
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, inetd_io=InetdIo.RELAY),
+                                ["cat"]) as gk:
+        client = await gk.connect()
+        payload = os.urandom(3 * 2**20)
+        async with trio.open_nursery() as nursery:
+            async def send() -> None:
+                await client.send_all(payload)
+                await client.send_eof()
+            nursery.start_soon(send)
+            assert await receive_all(client) == payload
+        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        assert runner_of(gk).children == {}
+    assert "outcome=ok wait=" in caplog.text
+    assert f"in={len(payload)} out={len(payload)}" in caplog.text
+
+
+async def test_relay_cut_off_when_what_the_child_left_behind_holds_its_socket(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level("INFO", logger="gatekeeper")
+    monkeypatch.setattr(serve, "EXIT_GRACE", 0.3)
+    pids: list[int] = []
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, inetd_io=InetdIo.RELAY),
+                                ["sh", "-c", "sleep 30 & echo hi"]) as gk:
+        runner_of(gk).on_start = pids.append
+        client = await gk.connect()
+        try:
+            with trio.fail_after(10):
+                got = await receive_until_closed(client)
+            assert got in (b"", b"hi\n")
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        finally:
+            for pid in pids:  # the background sleep, still holding the socket
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+    assert "outcome=backend-failed" in caplog.text
+    assert "the command exited; nothing more moved for 0.3s" in caplog.text
+
+
+def test_filters_peers() -> None:
+    def argv(*args: str) -> Command:
+        return Command(("distccd", *args), "/usr/bin/distccd")
+
+    assert filters_peers(argv("--inetd", "--allow", "10.0.0.0/8"))
+    assert filters_peers(argv("--inetd", "--allow-private"))
+    assert filters_peers(argv("-a", "10.0.0.0/8"))
+    assert filters_peers(argv("-a10.0.0.0/8"))
+    assert not filters_peers(argv("--inetd", "--log-stderr"))
+    assert not filters_peers(Command(("--allow",), "/bin/x"))  # argv[0] is the program
+
+
+# --------------------------------------------------------------------------------------
 # End to end: the stock distcc client, gatekeeper, and a real distccd --inetd per job
 # --------------------------------------------------------------------------------------
 
@@ -217,7 +375,7 @@ requires_toolchain = pytest.mark.skipif(
 PROJECT_SHAPE = {"cxx_files": 7, "c_files": 2}
 _READY = re.compile(r"listening on 127\.0\.0\.1:(?P<port>\d+)")
 _END_OK = re.compile(r"end peer=(?P<peer>\S+) outcome=ok .* pid=(?P<pid>\d+)")
-_DISTCCD_OK = re.compile(r"client: (?P<client>\S+) COMPILE_OK")
+_DISTCCD_OK = re.compile(r"client: (?P<client>\S+)\s+COMPILE_OK .* time:(?P<ms>\d+)ms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +394,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     return Reference(read_objects(project), run.stdout)
 
 
-@pytest.fixture
-def inetd_distccd() -> Iterator[InetdDistccd]:
-    with InetdDistccd() as d:
+@pytest.fixture(params=["direct", "relay"])
+def inetd_distccd(request: pytest.FixtureRequest) -> Iterator[InetdDistccd]:
+    """distccd with --allow (auto mode gives it the client socket) and without
+    (auto mode relays it and cuts its one-second wait short)."""
+    distccd = InetdDistccd()
+    distccd.allow = request.param == "direct"
+    with distccd as d:
         yield d
 
 
@@ -248,7 +410,9 @@ def inetd_distccd() -> Iterator[InetdDistccd]:
 def test_inetd_mode_with_real_distccd(max_jobs: int, tmp_path: Path, reference: Reference,
                                       inetd_distccd: InetdDistccd) -> None:
     """--max-jobs 2 must hold the compilers to 2; --max-jobs 8 is the control that shows
-    the measurement sees more when nothing holds them (make -j12, client slots 16)."""
+    the measurement sees more when nothing holds them (make -j12, client slots 16).
+    Relayed, distccd must see a unix-domain client and report its compiles done in
+    under its one-second poll (impossible for an unwoken distccd --inetd)."""
     project: Project = generate_project(tmp_path / "project", **PROJECT_SHAPE)
     argv = [sys.executable, "-m", "gatekeeper", "--listen", f"{LOOPBACK}:0",
             "--max-jobs", str(max_jobs), "--min-free-mb", "0", "--", *inetd_distccd.command]
@@ -272,13 +436,24 @@ def test_inetd_mode_with_real_distccd(max_jobs: int, tmp_path: Path, reference: 
     assert object_mismatches(reference.objects, project) == [], diag
     log = inetd_distccd.compile_log()
     assert log.count == units and log.failed == [] and log.unfinished == [], diag
-    # distccd saw each real client address (the client's own ephemeral port), the
-    # very peers gatekeeper admitted -- not a proxy connection from gatekeeper.
     peers = sorted(m["peer"] for m in map(_END_OK.search, gk.log_lines) if m)
-    seen = sorted(m["client"] for m in map(_DISTCCD_OK.search, gk.log_lines) if m)
-    assert seen == peers, diag
-    print(f"inetd --max-jobs {max_jobs}: {log.count} compiles, max concurrency "
-          f"{log.max_concurrency}, build {build.seconds:.1f}s")
+    done = [m for m in map(_DISTCCD_OK.search, gk.log_lines) if m]
+    seen = sorted(m["client"] for m in done)
+    times = sorted(int(m["ms"]) for m in done)
+    if inetd_distccd.allow:
+        # distccd saw each real client address (the client's own ephemeral port), the
+        # very peers gatekeeper admitted -- not a proxy connection from gatekeeper.
+        assert seen == peers, diag
+    else:
+        # Relayed: a unix-domain client; gatekeeper read each compile's status; and
+        # distccd, woken when its compiler was done, reports jobs under its 1 s poll
+        # (unwoken, each takes at least that second: see direct mode's times).
+        assert seen == ["UNIX-DOMAIN"] * units, diag
+        assert sum(1 for line in gk.log_lines if " compile=ok " in line) == units, diag
+        assert times[units // 2] < 1000, f"distccd job times (ms): {times}\n{diag}"
+    print(f"inetd ({'direct' if inetd_distccd.allow else 'relay'}) --max-jobs {max_jobs}: "
+          f"{log.count} compiles, max concurrency {log.max_concurrency}, "
+          f"build {build.seconds:.1f}s, distccd job times {times} ms")
     if max_jobs == 2:
         assert 1 <= log.max_concurrency <= 2, diag
     else:

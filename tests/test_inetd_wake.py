@@ -1,0 +1,143 @@
+"""The out-of-band nudge that wakes `distccd --inetd` (gatekeeper.inetd_wake), on real
+AF_UNIX socketpairs: it wakes a reader blocked in select(), an ordinary read never
+sees it, and no mix of data, nudges and partial reads ever changes the byte stream."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatekeeper.inetd_wake import Waker, oob_available, poke, unread
+
+pytestmark = pytest.mark.skipif(
+    not oob_available(),
+    reason="this kernel has no AF_UNIX out-of-band data (Linux >= 5.15 has it)")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    with ours, theirs:
+        yield ours, theirs
+
+
+def readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def read_all(sock: socket.socket, size: int = 65536) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(size)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_nudge_wakes_select_but_a_read_finds_nothing(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    assert not readable(theirs)
+    assert poke(ours)
+    assert readable(theirs)  # what wakes distccd's select()
+    with pytest.raises(BlockingIOError):  # ... and its read() finds nothing
+        theirs.recv(1)
+    assert not readable(theirs)
+    assert unread(ours) == 0
+
+
+def test_second_nudge_waits_until_the_first_was_read(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    assert poke(ours)
+    before = unread(ours)
+    assert before > 0
+    for _ in range(5):  # unread: sending another would turn the first into data
+        assert poke(ours)
+    assert unread(ours) == before
+    ours.send(b"abc")
+    assert read_all(theirs) == b"abc"
+    assert unread(ours) == 0
+
+
+def test_nudge_on_a_closed_peer_says_stop(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    theirs.close()
+    assert not poke(ours)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=64).map(lambda b: ("data", b)),
+                          st.just(("poke", b"")),
+                          st.integers(1, 80).map(lambda n: ("read", n))),
+                max_size=40))
+def test_stream_is_unchanged_by_any_mix_of_nudges(steps: list[tuple[str, object]]) -> None:
+    """Whatever order data, nudges and reads of any size come in, the reader sees
+    exactly the data bytes, in order."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        theirs.setblocking(False)
+        sent = received = b""
+        for kind, arg in steps:
+            if kind == "data":
+                assert isinstance(arg, bytes)
+                ours.send(arg)
+                sent += arg
+            elif kind == "poke":
+                assert poke(ours)
+            else:
+                assert isinstance(arg, int)
+                with contextlib.suppress(BlockingIOError):
+                    received += theirs.recv(arg)
+        ours.shutdown(socket.SHUT_WR)
+        received += read_all(theirs)
+        assert received == sent
+
+
+async def test_waker_nudges_registered_sockets_each_interval(
+        pair: tuple[socket.socket, socket.socket],
+        autojump_clock: trio.testing.MockClock) -> None:
+    ours, theirs = pair
+    waker = Waker(interval=0.02)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waker.run)
+        await trio.sleep(1)
+        assert waker.pokes == 0  # nothing registered: asleep, not ticking
+        with waker.waking(ours):
+            start = trio.current_time()
+            await trio.lowlevel.wait_readable(theirs)
+            assert trio.current_time() - start == pytest.approx(0.02)
+            with pytest.raises(BlockingIOError):
+                theirs.recv(1)
+            await trio.lowlevel.wait_readable(theirs)  # and again, next interval
+            assert waker.pokes == 2
+        await trio.sleep(1)
+        assert waker.pokes == 2  # unregistered: no more nudges
+        nursery.cancel_scope.cancel()
+
+
+async def test_waker_drops_a_socket_whose_peer_is_gone(
+        pair: tuple[socket.socket, socket.socket],
+        autojump_clock: trio.testing.MockClock) -> None:
+    ours, theirs = pair
+    waker = Waker(interval=0.02)
+    theirs.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waker.run)
+        with waker.waking(ours):
+            await trio.sleep(1)
+            assert waker.pokes == 1  # tried once, then stopped
+        nursery.cancel_scope.cancel()
