@@ -9,7 +9,8 @@ what admission control wins on a farm of short compiles.
 
 How: in relayed inetd mode the child's stdin/stdout is one end of an AF_UNIX
 socketpair, non-blocking, and gatekeeper relays the client's bytes through the
-other end. Every `WAKE_INTERVAL` it sends one byte of out-of-band data
+other end (and keeps a copy of the child's end until the child exits: see
+`hang_up`). Every `WAKE_INTERVAL` it sends one byte of out-of-band data
 (``MSG_OOB``, Linux >= 5.15) on its end. On AF_UNIX an out-of-band byte makes
 the socket readable, but an ordinary ``read()`` skips it: distccd's ``select()``
 returns, its ``read()`` finds nothing (EAGAIN, which distccd takes as a spurious
@@ -64,6 +65,29 @@ def poke(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def hang_up(sock: socket.socket, *, limit: int = 1 << 20) -> None:
+    """Close gatekeeper's copy of the child's end once the child has exited.
+
+    First read away what the child left unread -- normally just a nudge that
+    came after its last read; else request bytes it never wanted -- because
+    closing a unix socket with unread data gives its peer ECONNRESET instead
+    of EOF, and the relay would take a delivered reply for a failed one. Then
+    shut it down, so whatever the child left behind holding a copy cannot keep
+    the job open: our end sees EOF after the last byte the child wrote."""
+    try:
+        sock.setblocking(False)
+        while limit > 0:
+            chunk = sock.recv(min(limit, 65536))
+            if not chunk:
+                break
+            limit -= len(chunk)
+    except OSError:
+        pass  # EAGAIN: nothing left (the usual case); anything else: closing anyway
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 @functools.cache

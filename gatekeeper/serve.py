@@ -39,7 +39,7 @@ from .distcc_request import INCOMPLETE, DistccJob, Unparsed
 from .footprints import FootprintBook
 from .gate import Gate, Verdict
 from .inetd import Command, CommandRunner, Exit, filters_peers
-from .inetd_wake import Waker, oob_available
+from .inetd_wake import Waker, hang_up, oob_available
 from .liveness import ClientWatch
 from .memory import MemorySource, format_bytes
 from .meter import Meter, SocketFinder, backend_process
@@ -56,11 +56,6 @@ log = logging.getLogger("gatekeeper")
 # After SIGTERM running jobs get this long to finish. A compile that is half
 # done is worth finishing; systemd's own stop timeout (90 s) is above this.
 DEFAULT_DRAIN_TIMEOUT = 60.0
-
-# Relayed inetd mode: once the child has exited, its reply is delivered as long
-# as bytes keep moving; a relay that stalls this long after the exit (something
-# the child left behind holds its socket open) is cut off.
-EXIT_GRACE = 5.0
 
 # How long a new connection may take to show its request head before it joins
 # the queue as an unknown job. A distcc client writes the head right after
@@ -87,8 +82,9 @@ _ACCEPT_IGNORABLE = {getattr(errno, name) for name in (
 # client: listeners, epoll sets, logging, /proc reads, the state file.
 FD_RESERVE = 64
 # A running job holds its backend connection and a splice pipe pair per
-# direction besides its client socket.
-FDS_PER_RUNNING_JOB = 5
+# direction besides its client socket; relayed inetd mode adds the child's end
+# of the socketpair and the child's pidfd.
+FDS_PER_RUNNING_JOB = 8
 
 
 def connection_budget(config: Config) -> int:
@@ -655,53 +651,46 @@ class Server:
         """inetd mode through a socketpair: the child gets one end, the job's bytes
         are relayed through the other like a backend connection's (so distccd's
         status is read), and a distcc job's distccd is woken when its compiler
-        is done (`inetd_wake`). The job ends when the child has exited and the
-        relay has delivered what it wrote; a relay that moves nothing for
-        `EXIT_GRACE` after the child exited (a grandchild holding the socket) is
-        cut off."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        is done (`inetd_wake`). When the child exits, gatekeeper hangs up its
+        end (`hang_up`): the relay sees EOF after the last byte the child wrote,
+        whatever the child left behind; the job then ends as a proxied one does,
+        when the client has its reply and closes. If the relay ends first (the
+        client reset, the idle timeout), the child sees its client hang up."""
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:  # out of fds: this job fails, the server goes on
+            record.outcome = "command-error"
+            record.detail = f"cannot make its socketpair: {e.strerror or e}"
+            return
         wake = record.job_key is not None and self.waker is not None
         theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
         backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         transfer = Transfer()
-        transfer.last_activity = trio.current_time()
-        relayed = trio.Event()
-        relay_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as nursery:
                 async def relay() -> None:
-                    with relay_scope:
-                        await self._relay_job(stream, backend, record, transfer)
-                    if relay_scope.cancelled_caught:
-                        transfer.failed = Side.BACKEND
-                        transfer.error = (f"the command exited; nothing more moved "
-                                          f"for {EXIT_GRACE:g}s")
-                    relayed.set()
+                    await self._relay_job(stream, backend, record, transfer)
+                    if transfer.failed is not None or transfer.idle:
+                        with contextlib.suppress(OSError):  # the child: its client is gone
+                            ours.shutdown(socket.SHUT_RDWR)
 
                 def started(pid: int) -> None:
                     record.pid = pid
-                    theirs.close()  # the child's copies are the only ones now
                     nursery.start_soon(relay)
 
                 with contextlib.ExitStack() as waking:
                     if wake and self.waker is not None:
                         waking.enter_context(self.waker.waking(ours))
                     result = await runner.run(theirs, blocking=False, started=started)
+                hang_up(theirs)  # no checkpoint since the exit: no nudge in between
                 if result.error is not None:
                     record.outcome = "command-error"  # never started: the client falls back
                     record.detail = result.describe()
                     return
-                while not relayed.is_set():
-                    with trio.move_on_at(transfer.last_activity + EXIT_GRACE):
-                        await relayed.wait()
-                    if (not relayed.is_set()
-                            and trio.current_time() >= transfer.last_activity + EXIT_GRACE):
-                        relay_scope.cancel()
-                        await relayed.wait()
             self._settle(record, transfer, result)
         finally:
             theirs.close()
-            ours.close()
+            backend.socket.close()
 
 
 async def open_all(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:

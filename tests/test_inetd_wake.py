@@ -5,6 +5,7 @@ sees it, and no mix of data, nudges and partial reads ever changes the byte stre
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatekeeper.inetd_wake import Waker, oob_available, poke, unread
+from gatekeeper.inetd_wake import Waker, hang_up, oob_available, poke, unread
 
 pytestmark = pytest.mark.skipif(
     not oob_available(),
@@ -141,3 +142,29 @@ async def test_waker_drops_a_socket_whose_peer_is_gone(
             await trio.sleep(1)
             assert waker.pokes == 1  # tried once, then stopped
         nursery.cancel_scope.cancel()
+
+
+def test_hang_up_turns_a_leftover_nudge_into_a_clean_eof(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    theirs.send(b"reply")
+    assert poke(ours)  # never read by the child
+    spare = socket.socket(fileno=os.dup(theirs.fileno()))  # what the child left behind
+    try:
+        hang_up(theirs)
+        assert read_all(ours) == b"reply"
+        assert ours.recv(1) == b""  # EOF, not ECONNRESET, though a copy is still open
+    finally:
+        spare.close()
+
+
+def test_plain_close_with_a_leftover_nudge_resets_the_peer(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # Why hang_up drains first: the kernel behaviour it guards against.
+    ours, theirs = pair
+    theirs.send(b"reply")
+    assert poke(ours)
+    theirs.close()
+    assert ours.recv(100) == b"reply"
+    with pytest.raises(ConnectionResetError):
+        ours.recv(1)
