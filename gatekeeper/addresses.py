@@ -8,6 +8,7 @@ command lines and unit files.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import math
 import os
@@ -130,41 +131,78 @@ async def open_unix_listener(path: str, mode: int = 0o666) -> trio.SocketListene
 async def connect(address: Address, *, connect_timeout: float = math.inf) -> trio.SocketStream:
     """Open a stream to a backend address; trio.TooSlowError after `connect_timeout`
     seconds (the deadline is only set up if the connect has to be waited for)."""
+    raw = start_connect(address)
+    if raw is None:  # a host name: trio resolves it (and tries each address)
+        assert isinstance(address, TcpAddress) and address.host is not None
+        with trio.fail_after(connect_timeout):
+            return await trio.open_tcp_stream(address.host, address.port)
+    return await finish_connect(raw, connect_timeout=connect_timeout)
+
+
+def start_connect(address: Address) -> socket.socket | None:
+    """Begin a non-blocking connect to a literal address, without a checkpoint
+    (the server starts a just-admitted job's connection from inside the gate);
+    `finish_connect` completes it. None for a host name, which needs the
+    resolver. Raises OSError if the connect failed at once (refused on
+    loopback)."""
     if isinstance(address, TcpAddress):
         assert address.host is not None
-        try:
-            ip = ipaddress.ip_address(address.host)
-        except ValueError:
-            with trio.fail_after(connect_timeout):
-                return await trio.open_tcp_stream(address.host, address.port)
+        family = _literal_family(address.host)
+        if family is None:
+            return None
         # A literal address (the usual backend) needs no resolver and no happy
         # eyeballs: a plain non-blocking connect saves a nursery and two tasks
-        # per job (trio.open_tcp_stream) and trio's address normalisation, a
-        # visible share of the time between one job's end and the next's start.
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        raw = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            raw.setblocking(False)
-            err = raw.connect_ex((address.host, address.port))
-            if err == errno.EINPROGRESS and not _connected(raw):
-                with trio.fail_after(connect_timeout):
-                    await trio.lowlevel.wait_writable(raw)
-                err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            else:
-                err = 0 if err == errno.EINPROGRESS else err
-                await trio.lowlevel.checkpoint_if_cancelled()
+        # per job (trio.open_tcp_stream) and trio's address normalisation.
+        target: object = (address.host, address.port)
+    else:
+        family, target = socket.AF_UNIX, address.path
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        raw.setblocking(False)
+        err = raw.connect_ex(target)  # type: ignore[arg-type]
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+async def finish_connect(raw: socket.socket, *,
+                         connect_timeout: float = math.inf) -> trio.SocketStream:
+    """Complete a connect `start_connect` began (waiting for it only if it is
+    still in progress) and wrap it; closes `raw` on failure."""
+    try:
+        if connected_now(raw):
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            with trio.fail_after(connect_timeout):
+                await trio.lowlevel.wait_writable(raw)
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
-        except BaseException:
-            raw.close()
-            raise
-        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
-    with trio.fail_after(connect_timeout):
-        return await trio.open_unix_socket(address.path)
+            if raw.family == socket.AF_UNIX and not connected_now(raw):
+                # A unix backlog that was full (EAGAIN): try once more now.
+                raise OSError(errno.EAGAIN, "backend's listen backlog is full")
+    except BaseException:
+        raw.close()
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
 
 
-def _connected(sock: socket.socket) -> bool:
-    """Whether a connect in progress has already completed: to a backend on
+@functools.lru_cache(maxsize=64)
+def _literal_family(host: str) -> socket.AddressFamily | None:
+    """AF_INET/AF_INET6 for a literal IP address, None for a host name (cached:
+    parsing the backend's address on every connect cost several microseconds)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def connected_now(sock: socket.socket) -> bool:
+    """Whether a connect in progress (`start_connect`) has already completed: to a backend on
     loopback the handshake is usually done before connect() returns, and then
     waiting for writability would cost two epoll_ctl calls and a trip through
     the scheduler for nothing."""

@@ -47,6 +47,10 @@ class Ticket:
     refused: Refusal | None
     verdict: Verdict | None = None
     event: trio.Event | None = None
+    on_admit: Callable[[], None] | None = None
+    """Run at the moment of admission, synchronously, in whichever task caused
+    it (a release, the timer): lets the server start the job's data path
+    before any task switch. Must not raise."""
 
     @property
     def admitted(self) -> bool:
@@ -116,10 +120,16 @@ class Gate:
         assert ticket.verdict is not None
         return ticket.verdict
 
+    def release(self, ticket: Ticket) -> None:
+        """Give the slot (or queue place) back now, before the ticket's scope
+        ends: the data path does this the moment a job's bytes are done, so the
+        next job need not wait for the finished one's bookkeeping. The scope's
+        exit then does nothing."""
+        self._release(ticket)
+
     def _release(self, ticket: Ticket) -> None:
-        if ticket.refused is not None:
-            return
-        del self._tickets[ticket.job]
+        if ticket.refused is not None or self._tickets.pop(ticket.job, None) is None:
+            return  # refused, or released already
         if self.admission.is_running(ticket.job):
             self.admission.finish(ticket.job)
         elif self.admission.is_queued(ticket.job):
@@ -147,6 +157,11 @@ class Gate:
 
     def snapshot(self) -> Snapshot:
         return self.admission.statistics()
+
+    def notify_watchers(self) -> None:
+        """Wake `wait_changed` waiters for a change outside the policy (a
+        connection's handler finished: it is gone from /status)."""
+        self._watchers.unpark_all()
 
     async def wait_changed(self) -> None:
         """Wait until the next time the policy is consulted (for status reporting
@@ -178,6 +193,8 @@ class Gate:
         ticket.verdict = verdict
         assert ticket.event is not None
         ticket.event.set()
+        if verdict is Verdict.ADMITTED and ticket.on_admit is not None:
+            ticket.on_admit()
 
     def _wake_timer(self) -> None:
         # Only if the timer must now fire earlier than it is set to: waking it

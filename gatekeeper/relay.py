@@ -17,6 +17,16 @@ with the failing side named, and the caller resets the other peer. The first
 bytes of a reply can be kept (``reply_prefix``, distccd's status): those few
 go through Python with os.read/os.write.
 
+Handoff: with the slot limit binding, what matters is how soon the next
+queued job's bytes reach the backend after one ends. So a job may name an
+`on_complete` callback, run by the relay task itself the moment both
+directions have ended cleanly (after the job's sockets left the epoll set):
+the server closes the backend connection and releases the slot there, and the
+gate starts the next job's data path in the same step (`Relay.open` is
+synchronous) -- no trip through the scheduler to the finished job's task and
+back to the next one's. The finished job's own task does its bookkeeping
+(logging, learning) afterwards.
+
 Fairness: one event pumps a job for at most `BUDGET` chunks; a job with more
 to move goes on the ready list and the relay yields to trio between rounds,
 so a 1 GiB transfer cannot starve the accept loop, the gate or other jobs.
@@ -32,6 +42,7 @@ import logging
 import os
 import select
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -96,7 +107,7 @@ class _Direction:
         os.close(self.pipe_r)
         os.close(self.pipe_w)
 
-    def pump(self, job: _Job) -> _State:
+    def pump(self, job: RelayJob) -> _State:
         transfer = job.transfer
         for _ in range(BUDGET):
             if self.out:
@@ -159,7 +170,7 @@ class _Direction:
             transfer.to_client += n
         transfer.last_activity = trio.current_time()
 
-    def _end(self, job: _Job) -> _State:
+    def _end(self, job: RelayJob) -> _State:
         """The source said EOF: pass it on as a half-close."""
         self.ended = True
         job.transfer.eofs.append(self.src_side)
@@ -172,8 +183,11 @@ class _Direction:
         return _State.DONE
 
 
-class _Job:
-    __slots__ = ("done", "down", "finished", "transfer", "up")
+class RelayJob:
+    """One job's two directions, as the relay moves them (see `Relay.open`)."""
+
+    __slots__ = ("closed", "done", "down", "fds", "finished", "on_complete", "registered",
+                 "transfer", "up")
 
     def __init__(self, client: trio.socket.SocketType, backend: trio.socket.SocketType,
                  transfer: Transfer, reply_prefix: int) -> None:
@@ -186,6 +200,10 @@ class _Job:
             raise
         self.finished = False
         self.done = trio.Event()
+        self.fds = (client.fileno(), backend.fileno())
+        self.registered: list[int] = []
+        self.on_complete: Callable[[], None] | None = None
+        self.closed = False
 
     def note(self, fd: int, events: int) -> None:
         """An epoll event on one of the job's sockets: which directions it concerns."""
@@ -234,8 +252,10 @@ class _Job:
         self.done.set()
 
     def close(self) -> None:
-        self.up.close()
-        self.down.close()
+        if not self.closed:
+            self.closed = True
+            self.up.close()
+            self.down.close()
 
 
 class Relay:
@@ -245,8 +265,8 @@ class Relay:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._jobs: dict[int, _Job] = {}
-        self._ready: dict[_Job, None] = {}  # an ordered set
+        self._jobs: dict[int, RelayJob] = {}
+        self._ready: dict[RelayJob, None] = {}  # an ordered set
         self._sleep: trio.CancelScope | None = None
 
     async def run(self) -> None:
@@ -272,7 +292,10 @@ class Relay:
     def _pump_ready(self) -> None:
         ready, self._ready = self._ready, {}
         for job in ready:
-            if job.pump() is _State.BUSY:
+            state = job.pump()
+            if job.finished:
+                self._completed(job)
+            elif state is _State.BUSY:
                 self._ready[job] = None
 
     async def splice(self, client: trio.SocketStream, backend: trio.SocketStream,
@@ -280,34 +303,75 @@ class Relay:
                      reply_prefix: int = 0) -> Transfer:
         """Move bytes both ways, as `splice.splice` does (same outcomes, same
         Transfer), on the shared epoll set. Does not close either stream."""
+        job = self.open(client, backend, transfer, reply_prefix=reply_prefix)
+        return await self.wait(job, idle_timeout)
+
+    def open(self, client: trio.SocketStream, backend: trio.SocketStream,
+             transfer: Transfer, *, reply_prefix: int = 0,
+             on_complete: Callable[[], None] | None = None) -> RelayJob:
+        """Start moving a job's bytes now, without a checkpoint: its sockets join
+        the epoll set and what is already buffered moves at once. The caller
+        must then `wait` for it (or `discard` it). `on_complete` runs in the
+        relay task once both directions ended cleanly (never on failure, idle
+        or cancellation; never from inside `open`), after the job's sockets
+        have left the epoll set; it must not raise."""
         transfer.last_activity = trio.current_time()
-        job = _Job(client.socket, backend.socket, transfer, reply_prefix)
-        fds = (client.socket.fileno(), backend.socket.fileno())
-        registered: list[int] = []
+        job = RelayJob(client.socket, backend.socket, transfer, reply_prefix)
+        job.on_complete = on_complete
         try:
-            for fd in fds:
+            for fd in job.fds:
                 self._epoll.register(fd, _EVENTS)
-                registered.append(fd)
+                job.registered.append(fd)
                 self._jobs[fd] = job
-            if job.pump() is _State.BUSY:
-                self._ready[job] = None
-                self._wake()
-            await _wait(job, idle_timeout, transfer)
+            job.pump()
+        except BaseException:
+            self.discard(job)
+            raise
+        # Even a job that ended in this first pump is left to the relay task, so
+        # completions never nest (a release admitting a job that completes ...).
+        if job.finished or job.up.ready or job.down.ready:
+            self._ready[job] = None
+            self._wake()
+        return job
+
+    async def wait(self, job: RelayJob, idle_timeout: float | None = None) -> Transfer:
+        """Wait until the job's bytes are done, it failed, or (with
+        `idle_timeout`) nothing moved for that long; then let go of it. Does not
+        close either stream."""
+        try:
+            await _wait(job, idle_timeout, job.transfer)
         finally:
-            for fd in registered:
-                del self._jobs[fd]
-                with contextlib.suppress(OSError, ValueError):  # ValueError: relay closed
-                    self._epoll.unregister(fd)
-            self._ready.pop(job, None)
-            job.close()
-        return transfer
+            self.discard(job)
+        return job.transfer
+
+    def discard(self, job: RelayJob) -> None:
+        """Take the job out of the relay and free its pipes (idempotent)."""
+        job.on_complete = None
+        self._forget(job)
+        job.close()
+
+    def _forget(self, job: RelayJob) -> None:
+        # Before any of the job's fds is closed: a closed fd's number may be
+        # reused at once, and unregistering it then would hit another socket.
+        for fd in job.registered:
+            del self._jobs[fd]
+            with contextlib.suppress(OSError, ValueError):  # ValueError: relay closed
+                self._epoll.unregister(fd)
+        job.registered.clear()
+        self._ready.pop(job, None)
+
+    def _completed(self, job: RelayJob) -> None:
+        callback, job.on_complete = job.on_complete, None
+        if callback is not None and job.transfer.failed is None:
+            self._forget(job)
+            callback()
 
     def _wake(self) -> None:
         if self._sleep is not None:
             self._sleep.cancel()
 
 
-async def _wait(job: _Job, idle_timeout: float | None, transfer: Transfer) -> None:
+async def _wait(job: RelayJob, idle_timeout: float | None, transfer: Transfer) -> None:
     if idle_timeout is None:
         await job.done.wait()
         return

@@ -21,23 +21,32 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from .addresses import Address, connect, listener_address, open_listeners
+from .addresses import (
+    Address,
+    connect,
+    connected_now,
+    finish_connect,
+    listener_address,
+    open_listeners,
+    start_connect,
+)
 from .admission import Admission, Limits
 from .agent import BackendCheck
 from .config import Config, InetdIo
 from .distcc_reply import REPLY_HEAD, CompileStatus, parse_reply_status
 from .distcc_request import INCOMPLETE, DistccJob, Unparsed
 from .footprints import FootprintBook
-from .gate import Gate, Verdict
+from .gate import Gate, Ticket, Verdict
 from .inetd import Command, CommandRunner, Exit, filters_peers
 from .inetd_wake import Waker, hang_up, oob_available
 from .liveness import ClientWatch
@@ -46,7 +55,7 @@ from .meter import Meter, SocketFinder, backend_process
 from .metrics import Observatory
 from .oom import OomKills
 from .peek import peek_distcc_job, peek_distcc_job_now
-from .relay import Relay
+from .relay import Relay, RelayJob
 from .splice import ZERO_COPY_AVAILABLE, Side, Transfer, abort, splice
 from .statuspage import page
 from .statusweb import Agent, StatusWeb
@@ -222,6 +231,32 @@ class ConnectionLog:
         if self.detail:
             text += f" reason={self.detail!r}"
         return text
+
+
+@dataclass(slots=True)
+class Started:
+    """What a queued job got at the moment it was admitted, before its own task
+    ran again (`Server._start`): a connect in progress, or its backend
+    connection with the bytes already moving. Owned by the job's handler, which
+    takes it over or, if it ends first, drops it."""
+
+    raw: socket.socket | None = None
+    backend: trio.SocketStream | None = None
+    job: RelayJob | None = None
+
+    def drop(self, relay: Relay | None) -> None:
+        """Undo whatever was started and not taken over (the handler was cut off
+        before it got there): the client and backend get a reset."""
+        if self.job is not None and relay is not None:
+            relay.discard(self.job)
+            self.job = None
+        if self.backend is not None:
+            abort(self.backend)
+            self.backend.socket.close()
+            self.backend = None
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
 
 
 class Server:
@@ -439,6 +474,7 @@ class Server:
                 log.info("%s", record.line(), extra={"fields": record.fields()})
             del self._connections[id(record)]
             self.observatory.connection_ended(record)
+            self.gate.notify_watchers()  # /status lists connections
             stream.socket.close()  # no checkpoint: nothing after it to lose
 
     async def _handle(self, stream: trio.SocketStream, host: str | None,
@@ -461,35 +497,88 @@ class Server:
             # A job admitted the moment it arrived never waited: a FIN it sent
             # already is a request-then-shutdown, not a client that gave up.
             waited = not ticket.admitted
-            gone = False
-            verdict = Verdict.ADMITTED
-            if waited:
-                with trio.CancelScope() as waiting:
-                    def on_gone() -> None:
-                        nonlocal gone
-                        gone = True
-                        waiting.cancel()
+            started = Started()
+            if waited and self.relay is not None and self.runner is None:
+                # Start its data path at the very moment it is admitted (see
+                # `_start`), not when its task next gets to run.
+                ticket.on_admit = functools.partial(self._start, stream, record, ticket,
+                                                    started)
+            try:
+                await self._run_admitted(stream, record, ticket, started, waited)
+            finally:
+                started.drop(self.relay)
 
-                    with self.watch.watching(stream.socket, on_gone):
-                        verdict = await self.gate.wait(ticket)
-            # (One admitted at once is not checked: if it is already gone, its
-            # first read says so, and the check would cost every job a poll.)
-            if gone or (waited and verdict is Verdict.ADMITTED
-                        and self.watch.is_gone(stream.socket)):
-                record.outcome = "client-gone"
-                return
-            if verdict is not Verdict.ADMITTED:
-                record.outcome = verdict.value
-                return
+    async def _run_admitted(self, stream: trio.SocketStream, record: ConnectionLog,
+                            ticket: Ticket, started: Started, waited: bool) -> None:
+        """Wait for admission if queued, then run the job and learn from it."""
+        gone = False
+        verdict = Verdict.ADMITTED
+        if waited:
+            with trio.CancelScope() as waiting:
+                def on_gone() -> None:
+                    nonlocal gone
+                    gone = True
+                    waiting.cancel()
+
+                with self.watch.watching(stream.socket, on_gone):
+                    verdict = await self.gate.wait(ticket)
+        # (One admitted at once is not checked: if it is already gone, its
+        # first read says so, and the check would cost every job a poll. One
+        # whose bytes already move is the relay's: it sees the departure.)
+        if started.job is None and (gone or (waited and verdict is Verdict.ADMITTED
+                                             and self.watch.is_gone(stream.socket))):
+            record.outcome = "client-gone"
+            return
+        if verdict is not Verdict.ADMITTED:
+            record.outcome = verdict.value
+            return
+        if record.admitted is None:
             record.admitted = trio.current_time()
             record.oom_kills = self.oom.baseline(record.admitted)
-            with self.meter.measuring(
-                    lambda hints, finder: self._locate(record, hints, finder),
-                    lambda usage: self.gate.observe(ticket, usage)) as usage:
-                await self._run_job(stream, self.config.backend, record)
-            if usage.samples:
-                record.peak = usage.peak
-                self._learn(record, usage.peak)
+        with self.meter.measuring(
+                lambda hints, finder: self._locate(record, hints, finder),
+                lambda usage: self.gate.observe(ticket, usage)) as usage:
+            await self._run_job(stream, self.config.backend, record, ticket, started)
+        if usage.samples:
+            record.peak = usage.peak
+            self._learn(record, usage.peak)
+
+    def _start(self, stream: trio.SocketStream, record: ConnectionLog, ticket: Ticket,
+               started: Started) -> None:
+        """The gate just admitted this queued job (`Ticket.on_admit`), inside
+        whatever task released the slot -- usually the relay, the moment the
+        previous job's bytes were done. Connect and start moving the request
+        now, without a checkpoint: the handoff then costs no task switch. What
+        cannot be done at once (a connect still in progress, a host name to
+        resolve, an error to report) is left to the job's own task."""
+        if self.watch.is_gone(stream.socket):
+            return  # its task ends it as client-gone
+        record.admitted = trio.current_time()
+        record.oom_kills = self.oom.baseline(record.admitted)
+        assert self.relay is not None
+        try:
+            raw = start_connect(self.config.backend)
+            if raw is None:
+                return
+            if not connected_now(raw):
+                started.raw = raw
+                return
+            backend = started.backend = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+            prefix = REPLY_HEAD if record.job_key is not None else 0
+            started.job = self.relay.open(
+                stream, backend, Transfer(), reply_prefix=prefix,
+                on_complete=functools.partial(self._hand_off, backend, ticket))
+        except OSError:
+            # Refused, out of fds: its task tries again and reports what it meets.
+            started.drop(self.relay)
+
+    def _hand_off(self, backend: trio.SocketStream, ticket: Ticket) -> None:
+        """A job's bytes are done, cleanly (`Relay.open`'s on_complete, in the
+        relay task): close its backend connection -- so at most max-jobs are
+        ever open -- and give its slot to the next job at once. Its own task
+        logs and learns afterwards."""
+        backend.socket.close()
+        self.gate.release(ticket)
 
     def _learn(self, record: ConnectionLog, peak: int) -> None:
         """Learn from a job that ran to its end, if its peak means something.
@@ -544,35 +633,51 @@ class Server:
         return None
 
     async def _run_job(self, stream: trio.SocketStream, backend_address: Address,
-                       record: ConnectionLog) -> None:
+                       record: ConnectionLog, ticket: Ticket,
+                       started: Started) -> None:
         if self.runner is not None:
             await self._run_command(self.runner, stream, record)
             return
-        try:
-            backend = await connect(backend_address,
-                                    connect_timeout=self.config.connect_timeout)
-        except (OSError, trio.TooSlowError) as e:
-            record.outcome = "backend-error"
-            record.detail = f"connect {backend_address}: {e or 'timed out'}"
-            return
+        job, backend = started.job, started.backend
+        started.job = started.backend = None  # taken over: closed below
+        if backend is None:
+            try:
+                if started.raw is not None:
+                    raw, started.raw = started.raw, None
+                    backend = await finish_connect(
+                        raw, connect_timeout=self.config.connect_timeout)
+                else:
+                    backend = await connect(backend_address,
+                                            connect_timeout=self.config.connect_timeout)
+            except (OSError, trio.TooSlowError) as e:
+                record.outcome = "backend-error"
+                record.detail = f"connect {backend_address}: {e or 'timed out'}"
+                return
         record.backend_ends = _tcp_ends(backend)
         try:
-            transfer = await self._relay_job(stream, backend, record, Transfer())
+            transfer = await self._relay_job(
+                stream, backend, record, job.transfer if job is not None else Transfer(),
+                job=job, on_complete=functools.partial(self._hand_off, backend, ticket))
         finally:
             backend.socket.close()
         self._settle(record, transfer)
 
     async def _relay_job(self, stream: trio.SocketStream, backend: trio.SocketStream,
-                         record: ConnectionLog, transfer: Transfer) -> Transfer:
-        """Move the job's bytes both ways until done, recording it in `transfer`;
-        on failure make sure each peer sees a reset, never a clean end after half
-        a reply. Does not close either stream."""
+                         record: ConnectionLog, transfer: Transfer, *,
+                         job: RelayJob | None = None,
+                         on_complete: Callable[[], None] | None = None) -> Transfer:
+        """Move the job's bytes both ways until done, recording it in `transfer`
+        (`job`: already moving, see `_start`; `on_complete`: see `Relay.open`);
+        on failure make sure each peer sees a reset, never a clean end after
+        half a reply. Does not close either stream."""
         record.transfer = transfer
         try:
             prefix = REPLY_HEAD if record.job_key is not None else 0
             if self.relay is not None:
-                await self.relay.splice(stream, backend, transfer, reply_prefix=prefix,
-                                        idle_timeout=self.config.idle_timeout)
+                if job is None:
+                    job = self.relay.open(stream, backend, transfer, reply_prefix=prefix,
+                                          on_complete=on_complete)
+                await self.relay.wait(job, self.config.idle_timeout)
             else:
                 await splice(stream, backend, transfer, reply_prefix=prefix,
                              idle_timeout=self.config.idle_timeout)

@@ -134,6 +134,13 @@ class Running:
         while not predicate(self.server):
             await self.server.gate.wait_changed()
 
+    async def wait_settled(self, finished: int) -> None:
+        """Wait until `finished` jobs released their slots and every handler is
+        done with its bookkeeping (the slot is handed on before the finished
+        job's handler logs and learns)."""
+        await self.wait_for(lambda s: s.gate.snapshot().finished_total == finished
+                            and not s._connections)
+
 
 @asynccontextmanager
 async def gatekeeper(cfg: Config, *, available: int = 2**40,

@@ -70,7 +70,7 @@ async def test_backend_refuses() -> None:
         await c.send_all(b"DIST")
         assert await receive_until_closed(c) == b""
         await c.aclose()
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
 
 
 @pytest.mark.parametrize("fault", ["accept-then-reset", "dies-mid-reply"])

@@ -166,3 +166,46 @@ async def test_pressure_rule_holds_until_pressure_falls(
         async with gate.ticket() as ticket:
             assert ticket.verdict is Verdict.ADMITTED
         nursery.cancel_scope.cancel()
+
+
+async def test_early_release_admits_the_next_at_once_and_only_once() -> None:
+    """`release` hands the slot on before the ticket's scope ends; the next
+    ticket's on_admit runs inside that call (no checkpoint), and the scope's own
+    exit then releases nothing twice."""
+    memory = CountingMemory(1000)
+    gate = make_gate(memory)
+    admitted: list[str] = []
+    async with gate.ticket() as first:
+        assert first.admitted
+        async with gate.ticket() as second:
+            second.on_admit = lambda: admitted.append("second")
+            assert second.verdict is None
+            gate.release(first)
+            assert admitted == ["second"] and second.admitted  # synchronously
+            gate.release(first)  # again: nothing
+            snap = gate.snapshot()
+            assert (snap.running, snap.finished_total) == (1, 1)
+        # first's scope exits after second's: still one finish each
+    snap = gate.snapshot()
+    assert (snap.running, snap.queued, snap.finished_total) == (0, 0, 2)
+    assert admitted == ["second"]
+
+
+async def test_on_admit_is_not_called_for_other_verdicts(
+        autojump_clock: trio.testing.MockClock) -> None:
+    memory = CountingMemory(1000)
+    gate = make_gate(memory, queue_timeout=1.0)
+    called: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        async with gate.ticket() as first:
+            assert first.admitted
+            async with gate.ticket() as late:
+                late.on_admit = lambda: called.append("late")
+                assert await gate.wait(late) is Verdict.EXPIRED
+            async with gate.ticket() as drained:
+                drained.on_admit = lambda: called.append("drained")
+                gate.drain()
+                assert await gate.wait(drained) is Verdict.DRAINED
+        nursery.cancel_scope.cancel()
+    assert called == []

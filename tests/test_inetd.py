@@ -93,7 +93,7 @@ async def test_command_gets_the_connection_as_blocking_stdin_and_stdout() -> Non
                 await client.send_eof()
             nursery.start_soon(send)
             assert await receive_all(client) == payload
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
         assert runner_of(gk).children == {}
 
 
@@ -133,7 +133,7 @@ async def test_max_jobs_bounds_running_children() -> None:
             await c.send_eof()
             assert await receive_all(c) == b"job %d" % i
             await c.aclose()
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 5)
+        await gk.wait_settled(5)
     assert len(counts) == 5
     assert max(counts) <= 2
 
@@ -149,7 +149,7 @@ async def test_command_that_cannot_start_is_logged_and_client_closed(
             with trio.fail_after(5):
                 assert await receive_until_closed(client) == b""
             await client.aclose()
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 2)
+        await gk.wait_settled(2)
         assert gk.server.gate.snapshot().running == 0
     assert caplog.text.count("outcome=command-error") == 2
     assert "cannot run /nonexistent/gk-no-such-program" in caplog.text
@@ -160,7 +160,7 @@ async def test_exit_status_is_reported(caplog: pytest.LogCaptureFixture) -> None
     async with inetd_gatekeeper(config(UNUSED_BACKEND), ["sh", "-c", "echo bye; exit 3"]) as gk:
         client = await gk.connect()
         assert await receive_all(client) == b"bye\n"
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
     assert "outcome=command-failed" in caplog.text
     assert "exit status 3" in caplog.text
     assert re.search(r"pid=\d+", caplog.text)
@@ -276,7 +276,7 @@ async def test_distcc_job_is_relayed_and_its_waiting_child_woken(
     caplog.set_level("INFO", logger="gatekeeper")
     async with inetd_gatekeeper(config(UNUSED_BACKEND), fake_distccd()) as gk:
         report = await run_distcc_job(gk)
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
     # The child got a non-blocking unix socket, saw the request intact and no
     # stray byte, and its 1 s wait was cut short (without the nudge: 0 wakeups).
     assert report["family"] == "AF_UNIX" and report["blocking"] == "False"
@@ -320,7 +320,7 @@ async def test_relay_mode_serves_any_command_on_blocking_stdio(
                 await client.send_eof()
             nursery.start_soon(send)
             assert await receive_all(client) == payload
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
         assert runner_of(gk).children == {}
     assert "outcome=ok wait=" in caplog.text
     assert f"in={len(payload)} out={len(payload)}" in caplog.text
@@ -340,7 +340,7 @@ async def test_relay_ends_when_the_child_exits_whatever_it_left_behind(
             with trio.fail_after(10):
                 assert await receive_all(client) == b"hi\n"
                 await client.aclose()
-                await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+                await gk.wait_settled(1)
         finally:
             for pid in pids:  # the background sleep
                 with contextlib.suppress(ProcessLookupError):
@@ -378,7 +378,7 @@ async def test_nudge_left_unread_at_exit_does_not_fail_the_job(
                 reply = await receive_all(client)  # a reset would raise here
             await client.aclose()
             assert reply == b"DONE00000001STAT00000000" + b"late" * 1000
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 3)
+        await gk.wait_settled(3)
         assert gk.server.waker is not None and gk.server.waker.pokes > 0
     assert caplog.text.count("outcome=ok") == 3, caplog.text
 
@@ -399,7 +399,7 @@ async def test_client_reset_hangs_up_on_the_relayed_child(
         abort(client)
         await client.aclose()
         with trio.fail_after(10):
-            await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+            await gk.wait_settled(1)
         assert runner_of(gk).children == {}
     assert "outcome=client-error" in caplog.text
 

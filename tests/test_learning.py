@@ -113,7 +113,7 @@ async def test_learns_peak_and_holds_the_next_run_until_it_fits(
     async with gatekeeper(cfg, available=10_000 * MiB) as gk:
         client = await gk.connect()
         assert await run_job(client, request("big.o", 120)) == reply(120)
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
         book = gk.server.book
         key = key_of("big.o", 120)
         assert book.knows(key)

@@ -24,6 +24,7 @@ from fakes import (
     reset,
 )
 
+from gatekeeper import addresses, serve
 from gatekeeper.allow import AllowList
 from gatekeeper.distcc_reply import encode_reply_head
 from gatekeeper.distcc_request import encode_request_head
@@ -51,7 +52,7 @@ async def test_echo_with_half_close_passes_reply_through() -> None:
         await client.send_eof()
         assert await receive_all(client) == b"request" * 1000
         await client.aclose()
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
         assert gk.server.gate.snapshot().running == 0
 
 
@@ -206,7 +207,7 @@ async def test_backend_refusing_closes_client_and_frees_slot(
             await client.send_all(b"x")
             assert await receive_until_closed(client) == b""
             await client.aclose()
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 3)
+        await gk.wait_settled(3)
         assert gk.server.gate.snapshot().running == 0
     assert "outcome=backend-error" in caplog.text
     assert "Connection refused" in caplog.text or "connect" in caplog.text
@@ -228,7 +229,7 @@ async def test_backend_reset_mid_stream_ends_job_and_frees_slot() -> None:
                     got += data
             assert got in (b"", b"partial")
             await client.aclose()
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 2)
+        await gk.wait_settled(2)
         assert gk.server.gate.snapshot().running == 0
         assert be.connections == 2
 
@@ -252,7 +253,7 @@ async def test_client_reset_while_running_reaches_backend() -> None:
         reset(client)
         await done.wait()
         assert backend_saw  # ended promptly, either way: distccd would kill its compiler
-        await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        await gk.wait_settled(1)
 
 
 @pytest.mark.parametrize("size", [0, 1, 65_536 * 3 + 7, 64 * MiB])
@@ -321,7 +322,8 @@ async def test_stop_closes_queued_and_lets_running_finish() -> None:
         assert be.connections == 1
 
 
-async def test_slot_accounting_survives_a_mix_of_faults() -> None:
+async def test_slot_accounting_survives_a_mix_of_faults(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Many clients doing different wrong things at once; afterwards nothing is held."""
     async def distcc_like(stream: trio.SocketStream) -> None:
         # Read a whole 4-byte request, answer, close: the client never half-closes.
@@ -335,21 +337,25 @@ async def test_slot_accounting_survives_a_mix_of_faults() -> None:
 
     async with backend(distcc_like) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
         # Backend connections open at once, counted where gatekeeper opens and
-        # closes them (the fake backend's own count lags behind a reset it has
-        # not yet read, as any backend's would).
-        open_now = max_open = 0
-        run_job = gk.server._run_job
+        # closes its sockets (the fake backend's own count lags behind a reset it
+        # has not yet read, as any backend's would). A slot is handed on the
+        # moment a job's bytes are done, before its handler has finished: what
+        # must never exceed max-jobs is open backend connections.
+        created: list[socket.socket] = []
+        max_open = 0
 
-        async def counted(*args: Any) -> None:
-            nonlocal open_now, max_open
-            open_now += 1
-            max_open = max(max_open, open_now)
-            try:
-                await run_job(*args)
-            finally:
-                open_now -= 1
+        def counted_start(address: Any) -> socket.socket | None:
+            # The count can only rise when a connection is made: look then.
+            nonlocal max_open
+            raw = real_start(address)
+            if raw is not None:
+                created.append(raw)
+                max_open = max(max_open, sum(1 for s in created if s.fileno() != -1))
+            return raw
 
-        gk.server._run_job = counted  # type: ignore[method-assign]
+        real_start = addresses.start_connect
+        monkeypatch.setattr(addresses, "start_connect", counted_start)
+        monkeypatch.setattr(serve, "start_connect", counted_start)
 
         async def good(i: int) -> None:
             c = await gk.connect()
@@ -374,6 +380,7 @@ async def test_slot_accounting_survives_a_mix_of_faults() -> None:
         snap = gk.server.gate.snapshot()
         assert (snap.running, snap.queued) == (0, 0)
         assert max_open == 2
+        assert all(s.fileno() == -1 for s in created)
 
 
 @pytest.mark.parametrize("pieces", [
@@ -528,3 +535,46 @@ async def test_a_half_closed_client_waiting_for_its_reply_costs_nothing() -> Non
         release.set()
         assert await receive_all(client) == b"REQUEST"
         await client.aclose()
+
+
+async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> None:
+    """With the limit binding, each queued job's backend connection is opened and
+    its request moved inside the step that released the slot (`Server._start`),
+    on the splice path; every reply still reaches its own client, in order."""
+    served: list[int] = []
+
+    async def numbered(stream: trio.SocketStream) -> None:
+        request = b""
+        while len(request) < 8:
+            data = await stream.receive_some(8 - len(request))
+            if not data:
+                return
+            request += data
+        served.append(int(request))
+        await stream.send_all(request[::-1])
+
+    async with backend(numbered) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
+        early: list[bool] = []
+        start = gk.server._start
+
+        def watched(stream: trio.SocketStream, record: Any, ticket: Any,
+                    started: serve.Started) -> None:
+            start(stream, record, ticket, started)
+            early.append(started.job is not None)
+
+        gk.server._start = watched  # type: ignore[method-assign]
+        clients = []
+        for i in range(12):
+            c = await gk.connect()
+            await c.send_all(b"%08d" % i)
+            clients.append(c)
+            await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
+        for i, c in enumerate(clients):
+            assert await receive_all(c) == (b"%08d" % i)[::-1]
+            await c.aclose()
+        await gk.wait_settled(12)
+    assert served == list(range(12))
+    if gk.server.relay is not None:
+        assert early == [True] * 11  # every queued job; the first never waited
+    else:
+        assert early == []  # the copy path starts each job in its own task
