@@ -160,7 +160,10 @@ def start_connect(address: Address) -> socket.socket | None:
     try:
         raw.setblocking(False)
         err = raw.connect_ex(target)  # type: ignore[arg-type]
-        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+        # EAGAIN: a unix listener's backlog is full (nothing is in progress then;
+        # `finish_connect` reports it). For TCP it means no local port was free.
+        if err not in (0, errno.EINPROGRESS) and not (err == errno.EAGAIN
+                                                      and family == socket.AF_UNIX):
             raise OSError(err, os.strerror(err))
     except BaseException:
         raw.close()
@@ -181,8 +184,10 @@ async def finish_connect(raw: socket.socket, *,
             err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
-            if raw.family == socket.AF_UNIX and not connected_now(raw):
-                # A unix backlog that was full (EAGAIN): try once more now.
+            if not connected_now(raw):
+                # A unix listener whose backlog was full (EAGAIN) is "writable"
+                # without a connection: the job fails (backend-error) and its
+                # client falls back, as with a refused connection.
                 raise OSError(errno.EAGAIN, "backend's listen backlog is full")
     except BaseException:
         raw.close()

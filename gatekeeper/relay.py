@@ -64,6 +64,38 @@ DEFAULT_PIPE = 65536  # Linux's default pipe capacity (16 pages)
 # PIPE_SIZE, so it moves in fewer splices.
 GROW_AFTER = 4 * DEFAULT_PIPE
 MAX_EVENTS = 256  # per epoll_wait; more simply wait for the next round
+# Empty default-size pipes kept for the next job: making and closing two pipes
+# per job was a visible share of the handoff from one job to the next.
+SPARE_PIPES = 8
+
+
+class _PipePool:
+    """Spare pipes (read end, write end), each known to be empty."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._closed = False
+
+    def take(self) -> tuple[int, int]:
+        return self._free.pop() if self._free else os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def give(self, pipe: tuple[int, int], *, empty: bool) -> None:
+        if empty and not self._closed and len(self._free) < SPARE_PIPES:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    @property
+    def fds(self) -> int:
+        """File descriptors the spares hold (at most 2 x SPARE_PIPES)."""
+        return 2 * len(self._free)
+
+    def close(self) -> None:
+        """Close the spares; pipes given back later are closed at once."""
+        self._closed = True
+        while self._free:
+            self.give(self._free.pop(), empty=False)
 
 
 class _State(enum.Enum):
@@ -80,11 +112,11 @@ class _Direction:
                  "want")
 
     def __init__(self, src: trio.socket.SocketType, dst: trio.socket.SocketType,
-                 src_side: Side, dst_side: Side, want: int) -> None:
+                 src_side: Side, dst_side: Side, want: int, pipe: tuple[int, int]) -> None:
         self.src_fd, self.dst_fd, self.dst = src.fileno(), dst.fileno(), dst
         self.src_side, self.dst_side = src_side, dst_side
         self.to_backend = dst_side is Side.BACKEND
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.pipe_r, self.pipe_w = pipe
         # The kernel's default pipe until the direction has moved GROW_AFTER:
         # most requests and replies are smaller, and growing costs a syscall.
         self.size = DEFAULT_PIPE
@@ -103,9 +135,9 @@ class _Direction:
         self.ready = True
         """The kernel said (or may have said) there is something to do."""
 
-    def close(self) -> None:
-        os.close(self.pipe_r)
-        os.close(self.pipe_w)
+    def close(self, pool: _PipePool) -> None:
+        # Kept for another job only if it is empty and still the default size.
+        pool.give((self.pipe_r, self.pipe_w), empty=self.pending == 0 and not self.grown)
 
     def pump(self, job: RelayJob) -> _State:
         transfer = job.transfer
@@ -186,18 +218,24 @@ class _Direction:
 class RelayJob:
     """One job's two directions, as the relay moves them (see `Relay.open`)."""
 
-    __slots__ = ("closed", "done", "down", "fds", "finished", "on_complete", "registered",
-                 "transfer", "up")
+    __slots__ = ("closed", "done", "down", "fds", "finished", "on_complete", "pipes",
+                 "registered", "transfer", "up")
 
     def __init__(self, client: trio.socket.SocketType, backend: trio.socket.SocketType,
-                 transfer: Transfer, reply_prefix: int) -> None:
+                 transfer: Transfer, reply_prefix: int, pipes: _PipePool) -> None:
         self.transfer = transfer
-        self.up = _Direction(client, backend, Side.CLIENT, Side.BACKEND, 0)
+        self.pipes = pipes
+        self.up = _Direction(client, backend, Side.CLIENT, Side.BACKEND, 0, pipes.take())
         try:
-            self.down = _Direction(backend, client, Side.BACKEND, Side.CLIENT, reply_prefix)
+            self.down = _Direction(backend, client, Side.BACKEND, Side.CLIENT, reply_prefix,
+                                   pipes.take())
         except BaseException:
-            self.up.close()
+            self.up.close(pipes)
             raise
+        # Nothing comes back before the request has gone: the reply direction
+        # waits for its first event (epoll reports a socket already readable
+        # when it is registered), which saves a read that would find nothing.
+        self.down.ready = False
         self.finished = False
         self.done = trio.Event()
         self.fds = (client.fileno(), backend.fileno())
@@ -254,8 +292,8 @@ class RelayJob:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.up.close()
-            self.down.close()
+            self.up.close(self.pipes)
+            self.down.close(self.pipes)
 
 
 class Relay:
@@ -267,6 +305,7 @@ class Relay:
         self._epoll = select.epoll()
         self._jobs: dict[int, RelayJob] = {}
         self._ready: dict[RelayJob, None] = {}  # an ordered set
+        self._pipes = _PipePool()
         self._sleep: trio.CancelScope | None = None
 
     async def run(self) -> None:
@@ -288,6 +327,7 @@ class Relay:
         finally:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
+            self._pipes.close()
 
     def _pump_ready(self) -> None:
         ready, self._ready = self._ready, {}
@@ -316,7 +356,7 @@ class Relay:
         or cancellation; never from inside `open`), after the job's sockets
         have left the epoll set; it must not raise."""
         transfer.last_activity = trio.current_time()
-        job = RelayJob(client.socket, backend.socket, transfer, reply_prefix)
+        job = RelayJob(client.socket, backend.socket, transfer, reply_prefix, self._pipes)
         job.on_complete = on_complete
         try:
             for fd in job.fds:
@@ -363,8 +403,16 @@ class Relay:
     def _completed(self, job: RelayJob) -> None:
         callback, job.on_complete = job.on_complete, None
         if callback is not None and job.transfer.failed is None:
+            # Its pipes are empty now and go back at once (the next job, started
+            # by the callback, may take them): a handed-on slot holds no fds.
             self._forget(job)
+            job.close()
             callback()
+
+    @property
+    def spare_fds(self) -> int:
+        """File descriptors held by spare pipes (bounded: see SPARE_PIPES)."""
+        return self._pipes.fds
 
     def _wake(self) -> None:
         if self._sleep is not None:

@@ -243,13 +243,23 @@ class Started:
     raw: socket.socket | None = None
     backend: trio.SocketStream | None = None
     job: RelayJob | None = None
+    client: trio.SocketStream | None = None
+    """Set once bytes may have moved: then the client must see a reset if the
+    job is dropped, never a clean end."""
+    broken: str | None = None
+    """Why a start that may have moved bytes was given up: the job cannot be
+    started again (part of its request is gone), it fails."""
 
     def drop(self, relay: Relay | None) -> None:
         """Undo whatever was started and not taken over (the handler was cut off
-        before it got there): the client and backend get a reset."""
+        before it got there): the backend, and the client if any of its bytes
+        moved, get a reset."""
         if self.job is not None and relay is not None:
             relay.discard(self.job)
             self.job = None
+        if self.client is not None:
+            abort(self.client)
+            self.client = None
         if self.backend is not None:
             abort(self.backend)
             self.backend.socket.close()
@@ -565,11 +575,24 @@ class Server:
                 return
             backend = started.backend = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
             prefix = REPLY_HEAD if record.job_key is not None else 0
+            transfer = record.transfer = Transfer()
+            started.client = stream
             started.job = self.relay.open(
-                stream, backend, Transfer(), reply_prefix=prefix,
+                stream, backend, transfer, reply_prefix=prefix,
                 on_complete=functools.partial(self._hand_off, backend, ticket))
+            # (After its first bytes moved: the meter finds the backend by these.)
+            record.backend_ends = _tcp_ends(backend)
         except OSError:
             # Refused, out of fds: its task tries again and reports what it meets.
+            started.client = None  # nothing moved
+            started.drop(self.relay)
+        except Exception as e:
+            # A bug here must not strand the job or stop the releasing task (the
+            # relay, the gate's timer). Its task starts it the usual way, unless
+            # bytes may have moved already: then it fails, with resets.
+            log.exception("could not start job %s at admission", ticket.job)
+            if started.client is not None:
+                started.broken = f"internal error starting the job: {e!r}"
             started.drop(self.relay)
 
     def _hand_off(self, backend: trio.SocketStream, ticket: Ticket) -> None:
@@ -638,8 +661,11 @@ class Server:
         if self.runner is not None:
             await self._run_command(self.runner, stream, record)
             return
+        if started.broken is not None:
+            record.outcome, record.detail = "backend-failed", started.broken
+            return
         job, backend = started.job, started.backend
-        started.job = started.backend = None  # taken over: closed below
+        started.job = started.backend = started.client = None  # taken over: closed below
         if backend is None:
             try:
                 if started.raw is not None:
@@ -653,7 +679,7 @@ class Server:
                 record.outcome = "backend-error"
                 record.detail = f"connect {backend_address}: {e or 'timed out'}"
                 return
-        record.backend_ends = _tcp_ends(backend)
+            record.backend_ends = _tcp_ends(backend)
         try:
             transfer = await self._relay_job(
                 stream, backend, record, job.transfer if job is not None else Transfer(),

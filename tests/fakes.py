@@ -6,6 +6,7 @@ misbehave on cue (refuse, reset, stall) and to count what reached it.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -155,6 +156,13 @@ async def gatekeeper(cfg: Config, *, available: int = 2**40,
         host, _, port = addresses[0].rpartition(":")
         yield Running(server, memory, TcpAddress(host, int(port)))
         server.stop()
+
+
+def held_fds(gk: Running) -> int:
+    """This process's open fds, less the relay's spare pipes (a bounded cache of
+    empty pipes for the next jobs, not a leak)."""
+    relay = gk.server.relay
+    return len(os.listdir("/proc/self/fd")) - (relay.spare_fds if relay is not None else 0)
 
 
 async def receive_all(stream: trio.SocketStream) -> bytes:

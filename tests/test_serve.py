@@ -28,6 +28,7 @@ from gatekeeper import addresses, serve
 from gatekeeper.allow import AllowList
 from gatekeeper.distcc_reply import encode_reply_head
 from gatekeeper.distcc_request import encode_request_head
+from gatekeeper.relay import SPARE_PIPES
 from gatekeeper.serve import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Server
 from gatekeeper.splice import ZERO_COPY_AVAILABLE
 
@@ -578,3 +579,63 @@ async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> 
         assert early == [True] * 11  # every queued job; the first never waited
     else:
         assert early == []  # the copy path starts each job in its own task
+
+
+async def test_spare_pipes_are_reused_bounded_and_closed() -> None:
+    # The splice path's pipes, whichever data path the other tests here run on.
+    if not ZERO_COPY_AVAILABLE:
+        pytest.skip("no os.splice on this platform: no pipes to keep")
+    async with backend(echo) as be, gatekeeper(config(be.address, max_jobs=12,
+                                                      zero_copy=True)) as gk:
+        relay = gk.server.relay
+        assert relay is not None
+
+        async def one(i: int) -> None:
+            c = await gk.connect()
+            await c.send_all(b"%06d" % i)
+            await c.send_eof()
+            assert await receive_all(c) == b"%06d" % i
+            await c.aclose()
+
+        async with trio.open_nursery() as nursery:  # 12 at once: 24 pipes in use
+            for i in range(12):
+                nursery.start_soon(one, i)
+        await gk.wait_settled(12)
+        assert 0 < relay.spare_fds <= 2 * SPARE_PIPES
+        before = relay.spare_fds
+        await one(99)  # one more job takes its pipes from the spares and gives them back
+        await gk.wait_settled(13)
+        assert relay.spare_fds == before
+    assert relay.spare_fds == 0  # closed with the relay
+
+
+async def test_a_bug_in_the_early_start_falls_back_to_the_jobs_own_task(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected error while starting a job at admission (inside the relay's
+    step) must neither stop the server nor strand the job: its task starts it."""
+    def broken(address: Any) -> None:
+        raise ValueError("simulated bug")
+
+    async def reverse4(stream: trio.SocketStream) -> None:
+        request = b""
+        while len(request) < 4:
+            data = await stream.receive_some(4 - len(request))
+            if not data:
+                return
+            request += data
+        await stream.send_all(request[::-1])
+
+    monkeypatch.setattr(serve, "start_connect", broken)  # only `_start` uses this name
+    async with backend(reverse4) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
+        clients = []
+        for i in range(4):
+            c = await gk.connect()
+            await c.send_all(b"job%d" % i)
+            clients.append(c)
+            await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
+        for i, c in enumerate(clients):
+            assert await receive_all(c) == (b"job%d" % i)[::-1]
+            await c.aclose()
+        await gk.wait_settled(4)
+    if gk.server.relay is not None:
+        assert caplog.text.count("could not start job") == 3

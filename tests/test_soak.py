@@ -11,7 +11,7 @@ import random
 
 import trio
 import trio.testing
-from fakes import backend, config, gatekeeper, reset
+from fakes import backend, config, gatekeeper, held_fds, reset
 
 SECONDS = float(os.environ.get("GATEKEEPER_SOAK_SECONDS", "20"))
 MiB = 2**20
@@ -58,7 +58,7 @@ async def test_chaos_soak() -> None:
         async with gatekeeper(cfg, available=10 * MIN_FREE) as gk:
             await gk.server.meter.quiescent()
             await trio.testing.wait_all_tasks_blocked()
-            baseline = len(os.listdir("/proc/self/fd"))
+            baseline = held_fds(gk)
             limits = gk.server.gate.admission.limits
 
             async def check_invariants() -> None:
@@ -144,11 +144,12 @@ async def test_chaos_soak() -> None:
                             await trio.sleep(rng.expovariate(40))  # ~40 arrivals/s
                     gk.memory.value = 10 * MIN_FREE
                     await gk.wait_for(lambda s: s.gate.snapshot().running == 0
-                                      and s.gate.snapshot().queued == 0)
+                                      and s.gate.snapshot().queued == 0
+                                      and not s._connections)
                     background.cancel_scope.cancel()
             await gk.server.meter.quiescent()
             await trio.testing.wait_all_tasks_blocked()
-            leaked = len(os.listdir("/proc/self/fd")) - baseline
+            leaked = held_fds(gk) - baseline
             snap = gk.server.gate.snapshot()
     print(f"soak {SECONDS:g}s: {stats['jobs']} jobs, {stats['faults']} faults injected, "
           f"{stats['verified_jobs']} jobs / {stats['verified_bytes']} bytes verified, "
