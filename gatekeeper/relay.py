@@ -108,8 +108,8 @@ class _State(enum.Enum):
 
 class _Direction:
     __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "moved", "out",
-                 "pending", "pipe_r", "pipe_w", "ready", "size", "src_fd", "src_side", "to_backend",
-                 "want")
+                 "pending", "pipe_r", "pipe_w", "ready", "sink", "size", "src_fd", "src_side",
+                 "to_backend", "want")
 
     def __init__(self, src: trio.socket.SocketType, dst: trio.socket.SocketType,
                  src_side: Side, dst_side: Side, want: int, pipe: tuple[int, int]) -> None:
@@ -134,6 +134,9 @@ class _Direction:
         """EOF passed on and nothing left to write: this direction is over."""
         self.ready = True
         """The kernel said (or may have said) there is something to do."""
+        self.sink = False
+        """The destination is gone (a backend that finished, see `RelayJob`):
+        only the source's EOF is waited for; a byte from it is an error."""
 
     def close(self, pool: _PipePool) -> None:
         # Kept for another job only if it is empty and still the default size.
@@ -141,6 +144,8 @@ class _Direction:
 
     def pump(self, job: RelayJob) -> _State:
         transfer = job.transfer
+        if self.sink:
+            return self._drain(job)
         for _ in range(BUDGET):
             if self.out:
                 try:
@@ -188,6 +193,23 @@ class _Direction:
                 self.pending = n
         return _State.BUSY
 
+    def _drain(self, job: RelayJob) -> _State:
+        """Wait for the source's EOF after the destination finished: the client
+        closing after its reply. A byte instead is what a closed backend would
+        answer with a reset."""
+        try:
+            data = os.read(self.src_fd, 1)
+        except BlockingIOError:
+            return _State.BLOCKED
+        except OSError as e:
+            return job.fail(self.src_side, e)
+        if data:
+            return job.fail(self.dst_side, BrokenPipeError(
+                errno.EPIPE, "the client sent more after the backend had finished"))
+        self.ended = self.complete = True
+        job.transfer.eofs.append(self.src_side)
+        return _State.DONE
+
     def _grow(self) -> None:
         """A big transfer: it moves in fewer splices through 1 MiB."""
         self.grown = True
@@ -218,8 +240,8 @@ class _Direction:
 class RelayJob:
     """One job's two directions, as the relay moves them (see `Relay.open`)."""
 
-    __slots__ = ("closed", "done", "down", "fds", "finished", "on_complete", "pipes",
-                 "registered", "transfer", "up")
+    __slots__ = ("backend_done", "closed", "done", "down", "early_end", "fds", "finished",
+                 "on_complete", "pipes", "registered", "transfer", "up")
 
     def __init__(self, client: trio.socket.SocketType, backend: trio.socket.SocketType,
                  transfer: Transfer, reply_prefix: int, pipes: _PipePool) -> None:
@@ -242,6 +264,11 @@ class RelayJob:
         self.registered: list[int] = []
         self.on_complete: Callable[[], None] | None = None
         self.closed = False
+        self.early_end = False
+        """The backend's EOF ends its part of the job (`Relay.open`'s
+        hand_off_at_backend_eof)."""
+        self.backend_done = False
+        """It has: the relay should run on_complete now, before the client closes."""
 
     def note(self, fd: int, events: int) -> None:
         """An epoll event on one of the job's sockets: which directions it concerns."""
@@ -270,6 +297,11 @@ class RelayJob:
         if self.up.complete and self.down.complete:
             self._finish()
             return _State.DONE
+        if (self.early_end and self.down.complete and not self.up.sink
+                and not self.up.pending and not self.up.out):
+            # The backend's whole reply and its EOF are with the client, and no
+            # request byte is on its way to it: the backend's part is over.
+            self.backend_done = True
         return _State.BUSY if self.up.ready or self.down.ready else _State.BLOCKED
 
     def fail(self, side: Side, exc: OSError) -> _State:
@@ -335,6 +367,8 @@ class Relay:
             state = job.pump()
             if job.finished:
                 self._completed(job)
+            elif job.backend_done and job.on_complete is not None:
+                self._backend_finished(job)
             elif state is _State.BUSY:
                 self._ready[job] = None
 
@@ -348,16 +382,23 @@ class Relay:
 
     def open(self, client: trio.SocketStream, backend: trio.SocketStream,
              transfer: Transfer, *, reply_prefix: int = 0,
-             on_complete: Callable[[], None] | None = None) -> RelayJob:
+             on_complete: Callable[[], None] | None = None,
+             hand_off_at_backend_eof: bool = False) -> RelayJob:
         """Start moving a job's bytes now, without a checkpoint: its sockets join
         the epoll set and what is already buffered moves at once. The caller
         must then `wait` for it (or `discard` it). `on_complete` runs in the
         relay task once both directions ended cleanly (never on failure, idle
         or cancellation; never from inside `open`), after the job's sockets
-        have left the epoll set; it must not raise."""
+        have left the epoll set; it must not raise. With
+        `hand_off_at_backend_eof` (distcc: distccd closes when its job is done)
+        it runs as soon as the backend's reply and EOF reached the client, with
+        the backend out of the epoll set; the job itself then ends when the
+        client closes (a byte from it instead fails the job, as the closed
+        backend would have)."""
         transfer.last_activity = trio.current_time()
         job = RelayJob(client.socket, backend.socket, transfer, reply_prefix, self._pipes)
         job.on_complete = on_complete
+        job.early_end = hand_off_at_backend_eof
         try:
             for fd in job.fds:
                 self._epoll.register(fd, _EVENTS)
@@ -369,7 +410,7 @@ class Relay:
             raise
         # Even a job that ended in this first pump is left to the relay task, so
         # completions never nest (a release admitting a job that completes ...).
-        if job.finished or job.up.ready or job.down.ready:
+        if job.finished or job.backend_done or job.up.ready or job.down.ready:
             self._ready[job] = None
             self._wake()
         return job
@@ -399,6 +440,23 @@ class Relay:
                 self._epoll.unregister(fd)
         job.registered.clear()
         self._ready.pop(job, None)
+
+    def _backend_finished(self, job: RelayJob) -> None:
+        """The backend's part of the job is over (see `open`): take its socket
+        out of the epoll set before on_complete closes it, and from now on only
+        wait for the client's EOF."""
+        backend_fd = job.fds[1]
+        if backend_fd in job.registered:
+            job.registered.remove(backend_fd)
+            del self._jobs[backend_fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(backend_fd)
+        job.up.sink = True
+        job.up.ready = True  # the client may have closed already
+        self._ready[job] = None
+        callback, job.on_complete = job.on_complete, None
+        if callback is not None:
+            callback()
 
     def _completed(self, job: RelayJob) -> None:
         callback, job.on_complete = job.on_complete, None

@@ -579,7 +579,8 @@ class Server:
             started.client = stream
             started.job = self.relay.open(
                 stream, backend, transfer, reply_prefix=prefix,
-                on_complete=functools.partial(self._hand_off, backend, ticket))
+                on_complete=functools.partial(self._hand_off, backend, ticket),
+                hand_off_at_backend_eof=record.job_key is not None)
             # (After its first bytes moved: the meter finds the backend by these.)
             record.backend_ends = _tcp_ends(backend)
         except OSError:
@@ -596,10 +597,11 @@ class Server:
             started.drop(self.relay)
 
     def _hand_off(self, backend: trio.SocketStream, ticket: Ticket) -> None:
-        """A job's bytes are done, cleanly (`Relay.open`'s on_complete, in the
-        relay task): close its backend connection -- so at most max-jobs are
-        ever open -- and give its slot to the next job at once. Its own task
-        logs and learns afterwards."""
+        """A job's backend part is done, cleanly (`Relay.open`'s on_complete, in
+        the relay task: both directions ended, or for distcc, distccd's reply
+        and EOF reached the client): close its backend connection -- so at most
+        max-jobs are ever open -- and give its slot to the next job at once. Its
+        own task logs and learns afterwards."""
         backend.socket.close()
         self.gate.release(ticket)
 
@@ -701,8 +703,12 @@ class Server:
             prefix = REPLY_HEAD if record.job_key is not None else 0
             if self.relay is not None:
                 if job is None:
+                    # A distcc job's slot is free once distccd closed: it has
+                    # answered, its compiler is gone, only the client's close is
+                    # still to come.
                     job = self.relay.open(stream, backend, transfer, reply_prefix=prefix,
-                                          on_complete=on_complete)
+                                          on_complete=on_complete,
+                                          hand_off_at_backend_eof=record.job_key is not None)
                 await self.relay.wait(job, self.config.idle_timeout)
             else:
                 await splice(stream, backend, transfer, reply_prefix=prefix,

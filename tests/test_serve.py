@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -639,3 +640,69 @@ async def test_a_bug_in_the_early_start_falls_back_to_the_jobs_own_task(
         await gk.wait_settled(4)
     if gk.server.relay is not None:
         assert caplog.text.count("could not start job") == 3
+
+
+DISTCC_JOB = encode_request_head(["gcc", "-c", "x.c", "-o", "x.o"]) + b"DOTI00000004int;"
+
+
+async def answer_and_close(stream: trio.SocketStream) -> None:
+    """Like distccd: read the whole request, answer with a status, close."""
+    request = b""
+    while len(request) < len(DISTCC_JOB):
+        data = await stream.receive_some(len(DISTCC_JOB) - len(request))
+        if not data:
+            return
+        request += data
+    await stream.send_all(encode_reply_head(0) + b"DOTO00000003obj")
+
+
+@pytest.mark.parametrize("identify", [True, False])
+async def test_distcc_slot_is_free_once_distccd_closed(
+        identify: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A distcc job's slot is handed on when distccd's reply and EOF reached the
+    client, not when the client gets round to closing; anything else keeps it
+    until both sides are done."""
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    cfg = config(None, max_jobs=1, identify=identify)  # type: ignore[arg-type]
+    async with backend(answer_and_close) as be, \
+            gatekeeper(dataclasses.replace(cfg, backend=be.address)) as gk:
+        slow = await gk.connect()
+        await slow.send_all(DISTCC_JOB)
+        assert await receive_all(slow) == encode_reply_head(0) + b"DOTO00000003obj"
+        # The reply and EOF are in; the client has not closed yet.
+        if identify and gk.server.relay is not None:
+            await gk.wait_for(lambda s: s.gate.snapshot().running == 0)
+            nxt = await gk.connect()  # gets the slot while `slow` still lingers
+            await nxt.send_all(DISTCC_JOB)
+            assert await receive_all(nxt) == encode_reply_head(0) + b"DOTO00000003obj"
+            await nxt.aclose()
+        else:
+            await trio.testing.wait_all_tasks_blocked()
+            assert gk.server.gate.snapshot().running == 1
+        await slow.aclose()
+        await gk.wait_settled(2 if identify and gk.server.relay is not None else 1)
+    assert caplog.text.count("outcome=ok") >= 1
+    assert "outcome=backend-failed" not in caplog.text
+
+
+async def test_client_bytes_after_distccd_closed_reset_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On the splice path the slot is gone once distccd closed; a client that
+    then sends more gets the reset the closed backend would have sent. (The copy
+    path forwards it and waits for the client's close, as a plain proxy does.)"""
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    async with backend(answer_and_close) as be, gatekeeper(config(be.address)) as gk:
+        c = await gk.connect()
+        await c.send_all(DISTCC_JOB)
+        assert await receive_all(c) == encode_reply_head(0) + b"DOTO00000003obj"
+        relayed = gk.server.relay is not None
+        if relayed:
+            await gk.wait_for(lambda s: s.gate.snapshot().running == 0)
+        await c.send_all(b"more")
+        if relayed:
+            await gk.wait_settled(1)  # ended (with a reset) before the client closed
+        await c.aclose()
+        await gk.wait_settled(1)
+    if relayed:
+        assert "the client sent more after the backend had finished" in caplog.text
+        assert "outcome=backend-failed" in caplog.text
