@@ -233,13 +233,19 @@ class ConnectionLog:
         return text
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Started:
-    """What a queued job got at the moment it was admitted, before its own task
-    ran again (`Server._start`): a connect in progress, or its backend
-    connection with the bytes already moving. Owned by the job's handler, which
-    takes it over or, if it ends first, drops it."""
+    """A queued job's start at the moment it is admitted (`Server._start`, as
+    the ticket's on_admit), and what that start got before the job's own task
+    ran again: a connect in progress, or its backend connection with the bytes
+    already moving. Owned by the job's handler, which takes it over or, if it
+    ends first, drops it. (One object, not a closure plus a holder: one exists
+    per queued client.)"""
 
+    server: Server | None = None
+    stream: trio.SocketStream | None = None
+    record: ConnectionLog | None = None
+    ticket: Ticket | None = None
     raw: socket.socket | None = None
     backend: trio.SocketStream | None = None
     job: RelayJob | None = None
@@ -250,10 +256,16 @@ class Started:
     """Why a start that may have moved bytes was given up: the job cannot be
     started again (part of its request is gone), it fails."""
 
+    def __call__(self) -> None:
+        if self.server is not None:
+            self.server._start(self)
+
     def drop(self, relay: Relay | None) -> None:
         """Undo whatever was started and not taken over (the handler was cut off
         before it got there): the backend, and the client if any of its bytes
-        moved, get a reset."""
+        moved, get a reset. Also lets go of the server, stream, record and
+        ticket (the ticket refers back to this: no cycle left for the GC)."""
+        self.server = self.stream = self.record = self.ticket = None
         if self.job is not None and relay is not None:
             relay.discard(self.job)
             self.job = None
@@ -511,56 +523,55 @@ class Server:
             if waited and self.relay is not None and self.runner is None:
                 # Start its data path at the very moment it is admitted (see
                 # `_start`), not when its task next gets to run.
-                ticket.on_admit = functools.partial(self._start, stream, record, ticket,
-                                                    started)
+                started.server, started.stream = self, stream
+                started.record, started.ticket = record, ticket
+                ticket.on_admit = started
+            # (Inline, not a helper coroutine: a queued connection's memory is
+            # mostly its frames, and 10,000 may wait.)
             try:
-                await self._run_admitted(stream, record, ticket, started, waited)
+                gone = False
+                verdict = Verdict.ADMITTED
+                if waited:
+                    with trio.CancelScope() as waiting:
+                        def on_gone() -> None:
+                            nonlocal gone
+                            gone = True
+                            waiting.cancel()
+
+                        with self.watch.watching(stream.socket, on_gone):
+                            verdict = await self.gate.wait(ticket)
+                # (One admitted at once is not checked: if it is already gone, its
+                # first read says so, and the check would cost every job a poll. One
+                # whose bytes already move is the relay's: it sees the departure.)
+                if started.job is None and (gone or (waited and verdict is Verdict.ADMITTED
+                                                     and self.watch.is_gone(stream.socket))):
+                    record.outcome = "client-gone"
+                    return
+                if verdict is not Verdict.ADMITTED:
+                    record.outcome = verdict.value
+                    return
+                if record.admitted is None:
+                    record.admitted = trio.current_time()
+                    record.oom_kills = self.oom.baseline(record.admitted)
+                with self.meter.measuring(
+                        lambda hints, finder: self._locate(record, hints, finder),
+                        lambda usage: self.gate.observe(ticket, usage)) as usage:
+                    await self._run_job(stream, self.config.backend, record, ticket, started)
+                if usage.samples:
+                    record.peak = usage.peak
+                    self._learn(record, usage.peak)
             finally:
                 started.drop(self.relay)
 
-    async def _run_admitted(self, stream: trio.SocketStream, record: ConnectionLog,
-                            ticket: Ticket, started: Started, waited: bool) -> None:
-        """Wait for admission if queued, then run the job and learn from it."""
-        gone = False
-        verdict = Verdict.ADMITTED
-        if waited:
-            with trio.CancelScope() as waiting:
-                def on_gone() -> None:
-                    nonlocal gone
-                    gone = True
-                    waiting.cancel()
-
-                with self.watch.watching(stream.socket, on_gone):
-                    verdict = await self.gate.wait(ticket)
-        # (One admitted at once is not checked: if it is already gone, its
-        # first read says so, and the check would cost every job a poll. One
-        # whose bytes already move is the relay's: it sees the departure.)
-        if started.job is None and (gone or (waited and verdict is Verdict.ADMITTED
-                                             and self.watch.is_gone(stream.socket))):
-            record.outcome = "client-gone"
-            return
-        if verdict is not Verdict.ADMITTED:
-            record.outcome = verdict.value
-            return
-        if record.admitted is None:
-            record.admitted = trio.current_time()
-            record.oom_kills = self.oom.baseline(record.admitted)
-        with self.meter.measuring(
-                lambda hints, finder: self._locate(record, hints, finder),
-                lambda usage: self.gate.observe(ticket, usage)) as usage:
-            await self._run_job(stream, self.config.backend, record, ticket, started)
-        if usage.samples:
-            record.peak = usage.peak
-            self._learn(record, usage.peak)
-
-    def _start(self, stream: trio.SocketStream, record: ConnectionLog, ticket: Ticket,
-               started: Started) -> None:
+    def _start(self, started: Started) -> None:
         """The gate just admitted this queued job (`Ticket.on_admit`), inside
         whatever task released the slot -- usually the relay, the moment the
         previous job's bytes were done. Connect and start moving the request
         now, without a checkpoint: the handoff then costs no task switch. What
         cannot be done at once (a connect still in progress, a host name to
         resolve, an error to report) is left to the job's own task."""
+        stream, record, ticket = started.stream, started.record, started.ticket
+        assert stream is not None and record is not None and ticket is not None
         if self.watch.is_gone(stream.socket):
             return  # its task ends it as client-gone
         record.admitted = trio.current_time()

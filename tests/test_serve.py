@@ -559,9 +559,8 @@ async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> 
         early: list[bool] = []
         start = gk.server._start
 
-        def watched(stream: trio.SocketStream, record: Any, ticket: Any,
-                    started: serve.Started) -> None:
-            start(stream, record, ticket, started)
+        def watched(started: serve.Started) -> None:
+            start(started)
             early.append(started.job is not None)
 
         gk.server._start = watched  # type: ignore[method-assign]
