@@ -60,6 +60,20 @@ async def echo(stream: trio.SocketStream) -> None:
     await stream.send_eof()
 
 
+async def answer_reversed(stream: trio.SocketStream, size: int = 4,
+                          request: bytes = b"") -> bytes:
+    """A distccd in miniature: read a whole `size`-byte request (after the
+    `request` bytes already read), answer it reversed, return it. Like a distcc
+    client, the client never half-closes; an early EOF gets no answer."""
+    while len(request) < size:
+        data = await stream.receive_some(size - len(request))
+        if not data:
+            return request
+        request += data
+    await stream.send_all(request[::-1])
+    return request
+
+
 def reset(stream: trio.SocketStream) -> None:
     """Close with RST instead of FIN (SO_LINGER 0)."""
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from fakes import (
     Running,
+    answer_reversed,
     backend,
     closed_port,
     config,
@@ -85,7 +86,7 @@ async def test_backend_faults_end_only_their_job(fault: str) -> None:
                 await stream.send_all(b"half a rep")
             reset(stream)
             return
-        await answer_after_request_from(stream, request)
+        await answer_reversed(stream, 4, request)
 
     async with backend(faulty) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
         async with settled(gk):
@@ -100,15 +101,6 @@ async def test_backend_faults_end_only_their_job(fault: str) -> None:
                 await c.aclose()
 
             await with_bystanders(gk, victim)
-
-
-async def answer_after_request_from(stream: trio.SocketStream, request: bytes) -> None:
-    while len(request) < 4:
-        data = await stream.receive_some(4 - len(request))
-        if not data:
-            return
-        request += data
-    await stream.send_all(request[::-1])
 
 
 async def test_backend_never_answers_is_cut_off_by_idle_timeout(
@@ -137,7 +129,7 @@ async def test_client_reset(when: str) -> None:
         if request == b"HOLD":
             await release.wait()
         with trio.move_on_after(5):
-            await answer_after_request_from(stream, request)
+            await answer_reversed(stream, 4, request)
 
     async with backend(slow) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
         async with settled(gk):
@@ -230,7 +222,7 @@ async def test_flood_against_max_queue() -> None:
     async def gated(stream: trio.SocketStream) -> None:
         request = await stream.receive_some(4)
         await release.wait()
-        await answer_after_request_from(stream, request)
+        await answer_reversed(stream, 4, request)
 
     max_seen = 0
     results = {"served": 0, "refused": 0}

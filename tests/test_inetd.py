@@ -72,6 +72,21 @@ def runner_of(gk: Running) -> CommandRunner:
     return gk.server.runner
 
 
+async def cat_round_trip(gk: Running) -> bytes:
+    """3 MiB through a `cat` job, sent while read back; the child is reaped after."""
+    client = await gk.connect()
+    payload = os.urandom(3 * 2**20)
+    async with trio.open_nursery() as nursery:
+        async def send() -> None:
+            await client.send_all(payload)
+            await client.send_eof()
+        nursery.start_soon(send)
+        assert await receive_all(client) == payload
+    await gk.wait_settled(1)
+    assert runner_of(gk).children == {}
+    return payload
+
+
 def is_reaped(pid: int) -> bool:
     """True once `pid` is gone from the process table (a zombie still answers kill 0)."""
     try:
@@ -85,16 +100,7 @@ async def test_command_gets_the_connection_as_blocking_stdin_and_stdout() -> Non
     # cat fails with EAGAIN on a non-blocking stdin: this also proves the hand-over
     # clears O_NONBLOCK for the child.
     async with inetd_gatekeeper(config(UNUSED_BACKEND), ["cat"]) as gk:
-        client = await gk.connect()
-        payload = os.urandom(3 * 2**20)
-        async with trio.open_nursery() as nursery:
-            async def send() -> None:
-                await client.send_all(payload)
-                await client.send_eof()
-            nursery.start_soon(send)
-            assert await receive_all(client) == payload
-        await gk.wait_settled(1)
-        assert runner_of(gk).children == {}
+        await cat_round_trip(gk)
 
 
 async def test_child_sees_the_real_peer_and_no_other_fd() -> None:
@@ -312,16 +318,7 @@ async def test_relay_mode_serves_any_command_on_blocking_stdio(
     caplog.set_level("INFO", logger="gatekeeper")
     async with inetd_gatekeeper(config(UNUSED_BACKEND, inetd_io=InetdIo.RELAY),
                                 ["cat"]) as gk:
-        client = await gk.connect()
-        payload = os.urandom(3 * 2**20)
-        async with trio.open_nursery() as nursery:
-            async def send() -> None:
-                await client.send_all(payload)
-                await client.send_eof()
-            nursery.start_soon(send)
-            assert await receive_all(client) == payload
-        await gk.wait_settled(1)
-        assert runner_of(gk).children == {}
+        payload = await cat_round_trip(gk)
     assert "outcome=ok wait=" in caplog.text
     assert f"in={len(payload)} out={len(payload)}" in caplog.text
 

@@ -15,6 +15,8 @@ import trio
 import trio.testing
 from fakes import (
     DATA_PATH,
+    Running,
+    answer_reversed,
     backend,
     closed_port,
     config,
@@ -109,6 +111,22 @@ async def test_holds_beyond_max_jobs_and_admits_in_fifo_order() -> None:
         assert be.max_active <= 2
         assert be.connections == 5
         assert order == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def queue_and_serve(gk: Running, requests: list[bytes]) -> None:
+    """Queue one client per request, in order (each counted in before the next
+    connects), then read every reply in order (each the request reversed) and
+    close; wait until all are settled."""
+    clients = []
+    for i, request in enumerate(requests):
+        c = await gk.connect()
+        await c.send_all(request)
+        clients.append(c)
+        await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
+    for request, c in zip(requests, clients, strict=True):
+        assert await receive_all(c) == request[::-1]
+        await c.aclose()
+    await gk.wait_settled(len(requests))
 
 
 def _seen(server: Server) -> int:
@@ -327,17 +345,7 @@ async def test_stop_closes_queued_and_lets_running_finish() -> None:
 async def test_slot_accounting_survives_a_mix_of_faults(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Many clients doing different wrong things at once; afterwards nothing is held."""
-    async def distcc_like(stream: trio.SocketStream) -> None:
-        # Read a whole 4-byte request, answer, close: the client never half-closes.
-        request = b""
-        while len(request) < 4:
-            data = await stream.receive_some(4 - len(request))
-            if not data:
-                return
-            request += data
-        await stream.send_all(request[::-1])
-
-    async with backend(distcc_like) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
+    async with backend(answer_reversed) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
         # Backend connections open at once, counted where gatekeeper opens and
         # closes its sockets (the fake backend's own count lags behind a reset it
         # has not yet read, as any backend's would). A slot is handed on the
@@ -546,14 +554,7 @@ async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> 
     served: list[int] = []
 
     async def numbered(stream: trio.SocketStream) -> None:
-        request = b""
-        while len(request) < 8:
-            data = await stream.receive_some(8 - len(request))
-            if not data:
-                return
-            request += data
-        served.append(int(request))
-        await stream.send_all(request[::-1])
+        served.append(int(await answer_reversed(stream, 8)))
 
     async with backend(numbered) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
         early: list[bool] = []
@@ -564,16 +565,7 @@ async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> 
             early.append(started.job is not None)
 
         gk.server._start = watched  # type: ignore[method-assign]
-        clients = []
-        for i in range(12):
-            c = await gk.connect()
-            await c.send_all(b"%08d" % i)
-            clients.append(c)
-            await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
-        for i, c in enumerate(clients):
-            assert await receive_all(c) == (b"%08d" % i)[::-1]
-            await c.aclose()
-        await gk.wait_settled(12)
+        await queue_and_serve(gk, [b"%08d" % i for i in range(12)])
     assert served == list(range(12))
     if gk.server.relay is not None:
         assert early == [True] * 11  # every queued job; the first never waited
@@ -616,27 +608,10 @@ async def test_a_bug_in_the_early_start_falls_back_to_the_jobs_own_task(
     def broken(address: Any) -> None:
         raise ValueError("simulated bug")
 
-    async def reverse4(stream: trio.SocketStream) -> None:
-        request = b""
-        while len(request) < 4:
-            data = await stream.receive_some(4 - len(request))
-            if not data:
-                return
-            request += data
-        await stream.send_all(request[::-1])
-
     monkeypatch.setattr(serve, "start_connect", broken)  # only `_start` uses this name
-    async with backend(reverse4) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
-        clients = []
-        for i in range(4):
-            c = await gk.connect()
-            await c.send_all(b"job%d" % i)
-            clients.append(c)
-            await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
-        for i, c in enumerate(clients):
-            assert await receive_all(c) == (b"job%d" % i)[::-1]
-            await c.aclose()
-        await gk.wait_settled(4)
+    async with backend(answer_reversed) as be, \
+            gatekeeper(config(be.address, max_jobs=1)) as gk:
+        await queue_and_serve(gk, [b"job%d" % i for i in range(4)])
     if gk.server.relay is not None:
         assert caplog.text.count("could not start job") == 3
 
