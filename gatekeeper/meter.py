@@ -251,6 +251,12 @@ class Usage:
     previous: int | None = None
     peak: int = 0
     samples: int = 0
+    stopped: bool = False
+    """No more samples: the job's backend part is over (its process may already
+    serve another job), though its handler still runs."""
+
+    def stop(self) -> None:
+        self.stopped = True
 
     @property
     def steady(self) -> bool:
@@ -325,7 +331,7 @@ class Meter:
             steady = steady and usage.steady
             if usage.pid is not None and usage.pid not in self._known_pids:
                 self._known_pids.append(usage.pid)
-            if usage in self._jobs and usage.current is not None:
+            if usage in self._jobs and usage.current is not None and not usage.stopped:
                 usage.on_sample(usage.current)
         self._calm = self._calm + 1 if steady else 0
 
@@ -345,6 +351,8 @@ def _sample_all(jobs: list[Usage], hints: list[int], finder: SocketFinder) -> No
 
 
 def _sample_one(usage: Usage, hints: list[int], finder: SocketFinder) -> None:
+    if usage.stopped:
+        return
     if usage.pid is None:
         usage.pid = usage.locate(hints, finder)
         if usage.pid is None:

@@ -20,7 +20,8 @@ go through Python with os.read/os.write.
 Handoff: with the slot limit binding, what matters is how soon the next
 queued job's bytes reach the backend after one ends. So a job may name an
 `on_complete` callback, run by the relay task itself the moment both
-directions have ended cleanly (after the job's sockets left the epoll set):
+directions have ended cleanly, or for a distcc job the moment distccd's reply
+and EOF reached the client (after the backend left the epoll set):
 the server closes the backend connection and releases the slot there, and the
 gate starts the next job's data path in the same step (`Relay.open` is
 synchronous) -- no trip through the scheduler to the finished job's task and
@@ -56,6 +57,8 @@ _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 # source of; writable (or broken), the direction it is the destination of.
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+# A client whose backend has finished: only its EOF (or a stray byte) matters.
+_SINK_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
 # Chunks (pipe loads) one job may move per turn before others get theirs.
 BUDGET = 16
@@ -205,7 +208,8 @@ class _Direction:
             return job.fail(self.src_side, e)
         if data:
             return job.fail(self.dst_side, BrokenPipeError(
-                errno.EPIPE, "the client sent more after the backend had finished"))
+                errno.EPIPE, "the backend had closed; the client sent more (a closed "
+                "backend resets it)"))
         self.ended = self.complete = True
         job.transfer.eofs.append(self.src_side)
         return _State.DONE
@@ -454,6 +458,9 @@ class Relay:
         job.up.sink = True
         job.up.ready = True  # the client may have closed already
         self._ready[job] = None
+        job.close()  # both pipes are empty: back to the pool for the next job
+        with contextlib.suppress(OSError, ValueError):  # no more EPOLLOUT wake-ups
+            self._epoll.modify(job.fds[0], _SINK_EVENTS)
         callback, job.on_complete = job.on_complete, None
         if callback is not None:
             callback()

@@ -51,7 +51,7 @@ from .inetd import Command, CommandRunner, Exit, filters_peers
 from .inetd_wake import Waker, hang_up, oob_available
 from .liveness import ClientWatch
 from .memory import MemorySource, format_bytes
-from .meter import Meter, SocketFinder, backend_process
+from .meter import Meter, SocketFinder, Usage, backend_process
 from .metrics import Observatory
 from .oom import OomKills
 from .peek import peek_distcc_job, peek_distcc_job_now
@@ -183,6 +183,12 @@ class ConnectionLog:
     backend_ends: tuple[tuple[str, int], tuple[str, int]] | None = None
     """(our end, the backend's end) of a TCP backend connection, to find the
     backend process that serves the job."""
+    usage: Usage | None = None
+    """The meter's measurements of the job, while it is measured."""
+    handed_off: bool = False
+    """The backend's part is over and the slot handed on (`Server._hand_off`):
+    nothing more is measured (a pre-forked distccd child may already serve the
+    next job), though the handler still waits for the client."""
 
     @property
     def bytes_in(self) -> int:
@@ -556,6 +562,9 @@ class Server:
                 with self.meter.measuring(
                         lambda hints, finder: self._locate(record, hints, finder),
                         lambda usage: self.gate.observe(ticket, usage)) as usage:
+                    record.usage = usage
+                    if record.handed_off:  # done before its task got here
+                        usage.stop()
                     await self._run_job(stream, self.config.backend, record, ticket, started)
                 if usage.samples:
                     record.peak = usage.peak
@@ -590,7 +599,7 @@ class Server:
             started.client = stream
             started.job = self.relay.open(
                 stream, backend, transfer, reply_prefix=prefix,
-                on_complete=functools.partial(self._hand_off, backend, ticket),
+                on_complete=functools.partial(self._hand_off, backend, ticket, record),
                 hand_off_at_backend_eof=record.job_key is not None)
             # (After its first bytes moved: the meter finds the backend by these.)
             record.backend_ends = _tcp_ends(backend)
@@ -607,13 +616,17 @@ class Server:
                 started.broken = f"internal error starting the job: {e!r}"
             started.drop(self.relay)
 
-    def _hand_off(self, backend: trio.SocketStream, ticket: Ticket) -> None:
+    def _hand_off(self, backend: trio.SocketStream, ticket: Ticket,
+                  record: ConnectionLog) -> None:
         """A job's backend part is done, cleanly (`Relay.open`'s on_complete, in
         the relay task: both directions ended, or for distcc, distccd's reply
         and EOF reached the client): close its backend connection -- so at most
         max-jobs are ever open -- and give its slot to the next job at once. Its
-        own task logs and learns afterwards."""
+        own task logs and learns afterwards, from what was measured until now."""
         backend.socket.close()
+        record.handed_off = True
+        if record.usage is not None:
+            record.usage.stop()
         self.gate.release(ticket)
 
     def _learn(self, record: ConnectionLog, peak: int) -> None:
@@ -696,7 +709,7 @@ class Server:
         try:
             transfer = await self._relay_job(
                 stream, backend, record, job.transfer if job is not None else Transfer(),
-                job=job, on_complete=functools.partial(self._hand_off, backend, ticket))
+                job=job, on_complete=functools.partial(self._hand_off, backend, ticket, record))
         finally:
             backend.socket.close()
         self._settle(record, transfer)

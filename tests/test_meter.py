@@ -68,3 +68,22 @@ async def test_a_steady_job_is_sampled_once_a_second_until_a_new_job_starts(
                 await readings.until(count + 1)
                 assert readings.times[-1] - started <= 2 * INTERVAL
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_job_is_not_sampled_again(
+        sleeper: int, autojump_clock: trio.testing.MockClock) -> None:
+    """After a job's backend part is over its process may serve the next job:
+    a stopped Usage keeps what it had and takes no more readings."""
+    meter = Meter()
+    readings = Readings()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(meter.run)
+        with meter.measuring(lambda hints, finder: sleeper, readings) as usage:
+            await readings.until(2)
+            usage.stop()
+            seen, peak = usage.samples, usage.peak
+            await trio.sleep(10 * CALM_INTERVAL)
+            await meter.quiescent()
+            assert (usage.samples, usage.peak) == (seen, peak)
+            assert len(readings.times) == seen
+        nursery.cancel_scope.cancel()

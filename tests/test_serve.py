@@ -678,5 +678,5 @@ async def test_client_bytes_after_distccd_closed_reset_it(
         await c.aclose()
         await gk.wait_settled(1)
     if relayed:
-        assert "the client sent more after the backend had finished" in caplog.text
+        assert "the backend had closed; the client sent more" in caplog.text
         assert "outcome=backend-failed" in caplog.text
