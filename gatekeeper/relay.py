@@ -459,11 +459,12 @@ class Relay:
         job.up.ready = True  # the client may have closed already
         self._ready[job] = None
         job.close()  # both pipes are empty: back to the pool for the next job
-        with contextlib.suppress(OSError, ValueError):  # no more EPOLLOUT wake-ups
-            self._epoll.modify(job.fds[0], _SINK_EVENTS)
         callback, job.on_complete = job.on_complete, None
         if callback is not None:
             callback()
+        # (After the hand-off, which is what the next job waits for.)
+        with contextlib.suppress(OSError, ValueError):  # no more EPOLLOUT wake-ups
+            self._epoll.modify(job.fds[0], _SINK_EVENTS)
 
     def _completed(self, job: RelayJob) -> None:
         callback, job.on_complete = job.on_complete, None
