@@ -44,6 +44,15 @@ async def good_job(gk: Running, tag: bytes) -> None:
     await c.aclose()
 
 
+async def echoed_job(gk: Running, data: bytes) -> None:
+    """A job through an echo backend after a fault: it must come back whole."""
+    c = await gk.connect()
+    await c.send_all(data)
+    await c.send_eof()
+    assert await receive_all(c) == data
+    await c.aclose()
+
+
 @asynccontextmanager
 async def settled(gk: Running) -> AsyncIterator[None]:
     """Check after the block that nothing is held and no fd leaked."""
@@ -415,11 +424,7 @@ async def test_an_unusual_socket_error_ends_that_job_only(
                 pass
         await victim.aclose()
         assert struck
-        bystander = await gk.connect()
-        await bystander.send_all(b"second")
-        await bystander.send_eof()
-        assert await receive_all(bystander) == b"second"
-        await bystander.aclose()
+        await echoed_job(gk, b"second")
 
 
 async def test_an_accept_error_about_one_connection_is_skipped(
@@ -448,11 +453,7 @@ async def test_an_accept_error_about_one_connection_is_skipped(
         assert await receive_until_closed(lost) == b""
         await lost.aclose()
         assert failed
-        client = await gk.connect()
-        await client.send_all(b"still here")
-        await client.send_eof()
-        assert await receive_all(client) == b"still here"
-        await client.aclose()
+        await echoed_job(gk, b"still here")
 
 
 async def test_a_job_cut_off_by_the_drain_deadline_is_reset_both_ways(
