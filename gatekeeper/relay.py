@@ -43,7 +43,10 @@ import logging
 import os
 import select
 import socket
+import struct
+import termios
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -70,6 +73,23 @@ MAX_EVENTS = 256  # per epoll_wait; more simply wait for the next round
 # Empty default-size pipes kept for the next job: making and closing two pipes
 # per job was a visible share of the handoff from one job to the next.
 SPARE_PIPES = 8
+
+
+_INT = struct.Struct("i")
+
+
+class Socket(Protocol):
+    """What the relay needs of a socket: a trio socket, or a plain one (the
+    server hands a just-connected backend socket over before wrapping it)."""
+
+    def fileno(self) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+
+def _unread_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD; a FIN not counted)."""
+    return int(_INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * _INT.size))[0])
 
 
 class _PipePool:
@@ -110,12 +130,12 @@ class _State(enum.Enum):
 
 
 class _Direction:
-    __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "moved", "out",
-                 "pending", "pipe_r", "pipe_w", "ready", "sink", "size", "src_fd", "src_side",
-                 "to_backend", "want")
+    __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "hup", "moved",
+                 "out", "pending", "pipe_r", "pipe_w", "ready", "sink", "size", "src_fd",
+                 "src_side", "to_backend", "want")
 
-    def __init__(self, src: trio.socket.SocketType, dst: trio.socket.SocketType,
-                 src_side: Side, dst_side: Side, want: int, pipe: tuple[int, int]) -> None:
+    def __init__(self, src: Socket, dst: Socket, src_side: Side, dst_side: Side, want: int,
+                 pipe: tuple[int, int]) -> None:
         self.src_fd, self.dst_fd, self.dst = src.fileno(), dst.fileno(), dst
         self.src_side, self.dst_side = src_side, dst_side
         self.to_backend = dst_side is Side.BACKEND
@@ -133,6 +153,8 @@ class _Direction:
         """Bytes of prefix still to read through Python."""
         self.ended = False
         """The source said EOF."""
+        self.hup = False
+        """epoll said the source shut down: all it sent is in our receive queue."""
         self.complete = False
         """EOF passed on and nothing left to write: this direction is over."""
         self.ready = True
@@ -142,8 +164,12 @@ class _Direction:
         only the source's EOF is waited for; a byte from it is an error."""
 
     def close(self, pool: _PipePool) -> None:
-        # Kept for another job only if it is empty and still the default size.
+        """Give the pipe up (idempotent): kept for another job only if it is
+        empty and still the default size."""
+        if self.pipe_r < 0:
+            return
         pool.give((self.pipe_r, self.pipe_w), empty=self.pending == 0 and not self.grown)
+        self.pipe_r = self.pipe_w = -1
 
     def pump(self, job: RelayJob) -> _State:
         transfer = job.transfer
@@ -172,8 +198,7 @@ class _Direction:
                 self._count(transfer, n)
                 continue
             if self.ended:
-                self.complete = True
-                return _State.DONE
+                return self._pass_eof(job)
             try:
                 if self.want:
                     data = os.read(self.src_fd, self.want)
@@ -185,7 +210,8 @@ class _Direction:
             except OSError as e:
                 return job.fail(self.src_side, e)
             if n == 0:
-                return self._end(job)
+                self._saw_eof(job)
+                continue  # passed on next, as a half-close
             self.moved += n
             if self.moved >= GROW_AFTER and not self.grown:
                 self._grow()
@@ -195,6 +221,51 @@ class _Direction:
             else:
                 self.pending = n
         return _State.BUSY
+
+    def gather(self, job: RelayJob) -> bool:
+        """Take in what is left of a source that has shut down (`hup`) without
+        writing any of it yet: whether its EOF is now all that remains unread.
+
+        For a job whose slot is handed on at the backend's EOF: the next job is
+        then started before this reply's last bytes go out to its client, so
+        the backend idles for the least time; those bytes follow a moment
+        later. Reads only into an empty pipe (a splice into a pipe that is not
+        empty may fail for want of room, indistinguishable from an empty
+        socket); what does not fit stays for the usual path."""
+        for _ in range(3):  # the rest of the kept prefix, then one pipe load
+            if self.ended:
+                return True
+            if self.pending:
+                break
+            try:
+                if self.want:
+                    data = os.read(self.src_fd, self.want)
+                    n = len(data)
+                else:
+                    n = os.splice(self.src_fd, self.pipe_w, self.size, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                job.fail(self.src_side, e)
+                return False
+            if n == 0:
+                self._saw_eof(job)
+                return True
+            self.moved += n
+            if self.want:
+                self.want -= n
+                self.out += data
+            else:
+                self.pending = n
+        try:
+            if _unread_bytes(self.src_fd):
+                return False
+        except OSError:
+            return False
+        # Shut down, and nothing of it left in the receive queue (a FIN is
+        # taken in order, after all data before it): the EOF is what remains.
+        self._saw_eof(job)
+        return True
 
     def _drain(self, job: RelayJob) -> _State:
         """Wait for the source's EOF after the destination finished: the client
@@ -228,10 +299,13 @@ class _Direction:
             transfer.to_client += n
         transfer.last_activity = trio.current_time()
 
-    def _end(self, job: RelayJob) -> _State:
-        """The source said EOF: pass it on as a half-close."""
+    def _saw_eof(self, job: RelayJob) -> None:
         self.ended = True
         job.transfer.eofs.append(self.src_side)
+
+    def _pass_eof(self, job: RelayJob) -> _State:
+        """The source said EOF and all it sent is written: pass the EOF on as a
+        half-close."""
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as e:
@@ -244,11 +318,11 @@ class _Direction:
 class RelayJob:
     """One job's two directions, as the relay moves them (see `Relay.open`)."""
 
-    __slots__ = ("backend_done", "closed", "done", "down", "early_end", "fds", "finished",
+    __slots__ = ("backend_done", "done", "down", "early_end", "fds", "finished",
                  "on_complete", "pipes", "registered", "transfer", "up")
 
-    def __init__(self, client: trio.socket.SocketType, backend: trio.socket.SocketType,
-                 transfer: Transfer, reply_prefix: int, pipes: _PipePool) -> None:
+    def __init__(self, client: Socket, backend: Socket, transfer: Transfer, reply_prefix: int,
+                 pipes: _PipePool) -> None:
         self.transfer = transfer
         self.pipes = pipes
         self.up = _Direction(client, backend, Side.CLIENT, Side.BACKEND, 0, pipes.take())
@@ -267,7 +341,6 @@ class RelayJob:
         self.fds = (client.fileno(), backend.fileno())
         self.registered: list[int] = []
         self.on_complete: Callable[[], None] | None = None
-        self.closed = False
         self.early_end = False
         """The backend's EOF ends its part of the job (`Relay.open`'s
         hand_off_at_backend_eof)."""
@@ -281,12 +354,21 @@ class RelayJob:
         src, dst = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
         if readable:
             src.ready = True
+            if events & (select.EPOLLRDHUP | select.EPOLLHUP):
+                src.hup = True
         if writable:
             dst.ready = True
 
     def pump(self) -> _State:
         """Run the directions the kernel has news for until they would block."""
         if self.finished:  # failed: its handler has yet to run; touch nothing
+            return _State.DONE
+        if (self.early_end and self.down.hup and self.down.ready and not self.backend_done
+                and self.down.gather(self) and self._backend_part_over()):
+            # Hand the slot on first; this reply's last bytes follow right after.
+            self.backend_done = True
+            return _State.BUSY
+        if self.finished:
             return _State.DONE
         for direction in (self.up, self.down):
             if not direction.ready:
@@ -301,12 +383,17 @@ class RelayJob:
         if self.up.complete and self.down.complete:
             self._finish()
             return _State.DONE
-        if (self.early_end and self.down.complete and not self.up.sink
-                and not self.up.pending and not self.up.out):
-            # The backend's whole reply and its EOF are with the client, and no
-            # request byte is on its way to it: the backend's part is over.
+        if self.up.sink:
+            if self.down.complete:  # the reply is out: its pipe goes back at once
+                self.down.close(self.pipes)
+        elif self.early_end and self.down.ended and self._backend_part_over():
             self.backend_done = True
         return _State.BUSY if self.up.ready or self.down.ready else _State.BLOCKED
+
+    def _backend_part_over(self) -> bool:
+        """The backend's whole reply and its EOF are in our hands (`down.ended`)
+        and no request byte is on its way to it: the backend's part is over."""
+        return not self.up.pending and not self.up.out
 
     def fail(self, side: Side, exc: OSError) -> _State:
         """A socket call on `side` failed: the job is over. Whatever the errno
@@ -326,10 +413,9 @@ class RelayJob:
         self.done.set()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.up.close(self.pipes)
-            self.down.close(self.pipes)
+        """Give both pipes up (idempotent)."""
+        self.up.close(self.pipes)
+        self.down.close(self.pipes)
 
 
 class Relay:
@@ -369,10 +455,14 @@ class Relay:
         ready, self._ready = self._ready, {}
         for job in ready:
             state = job.pump()
+            if job.backend_done and job.on_complete is not None and not job.finished:
+                self._backend_finished(job)
+                state = job.pump()  # the reply's last bytes, held back for the hand-off
+                if job.down.complete:
+                    with contextlib.suppress(OSError, ValueError):  # no more EPOLLOUT wake-ups
+                        self._epoll.modify(job.fds[0], _SINK_EVENTS)
             if job.finished:
                 self._completed(job)
-            elif job.backend_done and job.on_complete is not None:
-                self._backend_finished(job)
             elif state is _State.BUSY:
                 self._ready[job] = None
 
@@ -381,11 +471,10 @@ class Relay:
                      reply_prefix: int = 0) -> Transfer:
         """Move bytes both ways, as `splice.splice` does (same outcomes, same
         Transfer), on the shared epoll set. Does not close either stream."""
-        job = self.open(client, backend, transfer, reply_prefix=reply_prefix)
+        job = self.open(client.socket, backend.socket, transfer, reply_prefix=reply_prefix)
         return await self.wait(job, idle_timeout)
 
-    def open(self, client: trio.SocketStream, backend: trio.SocketStream,
-             transfer: Transfer, *, reply_prefix: int = 0,
+    def open(self, client: Socket, backend: Socket, transfer: Transfer, *, reply_prefix: int = 0,
              on_complete: Callable[[], None] | None = None,
              hand_off_at_backend_eof: bool = False) -> RelayJob:
         """Start moving a job's bytes now, without a checkpoint: its sockets join
@@ -400,7 +489,7 @@ class Relay:
         client closes (a byte from it instead fails the job, as the closed
         backend would have)."""
         transfer.last_activity = trio.current_time()
-        job = RelayJob(client.socket, backend.socket, transfer, reply_prefix, self._pipes)
+        job = RelayJob(client, backend, transfer, reply_prefix, self._pipes)
         job.on_complete = on_complete
         job.early_end = hand_off_at_backend_eof
         try:
@@ -457,14 +546,12 @@ class Relay:
                 self._epoll.unregister(backend_fd)
         job.up.sink = True
         job.up.ready = True  # the client may have closed already
-        self._ready[job] = None
-        job.close()  # both pipes are empty: back to the pool for the next job
+        job.up.close(self._pipes)  # empty: back to the pool for the next job
+        if job.down.complete:
+            job.down.close(self._pipes)
         callback, job.on_complete = job.on_complete, None
         if callback is not None:
             callback()
-        # (After the hand-off, which is what the next job waits for.)
-        with contextlib.suppress(OSError, ValueError):  # no more EPOLLOUT wake-ups
-            self._epoll.modify(job.fds[0], _SINK_EVENTS)
 
     def _completed(self, job: RelayJob) -> None:
         callback, job.on_complete = job.on_complete, None

@@ -583,26 +583,24 @@ class Server:
         assert stream is not None and record is not None and ticket is not None
         if self.watch.is_gone(stream.socket):
             return  # its task ends it as client-gone
-        record.admitted = trio.current_time()
-        record.oom_kills = self.oom.baseline(record.admitted)
         assert self.relay is not None
         try:
-            raw = start_connect(self.config.backend)
-            if raw is None:
+            raw = started.raw = start_connect(self.config.backend)
+            if raw is None or not connected_now(raw):
                 return
-            if not connected_now(raw):
-                started.raw = raw
-                return
-            backend = started.backend = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
             prefix = REPLY_HEAD if record.job_key is not None else 0
             transfer = record.transfer = Transfer()
             started.client = stream
             started.job = self.relay.open(
-                stream, backend, transfer, reply_prefix=prefix,
-                on_complete=functools.partial(self._hand_off, backend, ticket, record),
+                stream.socket, raw, transfer, reply_prefix=prefix,
+                on_complete=functools.partial(self._hand_off, raw.close, ticket, record),
                 hand_off_at_backend_eof=record.job_key is not None)
-            # (After its first bytes moved: the meter finds the backend by these.)
-            record.backend_ends = _tcp_ends(backend)
+            # The rest only after the first bytes moved: the backend waits for them.
+            started.backend = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+            started.raw = None
+            record.admitted = trio.current_time()
+            record.oom_kills = self.oom.baseline(record.admitted)
+            record.backend_ends = _tcp_ends(started.backend)  # the meter finds it by these
         except OSError:
             # Refused, out of fds: its task tries again and reports what it meets.
             started.client = None  # nothing moved
@@ -616,14 +614,14 @@ class Server:
                 started.broken = f"internal error starting the job: {e!r}"
             started.drop(self.relay)
 
-    def _hand_off(self, backend: trio.SocketStream, ticket: Ticket,
+    def _hand_off(self, close_backend: Callable[[], None], ticket: Ticket,
                   record: ConnectionLog) -> None:
         """A job's backend part is done, cleanly (`Relay.open`'s on_complete, in
         the relay task: both directions ended, or for distcc, distccd's reply
         and EOF reached the client): close its backend connection -- so at most
         max-jobs are ever open -- and give its slot to the next job at once. Its
         own task logs and learns afterwards, from what was measured until now."""
-        backend.socket.close()
+        close_backend()
         record.handed_off = True
         if record.usage is not None:
             record.usage.stop()
@@ -709,7 +707,8 @@ class Server:
         try:
             transfer = await self._relay_job(
                 stream, backend, record, job.transfer if job is not None else Transfer(),
-                job=job, on_complete=functools.partial(self._hand_off, backend, ticket, record))
+                job=job, on_complete=functools.partial(self._hand_off, backend.socket.close, ticket,
+                                                       record))
         finally:
             backend.socket.close()
         self._settle(record, transfer)
@@ -730,7 +729,8 @@ class Server:
                     # A distcc job's slot is free once distccd closed: it has
                     # answered, its compiler is gone, only the client's close is
                     # still to come.
-                    job = self.relay.open(stream, backend, transfer, reply_prefix=prefix,
+                    job = self.relay.open(stream.socket, backend.socket, transfer,
+                                          reply_prefix=prefix,
                                           on_complete=on_complete,
                                           hand_off_at_backend_eof=record.job_key is not None)
                 await self.relay.wait(job, self.config.idle_timeout)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
 import socket
+import sys
+import termios
 from collections.abc import Iterator
 from typing import Any
 
@@ -682,3 +685,56 @@ async def test_client_bytes_after_distccd_closed_reset_it(
     if relayed:
         assert "the backend had closed; the client sent more" in caplog.text
         assert "outcome=backend-failed" in caplog.text
+
+
+async def test_the_next_distcc_job_starts_before_the_last_reply_bytes_go_out(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """When distccd's reply and its EOF are both in, the next queued job is
+    started first and the finished job's reply follows a moment later: the
+    backend waits least (on the splice path; the copy path hands on the slot
+    when the client closes). The reply still arrives whole, then the EOF."""
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    reply = encode_reply_head(0) + b"DOTO%08x" % 3000 + os.urandom(3000)
+    go = trio.Event()
+
+    async def distccd(stream: trio.SocketStream) -> None:
+        request = b""
+        while len(request) < len(DISTCC_JOB):
+            request += await stream.receive_some(len(DISTCC_JOB) - len(request))
+        await go.wait()
+        # The reply and the FIN together, before gatekeeper's relay runs again.
+        os.write(stream.socket.fileno(), reply)
+        stream.socket.close()
+
+    async with backend(distccd) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
+        start = gk.server._start
+        unread_then: list[int] = []
+        first = await gk.connect()
+
+        def watched(started: serve.Started) -> None:
+            unread_then.append(_unread(first))  # what `first` had got when `second` started
+            start(started)
+
+        gk.server._start = watched  # type: ignore[method-assign]
+        await first.send_all(DISTCC_JOB)
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        second = await gk.connect()
+        await second.send_all(DISTCC_JOB)
+        await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+        go.set()
+        assert await receive_all(first) == reply
+        await first.aclose()  # the copy path: only now is the slot free
+        assert await receive_all(second) == reply
+        await second.aclose()
+        await gk.wait_settled(2)
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
+    assert len(ends) == 2
+    assert all("outcome=ok " in e and "compile=ok " in e for e in ends)
+    if gk.server.relay is not None:
+        assert unread_then == [0]
+
+
+def _unread(stream: trio.SocketStream) -> int:
+    """Bytes waiting in a socket's receive queue."""
+    buf = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, sys.byteorder)
