@@ -70,6 +70,9 @@ DEFAULT_PIPE = 65536  # Linux's default pipe capacity (16 pages)
 # PIPE_SIZE, so it moves in fewer splices.
 GROW_AFTER = 4 * DEFAULT_PIPE
 MAX_EVENTS = 256  # per epoll_wait; more simply wait for the next round
+# Extra rounds of polling and pumping before the relay yields to other tasks
+# (bounded: a busy relay must still let the accept loop and the gate run).
+EAGER_ROUNDS = 2
 # Empty default-size pipes kept for the next job: making and closing two pipes
 # per job was a visible share of the handoff from one job to the next.
 SPARE_PIPES = 8
@@ -440,16 +443,31 @@ class Relay:
                     with self._sleep:
                         await trio.lowlevel.wait_readable(self._epoll.fileno())
                     self._sleep = None
-                for fd, events in self._epoll.poll(0, MAX_EVENTS):
-                    job = self._jobs.get(fd)
-                    if job is not None:
-                        job.note(fd, events)
-                        self._ready[job] = None
+                self._poll()
                 self._pump_ready()
+                # Look again before yielding: the other tasks woken meanwhile
+                # (a finished job's log line, an admitted job's task) are
+                # bookkeeping, and a backend's end that came in while this
+                # round ran -- a short job, or distccd closing right after its
+                # reply -- should start the next job now, not after them.
+                for _ in range(EAGER_ROUNDS):
+                    if not self._poll():
+                        break
+                    self._pump_ready()
         finally:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
             self._pipes.close()
+
+    def _poll(self) -> bool:
+        """Mark the jobs with events ready; whether there were any."""
+        events = self._epoll.poll(0, MAX_EVENTS)
+        for fd, mask in events:
+            job = self._jobs.get(fd)
+            if job is not None:
+                job.note(fd, mask)
+                self._ready[job] = None
+        return bool(events)
 
     def _pump_ready(self) -> None:
         ready, self._ready = self._ready, {}
