@@ -20,13 +20,15 @@ go through Python with os.read/os.write.
 Handoff: with the slot limit binding, what matters is how soon the next
 queued job's bytes reach the backend after one ends. So a job may name an
 `on_complete` callback, run by the relay task itself the moment both
-directions have ended cleanly, or for a distcc job the moment distccd's reply
-and EOF reached the client (after the backend left the epoll set):
+directions have ended cleanly, or for a distcc job the moment all of distccd's
+reply and its EOF are in (after the backend left the epoll set; the reply's
+last bytes wait in the pipe and reach the client right after the callback):
 the server closes the backend connection and releases the slot there, and the
 gate starts the next job's data path in the same step (`Relay.open` is
 synchronous) -- no trip through the scheduler to the finished job's task and
 back to the next one's. The finished job's own task does its bookkeeping
-(logging, learning) afterwards.
+(logging, learning) afterwards, and the relay polls again before yielding to
+it (`EAGER_ROUNDS`).
 
 Fairness: one event pumps a job for at most `BUDGET` chunks; a job with more
 to move goes on the ready list and the relay yields to trio between rounds,
@@ -502,8 +504,9 @@ class Relay:
         or cancellation; never from inside `open`), after the job's sockets
         have left the epoll set; it must not raise. With
         `hand_off_at_backend_eof` (distcc: distccd closes when its job is done)
-        it runs as soon as the backend's reply and EOF reached the client, with
-        the backend out of the epoll set; the job itself then ends when the
+        it runs as soon as all of the backend's reply and its EOF are in (what
+        the client has yet to get follows right after), with the backend out
+        of the epoll set; the job itself then ends when the
         client closes (a byte from it instead fails the job, as the closed
         backend would have)."""
         transfer.last_activity = trio.current_time()

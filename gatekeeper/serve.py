@@ -618,7 +618,7 @@ class Server:
                   record: ConnectionLog) -> None:
         """A job's backend part is done, cleanly (`Relay.open`'s on_complete, in
         the relay task: both directions ended, or for distcc, distccd's reply
-        and EOF reached the client): close its backend connection -- so at most
+        and EOF are in): close its backend connection -- so at most
         max-jobs are ever open -- and give its slot to the next job at once. Its
         own task logs and learns afterwards, from what was measured until now."""
         close_backend()
