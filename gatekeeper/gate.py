@@ -191,10 +191,12 @@ class Gate:
     def _settle(self, job: JobId, verdict: Verdict) -> None:
         ticket = self._tickets[job]
         ticket.verdict = verdict
-        if verdict is Verdict.ADMITTED and ticket.on_admit is not None:
-            ticket.on_admit()  # first: its task need not run for the job to start
         assert ticket.event is not None
-        ticket.event.set()
+        try:
+            if verdict is Verdict.ADMITTED and ticket.on_admit is not None:
+                ticket.on_admit()  # first: its task need not run for the job to start
+        finally:
+            ticket.event.set()  # even if on_admit broke its promise not to raise
 
     def _wake_timer(self) -> None:
         # Only if the timer must now fire earlier than it is set to: waking it

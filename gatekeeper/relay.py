@@ -91,6 +91,8 @@ class Socket(Protocol):
 
     def shutdown(self, how: int, /) -> None: ...
 
+    def getsockopt(self, level: int, optname: int, /) -> int: ...
+
 
 def _unread_bytes(fd: int) -> int:
     """Bytes waiting in a socket's receive queue (FIONREAD; a FIN not counted)."""
@@ -136,12 +138,13 @@ class _State(enum.Enum):
 
 class _Direction:
     __slots__ = ("complete", "dst", "dst_fd", "dst_side", "ended", "grown", "hup", "moved",
-                 "out", "pending", "pipe_r", "pipe_w", "ready", "sink", "size", "src_fd",
+                 "out", "pending", "pipe_r", "pipe_w", "ready", "sink", "size", "src", "src_fd",
                  "src_side", "to_backend", "want")
 
     def __init__(self, src: Socket, dst: Socket, src_side: Side, dst_side: Side, want: int,
                  pipe: tuple[int, int]) -> None:
-        self.src_fd, self.dst_fd, self.dst = src.fileno(), dst.fileno(), dst
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.src_side, self.dst_side = src_side, dst_side
         self.to_backend = dst_side is Side.BACKEND
         self.pipe_r, self.pipe_w = pipe
@@ -268,7 +271,16 @@ class _Direction:
         except OSError:
             return False
         # Shut down, and nothing of it left in the receive queue (a FIN is
-        # taken in order, after all data before it): the EOF is what remains.
+        # taken in order, after all data before it): the EOF is what remains
+        # -- unless it was a reset, whose error the kernel reports only after
+        # the data that came before it: that fails the job as a read would.
+        try:
+            err = self.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            err = e.errno or errno.EBADF
+        if err:
+            job.fail(self.src_side, OSError(err, os.strerror(err)))
+            return False
         self._saw_eof(job)
         return True
 
@@ -359,8 +371,8 @@ class RelayJob:
         src, dst = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
         if readable:
             src.ready = True
-            if events & (select.EPOLLRDHUP | select.EPOLLHUP):
-                src.hup = True
+            if events & (select.EPOLLRDHUP | select.EPOLLHUP) and not events & select.EPOLLERR:
+                src.hup = True  # a shutdown; a reset (EPOLLERR) is met by reading
         if writable:
             dst.ready = True
 
@@ -375,7 +387,10 @@ class RelayJob:
             return _State.BUSY
         if self.finished:
             return _State.DONE
-        for direction in (self.up, self.down):
+        # Once the backend is done, its reply goes out before the client's
+        # socket is read: a stray byte from the client fails the job, and the
+        # reply must not be cut off by that.
+        for direction in (self.down, self.up) if self.up.sink else (self.up, self.down):
             if not direction.ready:
                 continue
             if direction.complete:  # an event on a socket whose direction is over
@@ -397,8 +412,15 @@ class RelayJob:
 
     def _backend_part_over(self) -> bool:
         """The backend's whole reply and its EOF are in our hands (`down.ended`)
-        and no request byte is on its way to it: the backend's part is over."""
-        return not self.up.pending and not self.up.out
+        and no request byte is on its way to it, not even one still unread on
+        the client's socket (it goes to the backend, as before its end): the
+        backend's part is over."""
+        if self.up.pending or self.up.out:
+            return False
+        try:
+            return self.up.ended or _unread_bytes(self.up.src_fd) == 0
+        except OSError:
+            return False  # the client's next read will tell
 
     def fail(self, side: Side, exc: OSError) -> _State:
         """A socket call on `side` failed: the job is over. Whatever the errno

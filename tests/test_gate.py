@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -189,6 +190,24 @@ async def test_early_release_admits_the_next_at_once_and_only_once() -> None:
     snap = gate.snapshot()
     assert (snap.running, snap.queued, snap.finished_total) == (0, 0, 2)
     assert admitted == ["second"]
+
+
+async def test_an_on_admit_that_raises_still_wakes_its_ticket() -> None:
+    """on_admit must not raise; should a bug make it, the error reaches the
+    releasing caller, but the admitted job's task still wakes instead of
+    waiting forever."""
+    gate = make_gate(CountingMemory(1000))
+
+    def broken() -> None:
+        raise RuntimeError("a bug in on_admit")
+
+    async with gate.ticket() as first:
+        async with gate.ticket() as second:
+            second.on_admit = broken
+            with pytest.raises(RuntimeError):
+                gate.release(first)
+            with trio.fail_after(5):
+                assert await gate.wait(second) is Verdict.ADMITTED
 
 
 async def test_on_admit_is_not_called_for_other_verdicts(

@@ -6,14 +6,17 @@ tested through the server against both data paths in test_serve.py.)
 
 from __future__ import annotations
 
+import select
 import socket
+import struct
 
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from gatekeeper.distcc_reply import REPLY_HEAD, encode_reply_head
 from gatekeeper.relay import Relay
-from gatekeeper.splice import ZERO_COPY_AVAILABLE, Transfer
+from gatekeeper.splice import ZERO_COPY_AVAILABLE, Side, Transfer
 
 pytestmark = pytest.mark.skipif(not ZERO_COPY_AVAILABLE, reason="no os.splice on this platform")
 
@@ -85,3 +88,78 @@ async def _two_hand_offs_and_a_bystander() -> list[str]:
     for s in (a_client, a_backend, b_client, b_backend):
         s.close()
     return order
+
+
+REPLY = encode_reply_head(0) + b"DOTO%08x" % 1000 + bytes(1000)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+async def test_a_backend_reset_after_its_reply_is_no_clean_end() -> None:
+    """distccd killed with its reply sent but input unread resets the
+    connection: the data before the reset is readable, the error comes after
+    it. That is a failed job (its client gets a reset from the server), not a
+    hand-off with a clean EOF."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    backend = socket.create_connection(listener.getsockname())
+    backend_peer, _ = listener.accept()
+    listener.close()
+    backend.setblocking(False)
+    client, client_peer = _pair()
+    backend_peer.sendall(REPLY)
+    backend_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    backend_peer.close()  # a reset, no FIN
+    waiter = select.poll()
+    waiter.register(backend, select.POLLERR)
+    assert waiter.poll(10_000), "the reset never arrived"
+    handed_off: list[bool] = []
+    relay = Relay()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        job = relay.open(client, backend, Transfer(), reply_prefix=REPLY_HEAD,
+                         on_complete=lambda: handed_off.append(True),
+                         hand_off_at_backend_eof=True)
+        with trio.fail_after(10):
+            transfer = await relay.wait(job)
+        nursery.cancel_scope.cancel()
+    for s in (client, client_peer, backend):
+        s.close()
+    assert (transfer.failed, handed_off) == (Side.BACKEND, [])
+    assert transfer.error is not None and "ConnectionResetError" in transfer.error
+    assert Side.BACKEND not in transfer.eofs
+
+
+async def test_a_client_byte_seen_with_the_backends_end_is_forwarded_and_the_reply_kept(
+) -> None:
+    """A byte the client sent before distccd's reply and EOF came in, all seen
+    in one turn of the relay: the byte still goes to the backend (it was sent
+    while the backend was there), the reply reaches the client whole, then its
+    EOF; the job ends cleanly when the client closes."""
+    client, client_peer = _pair()
+    backend, backend_peer = _pair()
+    handed_off: list[bool] = []
+    relay = Relay()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        job = relay.open(client, backend, Transfer(), reply_prefix=REPLY_HEAD,
+                         on_complete=lambda: handed_off.append(True),
+                         hand_off_at_backend_eof=True)
+        await wait_all_tasks_blocked()
+        # No checkpoint in between: the relay sees all three at once.
+        client_peer.sendall(b"!")
+        backend_peer.sendall(REPLY)
+        backend_peer.shutdown(socket.SHUT_WR)
+        assert await trio.to_thread.run_sync(_read_to_eof, client_peer) == REPLY
+        client_peer.close()
+        with trio.fail_after(10):
+            transfer = await relay.wait(job)
+        nursery.cancel_scope.cancel()
+    assert backend_peer.recv(10) == b"!"
+    for s in (client, backend, backend_peer):
+        s.close()
+    assert (transfer.failed, handed_off) == (None, [True])
