@@ -31,8 +31,9 @@ back to the next one's. The finished job's own task does its bookkeeping
 it (`EAGER_ROUNDS`).
 
 Fairness: one event pumps a job for at most `BUDGET` chunks; a job with more
-to move goes on the ready list and the relay yields to trio between rounds,
-so a 1 GiB transfer cannot starve the accept loop, the gate or other jobs.
+to move goes on the ready list and the relay yields to trio after at most
+1 + `EAGER_ROUNDS` rounds, so a 1 GiB transfer cannot starve the accept loop,
+the gate or other jobs.
 """
 
 from __future__ import annotations
