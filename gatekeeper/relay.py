@@ -209,11 +209,7 @@ class _Direction:
             if self.ended:
                 return self._pass_eof(job)
             try:
-                if self.want:
-                    data = os.read(self.src_fd, self.want)
-                    n = len(data)
-                else:
-                    n = os.splice(self.src_fd, self.pipe_w, self.size, flags=_FLAGS)
+                n = self._read()
             except BlockingIOError:
                 return _State.BLOCKED
             except OSError as e:
@@ -221,15 +217,22 @@ class _Direction:
             if n == 0:
                 self._saw_eof(job)
                 continue  # passed on next, as a half-close
-            self.moved += n
-            if self.moved >= GROW_AFTER and not self.grown:
-                self._grow()
-            if self.want:
-                self.want -= n
-                self.out = data
-            else:
-                self.pending = n
         return _State.BUSY
+
+    def _read(self) -> int:
+        """Read from the source into the empty pipe, or the kept prefix into
+        `out`: how much (0 at EOF). Raises what the read raises."""
+        if self.want:
+            data = os.read(self.src_fd, self.want)
+            n = len(data)
+            self.want -= n
+            self.out += data
+        else:
+            n = self.pending = os.splice(self.src_fd, self.pipe_w, self.size, flags=_FLAGS)
+        self.moved += n
+        if self.moved >= GROW_AFTER and not self.grown:
+            self._grow()
+        return n
 
     def gather(self, job: RelayJob) -> bool:
         """Take in what is left of a source that has shut down (`hup`) without
@@ -247,11 +250,7 @@ class _Direction:
             if self.pending:
                 break
             try:
-                if self.want:
-                    data = os.read(self.src_fd, self.want)
-                    n = len(data)
-                else:
-                    n = os.splice(self.src_fd, self.pipe_w, self.size, flags=_FLAGS)
+                n = self._read()
             except BlockingIOError:
                 return False
             except OSError as e:
@@ -260,12 +259,6 @@ class _Direction:
             if n == 0:
                 self._saw_eof(job)
                 return True
-            self.moved += n
-            if self.want:
-                self.want -= n
-                self.out += data
-            else:
-                self.pending = n
         try:
             if _unread_bytes(self.src_fd):
                 return False

@@ -9,13 +9,15 @@ from __future__ import annotations
 import select
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
 from gatekeeper.distcc_reply import REPLY_HEAD, encode_reply_head
-from gatekeeper.relay import Relay
+from gatekeeper.relay import Relay, RelayJob
 from gatekeeper.splice import ZERO_COPY_AVAILABLE, Side, Transfer
 
 pytestmark = pytest.mark.skipif(not ZERO_COPY_AVAILABLE, reason="no os.splice on this platform")
@@ -93,6 +95,21 @@ async def _two_hand_offs_and_a_bystander() -> list[str]:
 REPLY = encode_reply_head(0) + b"DOTO%08x" % 1000 + bytes(1000)
 
 
+@asynccontextmanager
+async def _running() -> AsyncIterator[Relay]:
+    relay = Relay()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        yield relay
+        nursery.cancel_scope.cancel()
+
+
+def _open_distcc_job(relay: Relay, client: socket.socket, backend: socket.socket,
+                     handed_off: list[bool]) -> RelayJob:
+    return relay.open(client, backend, Transfer(), reply_prefix=REPLY_HEAD,
+                      on_complete=lambda: handed_off.append(True), hand_off_at_backend_eof=True)
+
+
 def _read_to_eof(sock: socket.socket) -> bytes:
     data = b""
     while chunk := sock.recv(65536):
@@ -118,15 +135,10 @@ async def test_a_backend_reset_after_its_reply_is_no_clean_end() -> None:
     waiter.register(backend, select.POLLERR)
     assert waiter.poll(10_000), "the reset never arrived"
     handed_off: list[bool] = []
-    relay = Relay()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay.run)
-        job = relay.open(client, backend, Transfer(), reply_prefix=REPLY_HEAD,
-                         on_complete=lambda: handed_off.append(True),
-                         hand_off_at_backend_eof=True)
+    async with _running() as relay:
+        job = _open_distcc_job(relay, client, backend, handed_off)
         with trio.fail_after(10):
             transfer = await relay.wait(job)
-        nursery.cancel_scope.cancel()
     for s in (client, client_peer, backend):
         s.close()
     assert (transfer.failed, handed_off) == (Side.BACKEND, [])
@@ -143,12 +155,8 @@ async def test_a_client_byte_seen_with_the_backends_end_is_forwarded_and_the_rep
     client, client_peer = _pair()
     backend, backend_peer = _pair()
     handed_off: list[bool] = []
-    relay = Relay()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay.run)
-        job = relay.open(client, backend, Transfer(), reply_prefix=REPLY_HEAD,
-                         on_complete=lambda: handed_off.append(True),
-                         hand_off_at_backend_eof=True)
+    async with _running() as relay:
+        job = _open_distcc_job(relay, client, backend, handed_off)
         await wait_all_tasks_blocked()
         # No checkpoint in between: the relay sees all three at once.
         client_peer.sendall(b"!")
@@ -158,7 +166,6 @@ async def test_a_client_byte_seen_with_the_backends_end_is_forwarded_and_the_rep
         client_peer.close()
         with trio.fail_after(10):
             transfer = await relay.wait(job)
-        nursery.cancel_scope.cancel()
     assert backend_peer.recv(10) == b"!"
     for s in (client, backend, backend_peer):
         s.close()
