@@ -282,6 +282,9 @@ class _Direction:
         """Wait for the source's EOF after the destination finished: the client
         closing after its reply. A byte instead is what a closed backend would
         answer with a reset."""
+        if self.ended:  # its EOF came in before the hand-off
+            self.complete = True
+            return _State.DONE
         try:
             data = os.read(self.src_fd, 1)
         except BlockingIOError:
