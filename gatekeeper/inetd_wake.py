@@ -31,27 +31,22 @@ one, so the cost is one wake-up per interval plus two syscalls per job.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import socket
-import struct
-import termios
 from collections.abc import Iterator
 
 import trio
+
+from .sockqueue import send_queue
 
 # How often each waiting distccd is nudged: a finished compile is noticed
 # within this (10 ms on average), instead of within distccd's second.
 WAKE_INTERVAL = 0.02
 
-_INT = struct.Struct("i")
-
-
 def unread(sock: socket.socket) -> int:
     """Bytes we sent on `sock` that its peer has not read yet (kernel memory
     charged, for AF_UNIX: 0 exactly when the peer has read everything)."""
-    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * _INT.size)
-    return int(_INT.unpack(buf)[0])
+    return send_queue(sock.fileno())
 
 
 def poke(sock: socket.socket) -> bool:

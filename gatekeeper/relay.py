@@ -46,13 +46,12 @@ import logging
 import os
 import select
 import socket
-import struct
-import termios
 from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
+from .sockqueue import receive_queue
 from .splice import PIPE_SIZE, Side, Transfer, describe_error, means_peer_gone
 
 log = logging.getLogger("gatekeeper")
@@ -81,9 +80,6 @@ EAGER_ROUNDS = 2
 SPARE_PIPES = 8
 
 
-_INT = struct.Struct("i")
-
-
 class Socket(Protocol):
     """What the relay needs of a socket: a trio socket, or a plain one (the
     server hands a just-connected backend socket over before wrapping it)."""
@@ -93,11 +89,6 @@ class Socket(Protocol):
     def shutdown(self, how: int, /) -> None: ...
 
     def getsockopt(self, level: int, optname: int, /) -> int: ...
-
-
-def _unread_bytes(fd: int) -> int:
-    """Bytes waiting in a socket's receive queue (FIONREAD; a FIN not counted)."""
-    return int(_INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * _INT.size))[0])
 
 
 class _PipePool:
@@ -260,7 +251,7 @@ class _Direction:
                 self._saw_eof(job)
                 return True
         try:
-            if _unread_bytes(self.src_fd):
+            if receive_queue(self.src_fd):
                 return False
         except OSError:
             return False
@@ -415,7 +406,7 @@ class RelayJob:
         if self.up.pending or self.up.out:
             return False
         try:
-            return self.up.ended or _unread_bytes(self.up.src_fd) == 0
+            return self.up.ended or receive_queue(self.up.src_fd) == 0
         except OSError:
             return False  # the client's next read will tell
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import logging
 import os
 import socket
-import sys
-import termios
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +33,7 @@ from gatekeeper.distcc_reply import encode_reply_head
 from gatekeeper.distcc_request import encode_request_head
 from gatekeeper.relay import SPARE_PIPES
 from gatekeeper.serve import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Server
+from gatekeeper.sockqueue import receive_queue
 from gatekeeper.splice import ZERO_COPY_AVAILABLE
 
 MiB = 2**20
@@ -712,7 +710,8 @@ async def test_the_next_distcc_job_starts_before_the_last_reply_bytes_go_out(
         first = await gk.connect()
 
         def watched(started: serve.Started) -> None:
-            unread_then.append(_unread(first))  # what `first` had got when `second` started
+            # What `first` had got when `second` started:
+            unread_then.append(receive_queue(first.socket.fileno()))
             start(started)
 
         gk.server._start = watched  # type: ignore[method-assign]
@@ -732,9 +731,3 @@ async def test_the_next_distcc_job_starts_before_the_last_reply_bytes_go_out(
     assert all("outcome=ok " in e and "compile=ok " in e for e in ends)
     if gk.server.relay is not None:
         assert unread_then == [0]
-
-
-def _unread(stream: trio.SocketStream) -> int:
-    """Bytes waiting in a socket's receive queue."""
-    buf = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    return int.from_bytes(buf, sys.byteorder)
