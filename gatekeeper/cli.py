@@ -33,8 +33,27 @@ from typing import NoReturn
 
 import trio
 
-from . import __version__, statuscmd
-from .activation import (
+from gatekeeper import __version__
+from gatekeeper.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_JOB_MEM_MB,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MIN_FREE_MB,
+    DEFAULT_QUEUE_TIMEOUT,
+    DISTCC_PORT,
+    Config,
+    InetdIo,
+)
+from gatekeeper.fairness import FairBy, Priorities
+from gatekeeper.inetd.command import Command
+from gatekeeper.memory.sources import MemorySource, build_memory_source
+from gatekeeper.net.addresses import Address, parse_address
+from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
+from gatekeeper.observe import statuscmd
+from gatekeeper.observe.logformat import JsonFormatter
+from gatekeeper.observe.metrics import DEFAULT_METRICS
+from gatekeeper.server import DEFAULT_DRAIN_TIMEOUT, Server, open_all
+from gatekeeper.service.activation import (
     ActivationError,
     Notifier,
     adopt,
@@ -47,24 +66,6 @@ from .activation import (
     watchdog,
     watchdog_interval,
 )
-from .addresses import Address, parse_address
-from .allow import DEFAULT_ALLOW, AllowList
-from .config import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_JOB_MEM_MB,
-    DEFAULT_MAX_QUEUE,
-    DEFAULT_MIN_FREE_MB,
-    DEFAULT_QUEUE_TIMEOUT,
-    DISTCC_PORT,
-    Config,
-    InetdIo,
-)
-from .fairness import FairBy, Priorities
-from .inetd import Command
-from .logformat import JsonFormatter
-from .memory import MemorySource, build_memory_source
-from .metrics import DEFAULT_METRICS
-from .serve import DEFAULT_DRAIN_TIMEOUT, Server, open_all
 
 log = logging.getLogger("gatekeeper")
 

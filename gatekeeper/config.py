@@ -6,9 +6,9 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from .addresses import Address
-from .allow import AllowList
-from .fairness import FairBy, Priorities
+from gatekeeper.fairness import FairBy, Priorities
+from gatekeeper.net.addresses import Address
+from gatekeeper.net.allow import AllowList
 
 DISTCC_PORT = 3632
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .allow import Network, parse_network, peer_ip
+from gatekeeper.net.allow import Network, parse_network, peer_ip
 
 # `subnet/N` names an IPv4 prefix; IPv6 clients are grouped by /64, the size of
 # one LAN segment there (a single IPv6 host often has many addresses in it).

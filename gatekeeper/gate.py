@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .admission import Admission, Hold, JobId, Key, Refusal, Snapshot
-from .memory import MemorySource
+from gatekeeper.admission import Admission, Hold, JobId, Key, Refusal, Snapshot
+from gatekeeper.memory.sources import MemorySource
 
 log = logging.getLogger("gatekeeper")
 

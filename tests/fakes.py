@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from gatekeeper.addresses import TcpAddress
-from gatekeeper.allow import AllowList
 from gatekeeper.config import Config
-from gatekeeper.memory import FixedMemory, MemorySource
-from gatekeeper.serve import Server, open_all
+from gatekeeper.memory.sources import FixedMemory, MemorySource
+from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.net.allow import AllowList
+from gatekeeper.server import Server, open_all
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 

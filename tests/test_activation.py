@@ -19,7 +19,12 @@ import pytest
 import trio
 from fakes import backend, config, echo, receive_all
 
-from gatekeeper.activation import (
+from gatekeeper.admission import Admission, Hold, Limits
+from gatekeeper.gate import Gate
+from gatekeeper.memory.sources import FixedMemory
+from gatekeeper.net.addresses import TcpAddress, UnixAddress, parse_address
+from gatekeeper.server import Server
+from gatekeeper.service.activation import (
     ActivationError,
     Inherited,
     Notifier,
@@ -32,11 +37,6 @@ from gatekeeper.activation import (
     status_text,
     watchdog_interval,
 )
-from gatekeeper.addresses import TcpAddress, UnixAddress, parse_address
-from gatekeeper.admission import Admission, Hold, Limits
-from gatekeeper.gate import Gate
-from gatekeeper.memory import FixedMemory
-from gatekeeper.serve import Server
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)

@@ -9,9 +9,9 @@ import trio
 from fakes import backend, closed_port, config, echo, gatekeeper, receive_all
 
 from gatekeeper import cli
-from gatekeeper.addresses import TcpAddress
-from gatekeeper.agent import Health, State, agent_line, health, keepalived_exit
-from gatekeeper.statuscmd import format_status
+from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.observe.agent import Health, State, agent_line, health, keepalived_exit
+from gatekeeper.observe.statuscmd import format_status
 
 MiB = 2**20
 

@@ -25,8 +25,8 @@ import trio
 from fakes import config, gatekeeper, receive_until_closed
 from test_learning import BACKEND, reply, request
 
-from gatekeeper.addresses import TcpAddress
-from gatekeeper.memory import build_memory_source
+from gatekeeper.memory.sources import build_memory_source
+from gatekeeper.net.addresses import TcpAddress
 
 MiB = 2**20
 V1_MEMORY = Path("/sys/fs/cgroup/memory")

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.addresses import TcpAddress, UnixAddress, parse_address
-from gatekeeper.allow import DEFAULT_ALLOW, AllowList
 from gatekeeper.cli import UsageError, parse_config
+from gatekeeper.net.addresses import TcpAddress, UnixAddress, parse_address
+from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
 
 
 @pytest.mark.parametrize(("text", "expected"), [

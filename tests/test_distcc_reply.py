@@ -8,7 +8,7 @@ import signal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.distcc_reply import REPLY_HEAD, encode_reply_head, parse_reply_status
+from gatekeeper.distcc.reply import REPLY_HEAD, encode_reply_head, parse_reply_status
 
 
 def test_a_clean_compile() -> None:

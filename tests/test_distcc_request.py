@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.distcc_request import (
+from gatekeeper.distcc.request import (
     INCOMPLETE,
     MAX_ARGC,
     NOT_DISTCC,

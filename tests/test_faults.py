@@ -403,7 +403,7 @@ async def test_an_unusual_socket_error_ends_that_job_only(
     data path ends that job; the relay and every other job carry on."""
     import errno
 
-    from gatekeeper import relay
+    from gatekeeper.net import relay
     real_splice = os.splice
     struck: list[int] = []
 

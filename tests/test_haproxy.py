@@ -21,7 +21,7 @@ import pytest
 import trio
 from fakes import Running, backend, config, echo, gatekeeper, receive_all
 
-from gatekeeper.addresses import TcpAddress
+from gatekeeper.net.addresses import TcpAddress
 
 MiB = 2**20
 HAPROXY = shutil.which("haproxy") or (

@@ -39,14 +39,14 @@ from distcc_harness import (
 )
 from fakes import Running, config, receive_all, receive_until_closed
 
-from gatekeeper.addresses import TcpAddress
 from gatekeeper.config import Config, InetdIo
-from gatekeeper.distcc_request import encode_request_head
-from gatekeeper.inetd import Command, CommandRunner, Exit, filters_peers
-from gatekeeper.inetd_wake import oob_available
-from gatekeeper.memory import FixedMemory
-from gatekeeper.serve import Server, open_all
-from gatekeeper.splice import abort
+from gatekeeper.distcc.inetd_wake import oob_available
+from gatekeeper.distcc.request import encode_request_head
+from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
+from gatekeeper.memory.sources import FixedMemory
+from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.net.copy import abort
+from gatekeeper.server import Server, open_all
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatekeeper.inetd_wake import Waker, hang_up, oob_available, poke, unread
+from gatekeeper.distcc.inetd_wake import Waker, hang_up, oob_available, poke, unread
 
 pytestmark = pytest.mark.skipif(
     not oob_available(),

@@ -15,11 +15,11 @@ import trio
 from fakes import config, gatekeeper, receive_all
 from prometheus_client import generate_latest
 
-from gatekeeper.addresses import TcpAddress
-from gatekeeper.distcc_reply import encode_reply_head, parse_reply_status
-from gatekeeper.distcc_request import DistccJob, encode_request_head, parse_request_head
+from gatekeeper.distcc.reply import encode_reply_head, parse_reply_status
+from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.footprints import CUT_SHORT_GROWTH, STATE_FILE, FootprintBook
-from gatekeeper.oom import OomKills
+from gatekeeper.memory.oom import OomKills
+from gatekeeper.net.addresses import TcpAddress
 
 MiB = 2**20
 

@@ -6,9 +6,9 @@ import json
 import logging
 
 from gatekeeper import cli
-from gatekeeper.logformat import JsonFormatter
-from gatekeeper.serve import ConnectionLog
-from gatekeeper.splice import Transfer
+from gatekeeper.net.copy import Transfer
+from gatekeeper.observe.logformat import JsonFormatter
+from gatekeeper.server import ConnectionLog
 
 
 def test_end_line_fields_are_typed_and_match_the_text() -> None:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.cgroups import (
+from gatekeeper.memory.cgroups import (
     REOPEN_INTERVAL,
     CgroupChain,
     CgroupDir,
@@ -34,9 +34,9 @@ from gatekeeper.cgroups import (
     resolve_cgroup,
     stat_value,
 )
-from gatekeeper.job_cgroup import CgroupError, ChildCgroup
-from gatekeeper.memory import EffectiveMemory, FixedMemory, build_memory_source
-from gatekeeper.pressure import PressureReader, parse_psi, parse_some_avg10
+from gatekeeper.memory.job_cgroup import CgroupError, ChildCgroup
+from gatekeeper.memory.pressure import PressureReader, parse_psi, parse_some_avg10
+from gatekeeper.memory.sources import EffectiveMemory, FixedMemory, build_memory_source
 
 MiB = 2**20
 GiB = 2**30

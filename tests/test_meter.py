@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from gatekeeper.meter import CALM_INTERVAL, CALM_ROUNDS, INTERVAL, Meter
+from gatekeeper.memory.meter import CALM_INTERVAL, CALM_ROUNDS, INTERVAL, Meter
 
 
 @pytest.fixture

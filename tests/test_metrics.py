@@ -11,9 +11,9 @@ import trio.testing
 from fakes import backend, config, echo, gatekeeper, receive_all, receive_until_closed
 from prometheus_client.parser import text_string_to_metric_families
 
-from gatekeeper.addresses import TcpAddress
-from gatekeeper.allow import AllowList
-from gatekeeper.statusweb import EXCHANGE_TIMEOUT, MAX_REQUEST, StatusWeb, parse_request_line
+from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.net.allow import AllowList
+from gatekeeper.observe.web import EXCHANGE_TIMEOUT, MAX_REQUEST, StatusWeb, parse_request_line
 
 MiB = 2**20
 LOOPBACK = TcpAddress("127.0.0.1", 0)

@@ -25,8 +25,8 @@ from fakes import config, gatekeeper
 from test_cgroup_admission import Cgroup, _cgroup_or_skip
 
 from bench.hungry import CXXFLAGS, Spec, heavy_source
-from gatekeeper.addresses import TcpAddress
 from gatekeeper.footprints import CUT_SHORT_GROWTH
+from gatekeeper.net.addresses import TcpAddress
 
 MiB = 2**20
 # One heavy compile peaks near 230 MB here; distccd and its pre-forked children

@@ -16,9 +16,9 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from gatekeeper.distcc_reply import REPLY_HEAD, encode_reply_head
-from gatekeeper.relay import Relay, RelayJob
-from gatekeeper.splice import ZERO_COPY_AVAILABLE, Side, Transfer
+from gatekeeper.distcc.reply import REPLY_HEAD, encode_reply_head
+from gatekeeper.net.copy import ZERO_COPY_AVAILABLE, Side, Transfer
+from gatekeeper.net.relay import Relay, RelayJob
 
 pytestmark = pytest.mark.skipif(not ZERO_COPY_AVAILABLE, reason="no os.splice on this platform")
 

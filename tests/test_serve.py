@@ -27,14 +27,15 @@ from fakes import (
     reset,
 )
 
-from gatekeeper import addresses, serve
-from gatekeeper.allow import AllowList
-from gatekeeper.distcc_reply import encode_reply_head
-from gatekeeper.distcc_request import encode_request_head
-from gatekeeper.relay import SPARE_PIPES
-from gatekeeper.serve import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Server
-from gatekeeper.sockqueue import receive_queue
-from gatekeeper.splice import ZERO_COPY_AVAILABLE
+from gatekeeper import server as serve
+from gatekeeper.distcc.reply import encode_reply_head
+from gatekeeper.distcc.request import encode_request_head
+from gatekeeper.net import addresses
+from gatekeeper.net.allow import AllowList
+from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
+from gatekeeper.net.relay import SPARE_PIPES
+from gatekeeper.net.sockqueue import receive_queue
+from gatekeeper.server import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Server
 
 MiB = 2**20
 
@@ -311,7 +312,7 @@ async def test_denied_peer_is_closed_and_never_reaches_backend() -> None:
 async def test_ipv6_listener_and_allow() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
-    from gatekeeper.addresses import TcpAddress
+    from gatekeeper.net.addresses import TcpAddress
     async with backend(echo) as be:
         cfg = config(be.address, listen=(TcpAddress("::1", 0),))
         try:

@@ -26,7 +26,7 @@ import pytest
 from distcc_harness import NotifyReceiver, ServiceProcess, gatekeeper_env
 
 from gatekeeper.cli import UsageError, parse_options
-from gatekeeper.serve import DEFAULT_DRAIN_TIMEOUT
+from gatekeeper.server import DEFAULT_DRAIN_TIMEOUT
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)

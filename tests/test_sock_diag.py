@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from gatekeeper.meter import SocketFinder, _table_inode
-from gatekeeper.sock_diag import SockDiag
+from gatekeeper.memory.meter import SocketFinder, _table_inode
+from gatekeeper.memory.sock_diag import SockDiag
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import trio
 from fakes import backend, config, gatekeeper, receive_all
 
-from gatekeeper.addresses import TcpAddress
+from gatekeeper.net.addresses import TcpAddress
 
 MiB = 2**20
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

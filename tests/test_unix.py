@@ -18,10 +18,10 @@ import trio
 from distcc_harness import gatekeeper_env
 from fakes import config, echo, receive_all
 
-from gatekeeper.addresses import UnixAddress, open_unix_listener
-from gatekeeper.allow import AllowList
-from gatekeeper.memory import FixedMemory
-from gatekeeper.serve import Server, open_all
+from gatekeeper.memory.sources import FixedMemory
+from gatekeeper.net.addresses import UnixAddress, open_unix_listener
+from gatekeeper.net.allow import AllowList
+from gatekeeper.server import Server, open_all
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from .addresses import Address, TcpAddress, UnixAddress, parse_address
-from .agent import EXIT_FAILED, health, keepalived_exit
-from .metrics import DEFAULT_METRICS
+from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress, parse_address
+from gatekeeper.observe.agent import EXIT_FAILED, health, keepalived_exit
+from gatekeeper.observe.metrics import DEFAULT_METRICS
 
 # keepalived runs MISC_CHECK with its own misc_timeout (default: the check
 # interval); answering within a few seconds or failing is what it wants.

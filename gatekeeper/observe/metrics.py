@@ -26,12 +26,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .admission import JobId, Snapshot
-from .agent import BackendCheck, health
-from .distcc_reply import CompileStatus
-from .gate import Gate
-from .memory import MemorySource
+from gatekeeper import __version__
+from gatekeeper.admission import JobId, Snapshot
+from gatekeeper.distcc.reply import CompileStatus
+from gatekeeper.gate import Gate
+from gatekeeper.memory.sources import MemorySource
+from gatekeeper.observe.agent import BackendCheck, health
 
 # Where `gatekeeper status` and `weight` look when not told: loopback (the
 # status page names clients), the port after distccd's 3632 and its --stats 3633.

@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .cgroups import REOPEN_INTERVAL, Clock, KeptOpenFile
+from gatekeeper.memory.cgroups import REOPEN_INTERVAL, Clock, KeptOpenFile
 
 log = logging.getLogger("gatekeeper")
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import psutil
 
-from .cgroups import (
+from gatekeeper.memory.cgroups import (
     CgroupChain,
     CgroupDir,
     CgroupMount,
@@ -24,7 +24,7 @@ from .cgroups import (
     read_mounts,
     resolve_cgroup,
 )
-from .pressure import SYSTEM_MEMORY_PRESSURE, PressureReader
+from gatekeeper.memory.pressure import SYSTEM_MEMORY_PRESSURE, PressureReader
 
 
 class MemorySource(Protocol):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .cgroups import CgroupDir, memory_reader
+from gatekeeper.memory.cgroups import CgroupDir, memory_reader
 
 
 class CgroupError(Exception):

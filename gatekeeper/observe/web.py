@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .agent import AGENT_SEND_TIMEOUT, agent_line, health
-from .metrics import Observatory
+from gatekeeper.observe.agent import AGENT_SEND_TIMEOUT, agent_line, health
+from gatekeeper.observe.metrics import Observatory
 
 log = logging.getLogger("gatekeeper")
 

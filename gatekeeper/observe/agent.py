@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from .addresses import Address, connect
+from gatekeeper.net.addresses import Address, connect
 
 # A busy box still takes (and queues) work: see the module docstring.
 MIN_PERCENT = 1

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .sock_diag import SockDiag
+from gatekeeper.memory.sock_diag import SockDiag
 
 log = logging.getLogger("gatekeeper")
 

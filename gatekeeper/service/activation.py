@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import trio
 
-from .addresses import Address, TcpAddress, UnixAddress
-from .admission import Hold, Snapshot
-from .gate import Gate
-from .memory import MemorySource
+from gatekeeper.admission import Hold, Snapshot
+from gatekeeper.gate import Gate
+from gatekeeper.memory.sources import MemorySource
+from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress
 
 log = logging.getLogger("gatekeeper")
 

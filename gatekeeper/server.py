@@ -31,7 +31,19 @@ from dataclasses import dataclass
 
 import trio
 
-from .addresses import (
+from gatekeeper.admission import Admission, Limits
+from gatekeeper.config import Config, InetdIo
+from gatekeeper.distcc.inetd_wake import Waker, hang_up, oob_available
+from gatekeeper.distcc.peek import peek_distcc_job, peek_distcc_job_now
+from gatekeeper.distcc.reply import REPLY_HEAD, CompileStatus, parse_reply_status
+from gatekeeper.distcc.request import INCOMPLETE, DistccJob, Unparsed
+from gatekeeper.footprints import FootprintBook
+from gatekeeper.gate import Gate, Ticket, Verdict
+from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
+from gatekeeper.memory.meter import Meter, SocketFinder, Usage, backend_process
+from gatekeeper.memory.oom import OomKills
+from gatekeeper.memory.sources import MemorySource, format_bytes
+from gatekeeper.net.addresses import (
     Address,
     connect,
     connected_now,
@@ -40,25 +52,13 @@ from .addresses import (
     open_listeners,
     start_connect,
 )
-from .admission import Admission, Limits
-from .agent import BackendCheck
-from .config import Config, InetdIo
-from .distcc_reply import REPLY_HEAD, CompileStatus, parse_reply_status
-from .distcc_request import INCOMPLETE, DistccJob, Unparsed
-from .footprints import FootprintBook
-from .gate import Gate, Ticket, Verdict
-from .inetd import Command, CommandRunner, Exit, filters_peers
-from .inetd_wake import Waker, hang_up, oob_available
-from .liveness import ClientWatch
-from .memory import MemorySource, format_bytes
-from .meter import Meter, SocketFinder, Usage, backend_process
-from .metrics import Observatory
-from .oom import OomKills
-from .peek import peek_distcc_job, peek_distcc_job_now
-from .relay import Relay, RelayJob
-from .splice import ZERO_COPY_AVAILABLE, Side, Transfer, abort, splice
-from .statuspage import page
-from .statusweb import Agent, StatusWeb
+from gatekeeper.net.copy import ZERO_COPY_AVAILABLE, Side, Transfer, abort, splice
+from gatekeeper.net.liveness import ClientWatch
+from gatekeeper.net.relay import Relay, RelayJob
+from gatekeeper.observe.agent import BackendCheck
+from gatekeeper.observe.metrics import Observatory
+from gatekeeper.observe.page import page
+from gatekeeper.observe.web import Agent, StatusWeb
 
 log = logging.getLogger("gatekeeper")
 

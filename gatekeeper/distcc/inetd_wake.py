@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import trio
 
-from .sockqueue import send_queue
+from gatekeeper.net.sockqueue import send_queue
 
 # How often each waiting distccd is nudged: a finished compile is noticed
 # within this (10 ms on average), instead of within distccd's second.

@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass
 from typing import Final
 
-from .distcc_request import TOKEN_LEN, is_hex8
+from gatekeeper.distcc.request import TOKEN_LEN, is_hex8
 
 REPLY_HEAD: Final = 2 * TOKEN_LEN
 """Bytes of a reply that carry DONE and STAT."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 
-from .cgroups import KeptOpenFile, stat_value
+from gatekeeper.memory.cgroups import KeptOpenFile, stat_value
 
 log = logging.getLogger("gatekeeper")
 

@@ -12,7 +12,7 @@ import socket
 
 import trio
 
-from .distcc_request import (
+from gatekeeper.distcc.request import (
     INCOMPLETE,
     MAX_HEADER,
     NOT_DISTCC,

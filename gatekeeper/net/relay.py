@@ -51,8 +51,8 @@ from typing import Protocol
 
 import trio
 
-from .sockqueue import receive_queue
-from .splice import PIPE_SIZE, Side, Transfer, describe_error, means_peer_gone
+from gatekeeper.net.copy import PIPE_SIZE, Side, Transfer, describe_error, means_peer_gone
+from gatekeeper.net.sockqueue import receive_queue
 
 log = logging.getLogger("gatekeeper")
 

@@ -1,0 +1,2 @@
+"""inetd mode: one child process per admitted connection.
+"""

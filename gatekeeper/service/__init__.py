@@ -1,0 +1,2 @@
+"""Living under a service manager: socket activation and sd_notify.
+"""
