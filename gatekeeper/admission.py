@@ -60,6 +60,14 @@ class Hold(enum.Enum):
     DRAINING = "draining"
 
 
+def memory_fits(available: int, reserved: int, footprint: int, min_free: int) -> bool:
+    """The memory rule, the one place it is written: a job expected to peak at
+    `footprint` may start while `min_free` bytes would still be left after it
+    and the growth `reserved` for the running jobs. The health verdict
+    (observe.agent) asks the same question for a new unknown job."""
+    return available - reserved - footprint >= min_free
+
+
 class Refusal(enum.Enum):
     """Why an arrival was refused instead of queued."""
 
@@ -303,7 +311,8 @@ class Admission:
             job = self._candidate()
             if job is None:
                 break  # every waiting key is at its per-key limit
-            if available - self._reserved - self._footprint[job] < limits.min_free:
+            if not memory_fits(available, self._reserved, self._footprint[job],
+                               limits.min_free):
                 break
             if self._queue[job] <= now:
                 break  # the caller must expire it; never run a timed-out job

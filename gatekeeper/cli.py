@@ -49,10 +49,12 @@ from gatekeeper.inetd.command import Command
 from gatekeeper.memory.sources import MemorySource, build_memory_source
 from gatekeeper.net.addresses import Address, parse_address
 from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
+from gatekeeper.net.listen import FdPlan, open_all
 from gatekeeper.observe import statuscmd
 from gatekeeper.observe.logformat import JsonFormatter
 from gatekeeper.observe.metrics import DEFAULT_METRICS
-from gatekeeper.server import DEFAULT_DRAIN_TIMEOUT, Server, open_all
+from gatekeeper.observe.units import format_mib
+from gatekeeper.server import DEFAULT_DRAIN_TIMEOUT, Server
 from gatekeeper.service.activation import (
     ActivationError,
     Notifier,
@@ -339,13 +341,7 @@ def setup_logging(level: str, log_format: str = "text") -> None:
             handler.setFormatter(JsonFormatter())
 
 
-# Beyond the listeners, the gate's epoll set and logging, each queued job holds
-# one fd and each running job two (client and backend): what --max-queue and
-# --max-jobs need, plus a margin for everything else a process opens.
-_FD_MARGIN = 64
-
-
-def raise_open_files_limit(config: Config) -> None:
+def raise_open_files_limit(config: Config, *, inetd: bool = False) -> None:
     """Raise the soft RLIMIT_NOFILE to the hard limit (the soft default, 1024, would
     quietly cap --max-queue), and warn if even that is too low for the limits.
 
@@ -360,7 +356,7 @@ def raise_open_files_limit(config: Config) -> None:
             soft = hard
         except (ValueError, OSError) as e:
             log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
-    needed = config.max_queue + 2 * config.max_jobs + _FD_MARGIN
+    needed = FdPlan.of(config, inetd=inetd).needed(config)
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning("open files limit %d is below what --max-queue %d and --max-jobs %d "
                     "need (%d): connections past it fail (raise LimitNOFILE=)",
@@ -393,9 +389,9 @@ async def run(config: Config, options: Options | None = None, *,
     await server.open_side_listeners()  # before the nursery: in use = exit 1
     target = (f"command {options.command}" if options.command is not None
               else f"backend {config.backend}")
-    log.info("gatekeeper %s: max-jobs %d, min-free %.0f MiB, max-queue %d, "
+    log.info("gatekeeper %s: max-jobs %d, min-free %s, max-queue %d, "
              "queue-timeout %gs, drain-timeout %gs, %s", __version__, config.max_jobs,
-             config.min_free_bytes / 2**20, config.max_queue, config.queue_timeout,
+             format_mib(config.min_free_bytes), config.max_queue, config.queue_timeout,
              options.drain_timeout, target)
     signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     with trio.open_signal_receiver(*signals_wanted) as signals:
@@ -456,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mismatch is not None:
             print(f"gatekeeper: {mismatch}", file=sys.stderr)
             return EXIT_USAGE
-    raise_open_files_limit(config)
+    raise_open_files_limit(config, inetd=options.command is not None)
     try:
         memory = build_memory_source(config.cgroup)
     except ValueError as e:

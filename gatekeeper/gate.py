@@ -22,6 +22,7 @@ import trio
 
 from gatekeeper.admission import Admission, Hold, JobId, Key, Refusal, Snapshot
 from gatekeeper.memory.sources import MemorySource
+from gatekeeper.observe.units import format_mib
 
 log = logging.getLogger("gatekeeper")
 
@@ -244,6 +245,4 @@ class Gate:
 
 
 def _mib(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**20:.0f} MiB"
+    return format_mib(n)

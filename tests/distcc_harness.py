@@ -519,6 +519,21 @@ class _Daemon:
     def log_text(self) -> str:
         return "\n".join(self.log_lines)
 
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = STARTUP_TIMEOUT_S
+                 ) -> re.Match[str]:
+        """The first output line matching `pattern`, waiting up to `timeout`."""
+        assert self._output is not None and self._proc is not None
+        match = self._output.wait_for(pattern, timeout)
+        if match is None:
+            raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout}s "
+                                 f"(exit code {self._proc.poll()}); output:\n{self.log_text}")
+        return match
+
+    def wait_until(self, predicate: Callable[[Sequence[str]], bool],
+                   timeout: float = STARTUP_TIMEOUT_S) -> bool:
+        assert self._output is not None
+        return self._output.wait_until(predicate, timeout)
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -684,6 +699,16 @@ class DistccServer(_Daemon):
     def job_summaries(self) -> list[JobSummary]:
         """distccd's one-line verdict per connection (COMPILE_OK, CLI_DISCONN, ...)."""
         return _job_summaries(self.log_lines)
+
+    def wait_for_compile_start(self, count: int, timeout: float = 5.0) -> bool:
+        """Whether `count` compiles have started within `timeout`. The wrapper's
+        log is a plain file with no event to wait on: it is re-read every 20 ms,
+        a bounded number of times."""
+        for _ in range(max(1, int(timeout / 0.02))):
+            if self.compile_log().count >= count:
+                return True
+            time.sleep(0.02)
+        return self.compile_log().count >= count
 
     def wait_for_compile_ok(self, count: int, timeout: float = 5.0) -> list[JobSummary]:
         """Job summaries once `count` COMPILE_OK verdicts are logged (or the timeout passes).
@@ -1104,18 +1129,6 @@ class ServiceProcess(_Daemon):
     @property
     def pid(self) -> int:
         return self._proc.pid
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = STARTUP_TIMEOUT_S
-                 ) -> re.Match[str]:
-        match = self._output.wait_for(pattern, timeout)
-        if match is None:
-            raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout}s "
-                                 f"(exit code {self._proc.poll()}); output:\n{self.log_text}")
-        return match
-
-    def wait_until(self, predicate: Callable[[Sequence[str]], bool],
-                   timeout: float = STARTUP_TIMEOUT_S) -> bool:
-        return self._output.wait_until(predicate, timeout)
 
     def send_signal(self, sig: int) -> None:
         self._proc.send_signal(sig)

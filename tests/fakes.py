@@ -19,7 +19,8 @@ from gatekeeper.config import Config
 from gatekeeper.memory.sources import FixedMemory, MemorySource
 from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.net.allow import AllowList
-from gatekeeper.server import Server, open_all
+from gatekeeper.net.listen import open_all
+from gatekeeper.server import Server
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -154,7 +155,7 @@ class Running:
         done with its bookkeeping (the slot is handed on before the finished
         job's handler logs and learns)."""
         await self.wait_for(lambda s: s.gate.snapshot().finished_total == finished
-                            and not s._connections)
+                            and not s.connections.live)
 
 
 @asynccontextmanager

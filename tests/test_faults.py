@@ -64,7 +64,7 @@ async def settled(gk: Running) -> AsyncIterator[None]:
         # Every handler done too: a slot is handed on before the finished job's
         # handler has logged, learned and stopped being measured.
         await gk.wait_for(lambda s: s.gate.snapshot().running == 0
-                          and s.gate.snapshot().queued == 0 and not s._connections)
+                          and s.gate.snapshot().queued == 0 and not s.connections.live)
     await gk.server.meter.quiescent()
     await trio.testing.wait_all_tasks_blocked()
     assert held_fds(gk) == baseline
@@ -480,3 +480,24 @@ async def test_a_job_cut_off_by_the_drain_deadline_is_reset_both_ways(
             await client.receive_some()
         await client.aclose()
     assert backend_saw == ["reset"]
+
+
+async def test_a_job_cut_off_by_the_drain_deadline_says_so(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    """Its end line names the drain timeout (it was `outcome=?`)."""
+    caplog.set_level("INFO", logger="gatekeeper")
+
+    async def hang(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await trio.sleep_forever()
+
+    async with backend(hang) as be, gatekeeper(config(be.address)) as gk:
+        client = await gk.connect()
+        await client.send_all(b"request")
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        gk.server.stop()
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_some()
+        await client.aclose()
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
+    assert len(ends) == 1 and "outcome=drain-timeout" in ends[0], ends

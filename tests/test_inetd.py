@@ -46,7 +46,8 @@ from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
 from gatekeeper.memory.sources import FixedMemory
 from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.net.copy import abort
-from gatekeeper.server import Server, open_all
+from gatekeeper.net.listen import open_all
+from gatekeeper.server import Server
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)
@@ -310,6 +311,19 @@ async def test_inetd_io_mode_is_obeyed(mode: InetdIo) -> None:
         report = await run_distcc_job(gk)
     assert report["family"] == ("AF_INET" if mode is InetdIo.DIRECT else "AF_UNIX")
     assert report["sha"] == hashlib.sha256(DISTCC_REQUEST).hexdigest()
+
+
+async def test_direct_mode_logs_the_bytes_the_kernel_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No byte passes through gatekeeper in direct mode, yet the end line says
+    what moved: the client socket's own TCP counters (was in=0 out=0)."""
+    caplog.set_level("INFO", logger="gatekeeper")
+    async with inetd_gatekeeper(config(UNUSED_BACKEND, inetd_io=InetdIo.DIRECT),
+                                ["cat"]) as gk:
+        payload = await cat_round_trip(gk)
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
+    assert len(ends) == 1, ends
+    assert f" in={len(payload)} out={len(payload)} " in ends[0], ends[0]
 
 
 async def test_relay_mode_serves_any_command_on_blocking_stdio(

@@ -170,7 +170,7 @@ async def test_what_is_learned_follows_how_the_compile_ended(
     caplog.set_level(logging.INFO, logger="gatekeeper")
     cfg = config(forking_backend, max_jobs=1)
     async with gatekeeper(cfg) as gk:
-        gk.server.oom = OomKills(str(vmstat))
+        gk.server.connections.oom = OomKills(str(vmstat))
         client = await gk.connect()
         await client.send_all(request("x.o", 30, stat))
         await gk.wait_for(lambda s: s.gate.snapshot().running == 1)

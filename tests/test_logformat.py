@@ -6,14 +6,15 @@ import json
 import logging
 
 from gatekeeper import cli
+from gatekeeper.job import Job
 from gatekeeper.net.copy import Transfer
 from gatekeeper.observe.logformat import JsonFormatter
-from gatekeeper.server import ConnectionLog
+from gatekeeper.outcome import Outcome
 
 
 def test_end_line_fields_are_typed_and_match_the_text() -> None:
-    record = ConnectionLog(peer="10.0.0.7:51234", accepted=10.0, outcome="ok",
-                           admitted=13.12, ended=54.122, estimate=2**28)
+    record = Job(peer="10.0.0.7:51234", accepted=10.0, outcome=Outcome.OK,
+                 admitted=13.12, ended=54.122, estimate=2**28)
     record.transfer = Transfer()
     record.transfer.to_backend, record.transfer.to_client = 2318841, 55120
     log_record = logging.LogRecord("gatekeeper", logging.INFO, __file__, 1, "%s",

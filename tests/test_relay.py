@@ -17,8 +17,9 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from gatekeeper.distcc.reply import REPLY_HEAD, encode_reply_head
-from gatekeeper.net.copy import ZERO_COPY_AVAILABLE, Side, Transfer
+from gatekeeper.net.copy import ZERO_COPY_AVAILABLE, Transfer
 from gatekeeper.net.relay import Relay, RelayJob
+from gatekeeper.outcome import Side
 
 pytestmark = pytest.mark.skipif(not ZERO_COPY_AVAILABLE, reason="no os.splice on this platform")
 

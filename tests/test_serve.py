@@ -27,15 +27,17 @@ from fakes import (
     reset,
 )
 
-from gatekeeper import server as serve
+from gatekeeper import job as serve
 from gatekeeper.distcc.reply import encode_reply_head
 from gatekeeper.distcc.request import encode_request_head
+from gatekeeper.job import ProxyStart
 from gatekeeper.net import addresses
 from gatekeeper.net.allow import AllowList
 from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
+from gatekeeper.net.listen import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
 from gatekeeper.net.relay import SPARE_PIPES
 from gatekeeper.net.sockqueue import receive_queue
-from gatekeeper.server import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Server
+from gatekeeper.server import Server
 
 MiB = 2**20
 
@@ -469,7 +471,7 @@ async def test_clients_get_tcp_keepalive_without_a_setsockopt_each() -> None:
     The options are set on the listener and inherited by every accepted socket."""
     seen: list[tuple[int, ...]] = []
     async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
-        handle = gk.server.handle
+        handle = gk.server.connections.handle
 
         async def spy(stream: trio.SocketStream) -> None:
             sock = stream.socket
@@ -479,7 +481,7 @@ async def test_clients_get_tcp_keepalive_without_a_setsockopt_each() -> None:
                          sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)))
             await handle(stream)
 
-        gk.server.handle = spy  # type: ignore[method-assign]
+        gk.server.connections.handle = spy  # type: ignore[method-assign]
         client = await gk.connect()
         await client.send_all(b"x")
         await client.send_eof()
@@ -551,7 +553,7 @@ async def test_a_half_closed_client_waiting_for_its_reply_costs_nothing() -> Non
 
 async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> None:
     """With the limit binding, each queued job's backend connection is opened and
-    its request moved inside the step that released the slot (`Server._start`),
+    its request moved inside the step that released the slot (`ProxyJobs.start_at_admission`),
     on the splice path; every reply still reaches its own client, in order."""
     served: list[int] = []
 
@@ -560,15 +562,15 @@ async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> 
 
     async with backend(numbered) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
         early: list[bool] = []
-        start = gk.server._start
+        start = gk.server.proxy.start_at_admission
 
-        def watched(started: serve.Started) -> None:
+        def watched(started: ProxyStart) -> None:
             start(started)
             # Moving already, or (a loaded box's loopback handshake not yet done
             # when connect() returned) its connect begun, for its task to finish.
-            early.append(started.job is not None or started.raw is not None)
+            early.append(started.moving is not None or started.raw is not None)
 
-        gk.server._start = watched  # type: ignore[method-assign]
+        gk.server.proxy.start_at_admission = watched  # type: ignore[method-assign]
         await queue_and_serve(gk, [b"%08d" % i for i in range(12)])
     assert served == list(range(12))
     if gk.server.relay is not None:
@@ -612,7 +614,7 @@ async def test_a_bug_in_the_early_start_falls_back_to_the_jobs_own_task(
     def broken(address: Any) -> None:
         raise ValueError("simulated bug")
 
-    monkeypatch.setattr(serve, "start_connect", broken)  # only `_start` uses this name
+    monkeypatch.setattr(serve, "start_connect", broken)  # only `start_at_admission` uses this name
     async with backend(answer_reversed) as be, \
             gatekeeper(config(be.address, max_jobs=1)) as gk:
         await queue_and_serve(gk, [b"job%d" % i for i in range(4)])
@@ -706,16 +708,16 @@ async def test_the_next_distcc_job_starts_before_the_last_reply_bytes_go_out(
         stream.socket.close()
 
     async with backend(distccd) as be, gatekeeper(config(be.address, max_jobs=1)) as gk:
-        start = gk.server._start
+        start = gk.server.proxy.start_at_admission
         unread_then: list[int] = []
         first = await gk.connect()
 
-        def watched(started: serve.Started) -> None:
+        def watched(started: ProxyStart) -> None:
             # What `first` had got when `second` started:
             unread_then.append(receive_queue(first.socket.fileno()))
             start(started)
 
-        gk.server._start = watched  # type: ignore[method-assign]
+        gk.server.proxy.start_at_admission = watched  # type: ignore[method-assign]
         await first.send_all(DISTCC_JOB)
         await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
         second = await gk.connect()

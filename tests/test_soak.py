@@ -145,7 +145,7 @@ async def test_chaos_soak() -> None:
                     gk.memory.value = 10 * MIN_FREE
                     await gk.wait_for(lambda s: s.gate.snapshot().running == 0
                                       and s.gate.snapshot().queued == 0
-                                      and not s._connections)
+                                      and not s.connections.live)
                     background.cancel_scope.cancel()
             await gk.server.meter.quiescent()
             await trio.testing.wait_all_tasks_blocked()

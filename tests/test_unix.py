@@ -21,7 +21,8 @@ from fakes import config, echo, receive_all
 from gatekeeper.memory.sources import FixedMemory
 from gatekeeper.net.addresses import UnixAddress, open_unix_listener
 from gatekeeper.net.allow import AllowList
-from gatekeeper.server import Server, open_all
+from gatekeeper.net.listen import open_all
+from gatekeeper.server import Server
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)

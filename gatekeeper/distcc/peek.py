@@ -50,22 +50,22 @@ def peek_distcc_job_now(sock: trio.socket.SocketType) -> DistccJob | Unparsed:
     return result
 
 
-async def peek_distcc_job(sock: trio.socket.SocketType) -> DistccJob | None:
-    """Wait for and parse a distcc request head; None if the bytes are not one or
-    the client closed. Unbounded: callers bound it with a cancel scope."""
+async def peek_distcc_job(sock: trio.socket.SocketType) -> DistccJob | Unparsed:
+    """Wait for and parse a distcc request head; NOT_DISTCC if the bytes are not
+    one or the client closed. Unbounded: callers bound it with a cancel scope."""
     size = FIRST_PEEK
     while True:
         try:
             data = await sock.recv(size, socket.MSG_PEEK)
         except OSError:
-            return None
+            return NOT_DISTCC
         if not data:
-            return None
+            return NOT_DISTCC
         result = parse_request_head(data)
         if isinstance(result, DistccJob):
             return result
         if result is not INCOMPLETE:
-            return None
+            return result
         if len(data) == size and size < MAX_HEADER:
             size = min(MAX_HEADER, size * 8)  # a long command line: look further at once
         else:

@@ -10,7 +10,7 @@ gatekeeper say "killed by SIGKILL" in its log and refuse to learn a footprint
 that would invite the next kill.
 
 Only the first 24 bytes are needed; the splice reads exactly those, forwards
-them untouched and carries on (see `splice.splice`, ``reply_prefix``).
+them untouched and carries on (see `copy.copy_both_ways`, ``reply_prefix``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from gatekeeper.memory.cgroups import (
     resolve_cgroup,
 )
 from gatekeeper.memory.pressure import SYSTEM_MEMORY_PRESSURE, PressureReader
+from gatekeeper.observe.units import format_bytes
 
 
 class MemorySource(Protocol):
@@ -182,9 +183,3 @@ def build_memory_source(cgroup: str | None = None, *,
             pressure.append(PressureReader(os.path.join(d.path, "memory.pressure")))
     return EffectiveMemory(SystemMemory(meminfo), chains, pressure)
 
-
-def format_bytes(n: int) -> str:
-    """Human-sized bytes for logs: "512 MiB", "1.1 GiB"."""
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB"

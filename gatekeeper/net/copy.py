@@ -25,7 +25,6 @@ its client vanishes.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import fcntl
 import os
@@ -35,6 +34,8 @@ import struct
 from dataclasses import dataclass, field
 
 import trio
+
+from gatekeeper.outcome import Side
 
 # 256 KiB: big enough that a multi-MB preprocessed source moves in a handful of
 # syscalls, small enough that one per direction per job is nothing.
@@ -48,14 +49,9 @@ ZERO_COPY_AVAILABLE = (hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
                        and hasattr(select, "epoll"))
 
 
-class Side(enum.Enum):
-    CLIENT = "client"
-    BACKEND = "backend"
-
-
 @dataclass(slots=True)
 class Transfer:
-    """What a splice did; filled in as it goes, so it is right even if cancelled."""
+    """What a job's transfer did; filled in as it goes, so it is right even if cancelled."""
 
     to_backend: int = 0
     to_client: int = 0
@@ -69,7 +65,7 @@ class Transfer:
     idle: bool = False
     """The job was cut off for moving no byte for `idle_timeout` seconds."""
     reply_head: bytes = b""
-    """The first bytes of the reply, when the splice was asked to keep them."""
+    """The first bytes of the reply, when the transfer was asked to keep them."""
 
 
 async def _forward_prefix(src: trio.SocketStream, dst: trio.SocketStream, want: int,
@@ -138,7 +134,7 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
 
 
-async def splice(client: trio.SocketStream, backend: trio.SocketStream,
+async def copy_both_ways(client: trio.SocketStream, backend: trio.SocketStream,
                  transfer: Transfer | None = None, *,
                  idle_timeout: float | None = None, reply_prefix: int = 0) -> Transfer:
     """Copy both ways until both directions have ended or one has failed, or

@@ -1,6 +1,6 @@
 """The zero-copy data path: one epoll set moves the bytes of every running job.
 
-Why not a task per direction (as `splice.splice` does for the portable path):
+Why not a task per direction (as `copy.copy_both_ways` does for the portable path):
 each job then costs a nursery and two tasks, and every chunk a trio
 wait_readable/wait_writable, i.e. an epoll_ctl to register and one to
 unregister. Under a storm of small jobs that was most of gatekeeper's CPU
@@ -51,8 +51,9 @@ from typing import Protocol
 
 import trio
 
-from gatekeeper.net.copy import PIPE_SIZE, Side, Transfer, describe_error, means_peer_gone
+from gatekeeper.net.copy import PIPE_SIZE, Transfer, describe_error, means_peer_gone
 from gatekeeper.net.sockqueue import receive_queue
+from gatekeeper.outcome import Side
 
 log = logging.getLogger("gatekeeper")
 
@@ -435,8 +436,8 @@ class RelayJob:
 
 class Relay:
     """Moves bytes for every running job. `run` is its one task (in the server's
-    nursery); `splice` is called by each job's handler and returns when the job's
-    bytes are done, it failed, it went idle, or the handler is cancelled."""
+    nursery); each job's handler `open`s its job and `wait`s, which returns when
+    the job's bytes are done, it failed, it went idle, or the handler is cancelled."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -495,14 +496,6 @@ class Relay:
                 self._completed(job)
             elif state is _State.BUSY:
                 self._ready[job] = None
-
-    async def splice(self, client: trio.SocketStream, backend: trio.SocketStream,
-                     transfer: Transfer, *, idle_timeout: float | None = None,
-                     reply_prefix: int = 0) -> Transfer:
-        """Move bytes both ways, as `splice.splice` does (same outcomes, same
-        Transfer), on the shared epoll set. Does not close either stream."""
-        job = self.open(client.socket, backend.socket, transfer, reply_prefix=reply_prefix)
-        return await self.wait(job, idle_timeout)
 
     def open(self, client: Socket, backend: Socket, transfer: Transfer, *, reply_prefix: int = 0,
              on_complete: Callable[[], None] | None = None,

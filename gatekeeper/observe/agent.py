@@ -24,11 +24,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
+from gatekeeper.admission import memory_fits
 from gatekeeper.net.addresses import Address, connect
+from gatekeeper.observe.status import BackendView, HealthView, StatusPicture
 
 # A busy box still takes (and queues) work: see the module docstring.
 MIN_PERCENT = 1
@@ -75,7 +77,7 @@ def memory_would_hold(status: Mapping[str, Any]) -> bool:
     reserved = _int(status, "reserved_bytes") or 0
     footprint = _int(status, "job_footprint_bytes") or 0
     min_free = _int(status, "min_free_bytes") or 0
-    return available - reserved - footprint < min_free
+    return not memory_fits(available, reserved, footprint, min_free)
 
 
 def health(status: Mapping[str, Any]) -> Health:
@@ -98,6 +100,12 @@ def _one_line(text: str) -> str:
     """Printable ASCII only: the reason ends the agent's line."""
     clean = "".join(c if " " <= c <= "~" else " " for c in text)
     return clean[:200]
+
+
+def health_view(status: Mapping[str, Any]) -> HealthView:
+    """The verdict as /status carries it."""
+    h = health(status)
+    return {"state": h.state.value, "percent": h.percent, "reason": h.reason}
 
 
 def agent_line(h: Health) -> str:
@@ -150,5 +158,34 @@ class BackendCheck:
                 self.ok, self.error = False, f"connect {self.address}: {e or 'timed out'}"
             self._checked = trio.current_time()
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> BackendView:
         return {"ok": self.ok, "error": self.error}
+
+
+class Watched(Protocol):
+    """What the agent reads (observe.metrics.Observatory)."""
+
+    @property
+    def backend(self) -> BackendCheck: ...
+
+    def status(self) -> StatusPicture: ...
+
+
+class Agent:
+    """HAProxy agent-check: one line per connection, then close."""
+
+    def __init__(self, observatory: Watched) -> None:
+        self.observatory = observatory
+
+    async def line(self) -> str:
+        await self.observatory.backend.refresh()
+        return agent_line(health(self.observatory.status()))
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(AGENT_SEND_TIMEOUT):
+                await stream.send_all((await self.line()).encode("ascii"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -26,23 +26,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from gatekeeper import __version__
 from gatekeeper.admission import JobId, Snapshot
 from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.gate import Gate
 from gatekeeper.memory.sources import MemorySource
-from gatekeeper.observe.agent import BackendCheck, health
+from gatekeeper.observe.agent import BackendCheck, health_view
+from gatekeeper.observe.status import QUEUE_VIEW_LIMIT, StatusPicture, picture
+from gatekeeper.outcome import COMPLETED, Outcome
+from gatekeeper.outcome import REJECT_REASONS as REJECTED_ORDER
 
 # Where `gatekeeper status` and `weight` look when not told: loopback (the
 # status page names clients), the port after distccd's 3632 and its --stats 3633.
 DEFAULT_METRICS = "127.0.0.1:3634"
 
-# Connection ends that never ran a job ("closed without running"). A backend
-# that could not be reached never ran the job either, though it was admitted.
-REJECT_REASONS = ("denied", "queue-full", "draining", "queue-timeout", "client-gone",
-                  "backend-error", "command-error")
-NOT_RUN = frozenset(REJECT_REASONS)
-COMPLETED_OUTCOMES = ("ok", "client-error", "backend-failed", "idle-timeout", "command-failed")
+# Connection ends, in the two families of `outcome` (that module says which is
+# which); the labels are the outcomes' names.
+REJECT_REASONS = tuple(o.value for o in REJECTED_ORDER)
+COMPLETED_OUTCOMES = tuple(o.value for o in COMPLETED)
 # How distccd said a compile went (proxy mode; see distcc_reply).
 COMPILE_RESULTS = ("ok", "failed", "killed")
 
@@ -51,15 +51,10 @@ WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 240, float("inf
 # Job run times: compiles from a fraction of a second to many minutes.
 RUN_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
 
-# At most this many queue entries in /status: enough for any human, bounded
-# whatever --max-queue is.
-QUEUE_VIEW_LIMIT = 200
-
-
 class Ended(Protocol):
-    """What a connection end tells the metrics (serve.ConnectionLog)."""
+    """What a connection end tells the metrics (job.Job)."""
 
-    outcome: str
+    outcome: Outcome | None
     accepted: float
     admitted: float | None
     ended: float | None
@@ -123,8 +118,9 @@ class Observatory:
     # -- per connection end -------------------------------------------------
 
     def connection_ended(self, record: Ended) -> None:
-        outcome = record.outcome
-        if record.admitted is None or outcome in NOT_RUN:
+        ran = record.outcome is not None and record.outcome.ran
+        outcome = "?" if record.outcome is None else record.outcome.value
+        if record.admitted is None or not ran:
             self.rejected[outcome] = self.rejected.get(outcome, 0) + 1
             self._rejected.labels(outcome).inc()
         else:
@@ -132,7 +128,7 @@ class Observatory:
             self._completed.labels(outcome).inc()
         if record.admitted is not None:
             self._wait.observe(max(0.0, record.admitted - record.accepted))
-            if outcome not in NOT_RUN and record.ended is not None:
+            if ran and record.ended is not None:
                 self._run.observe(max(0.0, record.ended - record.admitted))
         status = record.compile
         if status is not None:
@@ -155,39 +151,16 @@ class Observatory:
         except (OSError, ValueError):
             return snapshot.available
 
-    def status(self) -> dict[str, Any]:
-        """The `/status` document."""
+    def status(self) -> StatusPicture:
+        """The `/status` document (observe.status)."""
         s = self.gate.snapshot()
-        now = trio.current_time()
-        peers = self.queue_peers()
-        queue = [{"peer": peers.get(job, "?"), "waiting_seconds": round(now - arrived, 3)}
-                 for job, arrived in self.gate.admission.queue_view(QUEUE_VIEW_LIMIT)]
-        status: dict[str, Any] = {
-            "version": __version__,
-            "stopping": self.stopping(),
-            "running": s.running,
-            "max_jobs": s.max_jobs,
-            "queued": s.queued,
-            "max_queue": s.max_queue,
-            "hold": None if s.hold is None else s.hold.value,
-            "available_bytes": self.available(s),
-            "min_free_bytes": s.min_free,
-            "reserved_bytes": s.reserved,
-            "next_job_bytes": s.head_footprint,
-            "job_footprint_bytes": self.unknown_footprint(),
-            "memory_pressure": self.gate.pressure,
-            "admitted_total": s.admitted_total,
-            "completed_total": dict(self.completed),
-            "rejected_total": dict(self.rejected),
-            "backend": self.backend.view(),
-            "queue": queue,
-            "queue_shown": len(queue),
-            # the busiest fairness keys only (bounded: admission.TOP_KEYS)
-            "clients": {key: {"queued": q, "running": r} for key, (q, r) in s.keys.items()},
-        }
-        h = health(status)
-        status["health"] = {"state": h.state.value, "percent": h.percent, "reason": h.reason}
-        return status
+        return picture(
+            s, now=trio.current_time(),
+            queue=self.gate.admission.queue_view(QUEUE_VIEW_LIMIT), peers=self.queue_peers(),
+            available=self.available(s), stopping=self.stopping(),
+            unknown_footprint=self.unknown_footprint(), pressure=self.gate.pressure,
+            completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
+            health=health_view)
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress, parse_address
 from gatekeeper.observe.agent import EXIT_FAILED, health, keepalived_exit
 from gatekeeper.observe.metrics import DEFAULT_METRICS
+from gatekeeper.observe.units import format_bytes
 
 # keepalived runs MISC_CHECK with its own misc_timeout (default: the check
 # interval); answering within a few seconds or failing is what it wants.
@@ -73,9 +74,7 @@ def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[st
 def _size(n: object) -> str:
     if not isinstance(n, int) or isinstance(n, bool):
         return "?"
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB"
+    return format_bytes(n)
 
 
 def _counts(counts: object) -> str:

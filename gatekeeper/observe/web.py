@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gatekeeper.observe.agent import AGENT_SEND_TIMEOUT, agent_line, health
 from gatekeeper.observe.metrics import Observatory
 
 log = logging.getLogger("gatekeeper")
@@ -147,23 +146,3 @@ async def _refuse(stream: trio.SocketStream, status: int) -> None:
         if not data:
             return
         dropped += len(data)
-
-
-class Agent:
-    """HAProxy agent-check: one line per connection, then close."""
-
-    def __init__(self, observatory: Observatory) -> None:
-        self.observatory = observatory
-
-    async def line(self) -> str:
-        await self.observatory.backend.refresh()
-        return agent_line(health(self.observatory.status()))
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(AGENT_SEND_TIMEOUT):
-                await stream.send_all((await self.line()).encode("ascii"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)

@@ -43,6 +43,7 @@ from gatekeeper.admission import Hold, Snapshot
 from gatekeeper.gate import Gate
 from gatekeeper.memory.sources import MemorySource
 from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress
+from gatekeeper.observe.units import format_bytes
 
 log = logging.getLogger("gatekeeper")
 
@@ -315,7 +316,7 @@ async def watchdog(notifier: Notifier, interval: float) -> None:
 def status_text(snapshot: Snapshot, available: int | None, *, stopping: bool = False) -> str:
     """The one-line picture for ``systemctl status``, e.g.
     ``2/4 running, 5 queued, 3.1 GiB available``."""
-    memory = "? GiB" if available is None else f"{available / 2**30:.1f} GiB"
+    memory = "? GiB" if available is None else format_bytes(available, unit="GiB")
     if stopping or snapshot.hold is Hold.DRAINING:
         if snapshot.running == 0:
             return "stopping: 0 running, exiting"
@@ -323,7 +324,7 @@ def status_text(snapshot: Snapshot, available: int | None, *, stopping: bool = F
     text = (f"{snapshot.running}/{snapshot.max_jobs} running, {snapshot.queued} queued, "
             f"{memory} available")
     if snapshot.hold is Hold.MEMORY:
-        text += f", holding for memory (min free {snapshot.min_free / 2**30:.1f} GiB)"
+        text += f", holding for memory (min free {format_bytes(snapshot.min_free, unit='GiB')})"
     return text
 
 

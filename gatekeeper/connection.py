@@ -1,0 +1,202 @@
+"""One client connection, start to end: allow -> identify -> ticket -> wait ->
+run -> record. The states it passes are `job.State`'s (that module's header);
+this is the task that walks a `Job` through them.
+
+Resource handling: the accepted stream belongs to this task and is closed in
+`Connections.handle`'s ``finally``; the slot or queue place is the gate
+ticket's, released when the ticket's scope is left, whatever happened; a start
+made at admission (`job.ProxyStart`) is taken over by the task or dropped in
+its ``finally``.
+
+Error handling: anything one connection does wrong (reset, garbage, a dead
+backend) ends that connection only, with a logged outcome. Errors that are not
+about one connection (a bug) propagate and stop the server, loudly. A running
+job cancelled by the drain deadline ends `drain-timeout`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from gatekeeper.config import Config
+from gatekeeper.distcc.protocol import identify, speaks
+from gatekeeper.distcc.request import DistccJob
+from gatekeeper.footprints import FootprintBook
+from gatekeeper.gate import Gate, Ticket, Verdict
+from gatekeeper.job import Job, ProxyStart, State
+from gatekeeper.learning import Lesson, lesson, needs_oom_check
+from gatekeeper.memory.meter import Meter, SocketFinder, backend_process
+from gatekeeper.memory.oom import OomKills
+from gatekeeper.net.liveness import ClientWatch
+from gatekeeper.observe.units import format_bytes
+from gatekeeper.outcome import CUT_OFF, Outcome
+
+log = logging.getLogger("gatekeeper")
+
+
+class Runner(Protocol):
+    """How an admitted job runs: `job.ProxyJobs` or `inetd.job.InetdJobs`."""
+
+    def prepare(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
+                waited: bool) -> ProxyStart | None: ...
+
+    async def run(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
+                  start: ProxyStart | None) -> None: ...
+
+    def drop(self, start: ProxyStart | None) -> None: ...
+
+
+def describe_peer(stream: trio.SocketStream) -> tuple[str, str | None]:
+    """(printable peer, IP host or None for unix peers)."""
+    sock = stream.socket
+    if sock.family == socket.AF_UNIX:
+        return "unix", None
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "?", None
+    host, port = name[0], name[1]
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return text, host
+
+
+class Connections:
+    """Runs each accepted connection's task and knows the live ones (for /status)."""
+
+    def __init__(self, config: Config, gate: Gate, runner: Runner, *, watch: ClientWatch,
+                 meter: Meter, book: FootprintBook, oom: OomKills,
+                 on_end: Callable[[Job], None]) -> None:
+        self.config = config
+        self.gate = gate
+        self.runner = runner
+        self.watch = watch
+        self.meter = meter
+        self.book = book
+        self.oom = oom
+        self.on_end = on_end
+        self.live: dict[int, Job] = {}
+        """Live connections (by id), so /status can name the peers queued."""
+
+    def mark_admitted(self, job: Job) -> None:
+        """The job has its slot: when, and the OOM-kill count to judge it by."""
+        now = trio.current_time()
+        job.mark_admitted(now, self.oom.baseline(now))
+
+    def queue_peers(self) -> dict[int, str]:
+        return {j.ticket: j.peer for j in self.live.values() if j.ticket is not None}
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        peer, host = describe_peer(stream)
+        job = Job(peer=peer, accepted=trio.current_time())
+        self.live[id(job)] = job
+        try:
+            await self._handle(stream, host, job)
+        finally:
+            if job.outcome is None:
+                job.settle(CUT_OFF)  # cancelled while it ran: the drain deadline
+            job.state = State.DONE
+            job.ended = trio.current_time()
+            # Log before closing: the close is a checkpoint, and under
+            # cancellation nothing after it would run.
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s", job.line(), extra={"fields": job.fields()})
+            del self.live[id(job)]
+            self.on_end(job)
+            self.gate.notify_watchers()  # /status lists connections
+            stream.socket.close()  # no checkpoint: nothing after it to lose
+
+    async def _handle(self, stream: trio.SocketStream, host: str | None, job: Job) -> None:
+        if host is not None and not self.config.allow.permits(host):
+            job.settle(Outcome.DENIED)
+            return
+        if self.config.identify:
+            # Before joining the queue, so a known compile's learned footprint
+            # counts from its first admission decision on.
+            head = await identify(stream.socket)
+            job.speaks = speaks(head)
+            if isinstance(head, DistccJob):
+                job.key, job.name = head.key, head.output
+        job.estimate = self.book.estimate(job.key)
+        key = self.config.fair_by.key(host)
+        weight = self.config.priorities.weight(host)
+        async with self.gate.ticket(job.estimate, key=key, weight=weight) as ticket:
+            job.ticket = ticket.job
+            if ticket.refused is not None:
+                job.settle(Outcome(ticket.refused.value))
+                return
+            # A job admitted the moment it arrived never waited: a FIN it sent
+            # already is a request-then-shutdown, not a client that gave up.
+            waited = not ticket.admitted
+            job.state = State.QUEUED
+            start = self.runner.prepare(stream, job, ticket, waited)
+            # (Inline, not a helper coroutine: a queued connection's memory is
+            # mostly its frames, and 10,000 may wait.)
+            try:
+                gone = False
+                verdict = Verdict.ADMITTED
+                if waited:
+                    with trio.CancelScope() as waiting:
+                        def on_gone() -> None:
+                            nonlocal gone
+                            gone = True
+                            waiting.cancel()
+
+                        with self.watch.watching(stream.socket, on_gone):
+                            verdict = await self.gate.wait(ticket)
+                # (One admitted at once is not checked: if it is already gone, its
+                # first read says so, and the check would cost every job a poll. One
+                # whose bytes already move is the relay's: it sees the departure.)
+                moving = start is not None and start.moving is not None
+                if not moving and (gone or (waited and verdict is Verdict.ADMITTED
+                                            and self.watch.is_gone(stream.socket))):
+                    job.settle(Outcome.CLIENT_GONE)
+                    return
+                if verdict is not Verdict.ADMITTED:
+                    job.settle(Outcome(verdict.value))
+                    return
+                if job.admitted is None:
+                    self.mark_admitted(job)
+                with self.meter.measuring(
+                        lambda hints, finder: _locate(job, hints, finder),
+                        lambda usage: self.gate.observe(ticket, usage)) as usage:
+                    job.usage = usage
+                    if job.state is State.HANDED_OFF:  # done before its task got here
+                        usage.stop()
+                    await self.runner.run(stream, job, ticket, start)
+                if usage.samples:
+                    job.peak = usage.peak
+                    self._learn(job, usage.peak)
+            finally:
+                self.runner.drop(start)
+
+    def _learn(self, job: Job, peak: int) -> None:
+        """Learn from a job that ran to its end (see `learning`)."""
+        outcome = job.outcome
+        assert outcome is not None
+        if needs_oom_check(outcome, job.compile):
+            before = job.oom_kills
+            after = self.oom.count() if before is not None else None
+            job.oom_seen = before is not None and after is not None and after > before
+        teaching = lesson(outcome, job.compile, oom_struck=job.oom_seen)
+        if teaching.lesson is Lesson.CUT_SHORT:
+            self.book.learn_cut_short(job.key, peak)
+            log.warning("job %s was cut short at %s (%s); it needs more than that",
+                        job.name or job.key or job.peer, format_bytes(peak), teaching.why)
+        elif teaching.lesson is Lesson.LEARN:
+            self.book.learn(job.key, peak)
+
+
+def _locate(job: Job, hints: Sequence[int], finder: SocketFinder) -> int | None:
+    """The job's root process: the inetd child, or the backend process holding
+    the other end of our connection. Called in a worker thread."""
+    if job.pid is not None:
+        return job.pid
+    if job.backend_ends is not None:
+        ours, theirs = job.backend_ends
+        return backend_process(ours, theirs, hints, finder)
+    return None

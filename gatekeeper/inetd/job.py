@@ -1,0 +1,162 @@
+"""inetd mode's part of a job's life (`job.State` ADMITTED -> RUNNING -> DONE):
+the job is its child process, on the client socket itself (direct) or on a
+socketpair gatekeeper relays (see `config.InetdIo`).
+
+Direct: no byte passes through gatekeeper, so what moved is read from the
+kernel's own count on the client socket (TCP_INFO) when the child has exited.
+Relayed: the bytes go through `net.datapath` like a proxied job's, so distccd's
+status is read, and a distcc job's distccd is woken when its compiler is done
+(`distcc.inetd_wake`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+
+import trio
+
+from gatekeeper.config import Config, InetdIo
+from gatekeeper.distcc.inetd_wake import Waker, hang_up, oob_available
+from gatekeeper.gate import Ticket
+from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
+from gatekeeper.job import Job, ProxyStart, State
+from gatekeeper.net.copy import Transfer
+from gatekeeper.net.datapath import move_bytes
+from gatekeeper.net.relay import Relay
+from gatekeeper.outcome import Exited, Outcome, Verdict
+
+# struct tcp_info (linux/tcp.h): tcpi_state is its first byte; tcpi_bytes_acked
+# (what the client has of the reply) and tcpi_bytes_received (what it sent) are
+# u64s at these offsets since Linux 4.1 / 4.2 (8 one-byte fields, 24 u32s,
+# pacing_rate, max_pacing_rate).
+_TCPI_BYTES_ACKED = 120
+_TCPI_SIZE = _TCPI_BYTES_ACKED + 16
+# Each counter includes a FIN's sequence number once it is in (measured: a
+# peer's FIN adds 1 to bytes_received, ours adds 1 to bytes_acked once acked).
+# States (include/net/tcp_states.h) after the peer's FIN came in:
+# TIME_WAIT 6, CLOSE_WAIT 8, LAST_ACK 9, CLOSING 11; after ours was acked:
+# FIN_WAIT2 5, TIME_WAIT 6.
+_PEER_FIN_IN = frozenset({6, 8, 9, 11})
+_OUR_FIN_ACKED = frozenset({5, 6})
+
+
+def kernel_byte_counts(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int] | None:
+    """(bytes received from, bytes acked by) the peer of a TCP socket, from the
+    kernel's own counters; None for other sockets or an older kernel."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
+    except OSError:
+        return None
+    if len(info) < _TCPI_SIZE:
+        return None
+    state = info[0]
+    acked, received = struct.unpack_from("=QQ", info, _TCPI_BYTES_ACKED)
+    received -= state in _PEER_FIN_IN
+    acked -= state in _OUR_FIN_ACKED
+    return max(0, received), max(0, acked)
+
+
+class InetdJobs:
+    """Runs each admitted job as `command`, on the client or on a relayed pair."""
+
+    def __init__(self, config: Config, command: Command, relay: Relay | None) -> None:
+        self.config = config
+        self.runner = CommandRunner(command)
+        self.relay = relay
+        # auto relays distcc jobs unless the command checks client addresses
+        # itself; distccd is woken (inetd_wake) where the kernel allows.
+        self._auto_relay = not filters_peers(command)
+        self.waker = Waker() if oob_available() else None
+
+    def relays(self, job: Job) -> bool:
+        """Whether this job gets a relayed socketpair (see `InetdIo`)."""
+        mode = self.config.inetd_io
+        if mode is InetdIo.AUTO:
+            return job.speaks.relays_inetd and self._auto_relay
+        return mode is InetdIo.RELAY
+
+    def prepare(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
+                waited: bool) -> ProxyStart | None:
+        return None  # a child is started by the job's own task
+
+    def drop(self, start: ProxyStart | None) -> None:
+        pass  # nothing is started ahead of the job's task
+
+    async def run(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
+                  start: ProxyStart | None) -> None:
+        """The job is the child's lifetime; settles its outcome. The caller
+        closes the client."""
+        job.state = State.RUNNING
+        if self.relays(job):
+            await self._run_relayed(stream, job)
+            return
+
+        def started(pid: int) -> None:
+            job.pid = pid
+
+        result = await self.runner.run(stream.socket, started=started)
+        counts = kernel_byte_counts(stream.socket)
+        if counts is not None:
+            job.transfer = Transfer(to_backend=counts[0], to_client=counts[1])
+        if result.error is not None:
+            job.settle(Outcome.COMMAND_ERROR)  # never started: the client falls back
+        elif result.returncode != 0:
+            job.settle(Outcome.COMMAND_FAILED)
+        else:
+            job.settle(Outcome.OK)
+        if not result.ok:
+            job.detail = result.describe()
+
+    async def _run_relayed(self, stream: trio.SocketStream, job: Job) -> None:
+        """The child gets one end of a socketpair, the job's bytes are relayed
+        through the other like a backend connection's. When the child exits,
+        gatekeeper hangs up its end (`hang_up`): the relay sees EOF after the
+        last byte the child wrote, whatever the child left behind; the job then
+        ends as a proxied one does, when the client has its reply and closes.
+        If the relay ends first (the client reset, the idle timeout), the child
+        sees its client hang up."""
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:  # out of fds: this job fails, the server goes on
+            job.settle(Verdict(Outcome.COMMAND_ERROR,
+                               f"cannot make its socketpair: {e.strerror or e}"))
+            return
+        wake = job.speaks.relays_inetd and self.waker is not None
+        theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
+        backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        transfer = job.transfer = Transfer()
+        try:
+            async with trio.open_nursery() as nursery:
+                async def relay() -> None:
+                    await move_bytes(stream, backend, transfer, relay=self.relay,
+                                     speaks=job.speaks, idle_timeout=self.config.idle_timeout)
+                    if transfer.failed is not None or transfer.idle:
+                        with contextlib.suppress(OSError):  # the child: its client is gone
+                            ours.shutdown(socket.SHUT_RDWR)
+
+                def started(pid: int) -> None:
+                    job.pid = pid
+                    nursery.start_soon(relay)
+
+                with contextlib.ExitStack() as waking:
+                    if wake and self.waker is not None:
+                        waking.enter_context(self.waker.waking(ours))
+                    result = await self.runner.run(theirs, blocking=False, started=started)
+                hang_up(theirs)  # no checkpoint since the exit: no nudge in between
+                if result.error is not None:
+                    # never started: the client falls back
+                    job.settle(Verdict(Outcome.COMMAND_ERROR, result.describe()))
+                    return
+            job.finish_moving(transfer, idle_timeout=self.config.idle_timeout,
+                              exited=_exited(result))
+        finally:
+            theirs.close()
+            backend.socket.close()
+
+
+def _exited(result: Exit) -> Exited:
+    return Exited(result.ok, result.describe())

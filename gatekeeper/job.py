@@ -1,0 +1,349 @@
+"""One job's life, from accepted connection to its end line.
+
+States (`State`), in the order a job passes them; any state may end in DONE:
+
+    IDENTIFYING  accepted and allowed; its request head is being read (peeked,
+                 never consumed) so its footprint is known before it queues
+    QUEUED       holds a ticket in the gate, waiting for a slot and memory
+    ADMITTED     the gate granted the slot; the backend is being connected
+                 (for a queued proxy job this starts inside the releasing task,
+                 `ProxyJobs.start_at_admission`, before the job's own task runs)
+    RUNNING      its bytes move (or its inetd child runs) and it is metered
+    HANDED_OFF   the backend's part is over and the slot already went to the
+                 next job (distccd answered and closed); only the client's
+                 close, or the rest of the reply, is still to come
+    DONE         its outcome is settled, its end line logged, its slot and
+                 queue place released exactly once (the gate's ticket scope)
+
+The slot belongs to the ticket from ADMITTED on and is released by whichever
+comes first: the hand-off (`hand_off`, in the relay task) or the end of the
+ticket's scope in the job's task. Nothing else changes admission state.
+
+`Job` is the one record of all this (the end line, the metrics and learning
+read it); `ProxyJobs` runs the ADMITTED -> RUNNING -> HANDED_OFF part for a
+TCP or unix backend, `inetd.job.InetdJobs` for a command per connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from gatekeeper.config import Config
+from gatekeeper.distcc.protocol import OPAQUE, Speaks
+from gatekeeper.distcc.reply import CompileStatus
+from gatekeeper.gate import Gate, Ticket
+from gatekeeper.memory.meter import Usage
+from gatekeeper.net.addresses import connect, connected_now, finish_connect, start_connect
+from gatekeeper.net.copy import Transfer, abort
+from gatekeeper.net.datapath import move_bytes
+from gatekeeper.net.relay import Relay, RelayJob
+from gatekeeper.observe.units import format_mib
+from gatekeeper.outcome import Exited, Outcome, Verdict, classify
+
+log = logging.getLogger("gatekeeper")
+
+
+class State(enum.Enum):
+    IDENTIFYING = "identifying"
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    RUNNING = "running"
+    HANDED_OFF = "handed-off"
+    DONE = "done"
+
+
+@dataclass(slots=True)
+class Job:
+    """What one connection did: its state, its facts, and its end line."""
+
+    peer: str
+    accepted: float
+    state: State = State.IDENTIFYING
+    outcome: Outcome | None = None
+    detail: str | None = None
+    admitted: float | None = None
+    ended: float | None = None
+    speaks: Speaks = OPAQUE
+    key: str | None = None
+    """The compile's identity for learned footprints (distcc jobs)."""
+    name: str | None = None
+    """The compile's output file, for logs (distcc jobs)."""
+    transfer: Transfer | None = None
+    pid: int | None = None
+    """inetd mode: the job's child process."""
+    estimate: int | None = None
+    peak: int | None = None
+    ticket: int | None = None
+    """The gate's id for this connection's ticket, once it has one."""
+    compile: CompileStatus | None = None
+    """distccd's report on the compiler (distcc jobs whose reply was relayed)."""
+    oom_kills: int | None = None
+    """The box's OOM-kill count when the job was admitted."""
+    oom_seen: bool = False
+    """The OOM killer struck while this job ran, and the job failed."""
+    backend_ends: tuple[tuple[str, int], tuple[str, int]] | None = None
+    """(our end, the backend's end) of a TCP backend connection, to find the
+    backend process that serves the job."""
+    usage: Usage | None = None
+    """The meter's measurements of the job, while it is measured."""
+
+    def settle(self, verdict: Verdict | Outcome) -> None:
+        if isinstance(verdict, Outcome):
+            self.outcome, self.detail = verdict, None
+        else:
+            self.outcome, self.detail = verdict.outcome, verdict.detail
+
+    def mark_admitted(self, now: float, oom_kills: int | None) -> None:
+        self.state = State.ADMITTED
+        self.admitted, self.oom_kills = now, oom_kills
+
+    def finish_moving(self, transfer: Transfer, *, idle_timeout: float | None,
+                      exited: Exited | None = None) -> None:
+        """Settle a job whose bytes stopped moving: its outcome, and what the
+        backend said of the compile unless the client left (then distccd's
+        report, EXIT_IO_ERROR 107 for a vanished client, says nothing of it)."""
+        self.settle(classify(transfer, self.speaks.request, idle_timeout=idle_timeout,
+                             exited=exited))
+        assert self.outcome is not None
+        status = self.speaks.compile_status(transfer.reply_head)
+        self.compile = None if self.outcome.client_left else status
+
+    @property
+    def bytes_in(self) -> int:
+        return self.transfer.to_backend if self.transfer is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        return self.transfer.to_client if self.transfer is not None else 0
+
+    def _times(self) -> tuple[float, float]:
+        end = self.ended if self.ended is not None else self.accepted
+        wait_end = self.admitted if self.admitted is not None else end
+        run = end - self.admitted if self.admitted is not None else 0.0
+        return wait_end - self.accepted, run
+
+    def fields(self) -> dict[str, object]:
+        """The end line's facts as typed values (for --log-format json)."""
+        wait, run = self._times()
+        out: dict[str, object] = {
+            "event": "end", "peer": self.peer, "outcome": _outcome_text(self.outcome),
+            "wait_seconds": round(wait, 3), "run_seconds": round(run, 3),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+        }
+        extra = {"pid": self.pid, "job": self.name,
+                 "compile": self.compile.describe() if self.compile is not None else None,
+                 "oom": True if self.oom_seen else None,
+                 "estimate_bytes": self.estimate, "peak_bytes": self.peak, "reason": self.detail}
+        out.update((k, v) for k, v in extra.items() if v is not None and v != "")
+        return out
+
+    def line(self) -> str:
+        wait, run = self._times()
+        text = (f"end peer={self.peer} outcome={_outcome_text(self.outcome)} wait={wait:.3f}s"
+                f" run={run:.3f}s in={self.bytes_in} out={self.bytes_out}")
+        if self.pid is not None:
+            text += f" pid={self.pid}"
+        if self.name:
+            text += f" job={self.name}"
+        if self.compile is not None:
+            text += f" compile={self.compile.describe()}"
+        if self.oom_seen:
+            text += " oom=yes"
+        if self.estimate is not None:
+            text += f" est={format_mib(self.estimate, space=False)}"
+        if self.peak is not None:
+            text += f" peak={format_mib(self.peak, space=False)}"
+        if self.detail:
+            text += f" reason={self.detail!r}"
+        return text
+
+
+def _outcome_text(outcome: Outcome | None) -> str:
+    return "?" if outcome is None else outcome.value
+
+
+@dataclass(slots=True, eq=False)
+class ProxyStart:
+    """A queued job's start at the moment it is admitted (`ProxyJobs.
+    start_at_admission`, as the ticket's on_admit), and what that start got
+    before the job's own task ran again: a connect in progress, or its backend
+    connection with the bytes already moving. Owned by the job's task, which
+    takes it over or, if it ends first, drops it. (One object, not a closure
+    plus a holder: one exists per queued client.)"""
+
+    jobs: ProxyJobs | None = None
+    stream: trio.SocketStream | None = None
+    job: Job | None = None
+    ticket: Ticket | None = None
+    raw: socket.socket | None = None
+    backend: trio.SocketStream | None = None
+    moving: RelayJob | None = None
+    client: trio.SocketStream | None = None
+    """Set once bytes may have moved: then the client must see a reset if the
+    job is dropped, never a clean end."""
+    broken: str | None = None
+    """Why a start that may have moved bytes was given up: the job cannot be
+    started again (part of its request is gone), it fails."""
+
+    def __call__(self) -> None:
+        if self.jobs is not None:
+            self.jobs.start_at_admission(self)
+
+    def drop(self, relay: Relay | None) -> None:
+        """Undo whatever was started and not taken over (the task was cut off
+        before it got there): the backend, and the client if any of its bytes
+        moved, get a reset. Also lets go of the runner, stream, job and ticket
+        (the ticket refers back to this: no cycle left for the GC)."""
+        self.jobs = self.stream = self.job = self.ticket = None
+        if self.moving is not None and relay is not None:
+            relay.discard(self.moving)
+            self.moving = None
+        if self.client is not None:
+            abort(self.client)
+            self.client = None
+        if self.backend is not None:
+            abort(self.backend)
+            self.backend.socket.close()
+            self.backend = None
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
+
+
+class ProxyJobs:
+    """Proxy mode: each admitted job gets its own connection to the backend,
+    and its bytes are relayed both ways until done."""
+
+    def __init__(self, config: Config, gate: Gate, relay: Relay | None,
+                 is_gone: Callable[[socket.socket | trio.socket.SocketType], bool],
+                 mark_admitted: Callable[[Job], None]) -> None:
+        self.config = config
+        self.gate = gate
+        self.relay = relay
+        self.is_gone = is_gone
+        self.mark_admitted = mark_admitted
+
+    def prepare(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
+                waited: bool) -> ProxyStart:
+        """The job's start; for a queued job on the zero-copy path, armed to run
+        at the very moment it is admitted (not when its task next gets to run)."""
+        start = ProxyStart()
+        if waited and self.relay is not None:
+            start.jobs, start.stream, start.job, start.ticket = self, stream, job, ticket
+            ticket.on_admit = start
+        return start
+
+    def drop(self, start: ProxyStart | None) -> None:
+        if start is not None:
+            start.drop(self.relay)
+
+    def start_at_admission(self, start: ProxyStart) -> None:
+        """The gate just admitted this queued job (`Ticket.on_admit`), inside
+        whatever task released the slot -- usually the relay, the moment the
+        previous job's bytes were done. Connect and start moving the request
+        now, without a checkpoint: the handoff then costs no task switch. What
+        cannot be done at once (a connect still in progress, a host name to
+        resolve, an error to report) is left to the job's own task."""
+        stream, job, ticket = start.stream, start.job, start.ticket
+        assert stream is not None and job is not None and ticket is not None
+        if self.is_gone(stream.socket):
+            return  # its task ends it as client-gone
+        assert self.relay is not None
+        try:
+            raw = start.raw = start_connect(self.config.backend)
+            if raw is None or not connected_now(raw):
+                return
+            transfer = job.transfer = Transfer()
+            start.client = stream
+            start.moving = self.relay.open(
+                stream.socket, raw, transfer, reply_prefix=job.speaks.reply_prefix,
+                on_complete=functools.partial(self.hand_off, raw.close, ticket, job),
+                hand_off_at_backend_eof=job.speaks.hand_off_at_backend_eof)
+            # The rest only after the first bytes moved: the backend waits for them.
+            start.backend = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+            start.raw = None
+            self.mark_admitted(job)
+            job.state = State.RUNNING
+            job.backend_ends = tcp_ends(start.backend)  # the meter finds it by these
+        except OSError:
+            # Refused, out of fds: its task tries again and reports what it meets.
+            start.client = None  # nothing moved
+            start.drop(self.relay)
+        except Exception as e:
+            # A bug here must not strand the job or stop the releasing task (the
+            # relay, the gate's timer). Its task starts it the usual way, unless
+            # bytes may have moved already: then it fails, with resets.
+            log.exception("could not start job %s at admission", ticket.job)
+            if start.client is not None:
+                start.broken = f"internal error starting the job: {e!r}"
+            start.drop(self.relay)
+
+    def hand_off(self, close_backend: Callable[[], None], ticket: Ticket, job: Job) -> None:
+        """A job's backend part is done, cleanly (`Relay.open`'s on_complete, in
+        the relay task: both directions ended, or for distcc, distccd's reply
+        and EOF are in): close its backend connection -- so at most max-jobs
+        are ever open -- and give its slot to the next job at once. Its own
+        task logs and learns afterwards, from what was measured until now."""
+        close_backend()
+        job.state = State.HANDED_OFF
+        if job.usage is not None:
+            job.usage.stop()
+        self.gate.release(ticket)
+
+    async def run(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
+                  start: ProxyStart | None) -> None:
+        """Connect (unless the start at admission did) and relay until done;
+        settles the job's outcome. Does not close the client."""
+        if start is None:
+            start = ProxyStart()
+        if start.broken is not None:
+            job.settle(Verdict(Outcome.BACKEND_FAILED, start.broken))
+            return
+        moving, backend = start.moving, start.backend
+        start.moving = start.backend = start.client = None  # taken over: closed below
+        address = self.config.backend
+        if backend is None:
+            try:
+                if start.raw is not None:
+                    raw, start.raw = start.raw, None
+                    backend = await finish_connect(
+                        raw, connect_timeout=self.config.connect_timeout)
+                else:
+                    backend = await connect(address,
+                                            connect_timeout=self.config.connect_timeout)
+            except (OSError, trio.TooSlowError) as e:
+                job.settle(Verdict(Outcome.BACKEND_ERROR,
+                                   f"connect {address}: {e or 'timed out'}"))
+                return
+            job.backend_ends = tcp_ends(backend)
+        if job.state is State.ADMITTED:
+            job.state = State.RUNNING
+        transfer = moving.transfer if moving is not None else Transfer()
+        job.transfer = transfer
+        try:
+            await move_bytes(
+                stream, backend, transfer, relay=self.relay, moving=moving,
+                speaks=job.speaks, idle_timeout=self.config.idle_timeout,
+                on_complete=functools.partial(self.hand_off, backend.socket.close, ticket,
+                                              job))
+        finally:
+            backend.socket.close()
+        job.finish_moving(transfer, idle_timeout=self.config.idle_timeout)
+
+
+def tcp_ends(stream: trio.SocketStream) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    sock = stream.socket
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        ours, theirs = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    return (ours[0], ours[1]), (theirs[0], theirs[1])

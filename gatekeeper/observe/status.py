@@ -1,0 +1,101 @@
+"""The `/status` picture: one typed document, built in one place.
+
+`gatekeeper status`, `gatekeeper weight`, the HAProxy agent, the status page
+and sd_notify's STATUS all read this picture (the first two over HTTP, as
+JSON), so the health verdict is the same whoever asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypedDict
+
+from gatekeeper import __version__
+from gatekeeper.admission import JobId, Snapshot
+
+# At most this many queue entries in /status: enough for any human, bounded
+# whatever --max-queue is.
+QUEUE_VIEW_LIMIT = 200
+
+
+class BackendView(TypedDict):
+    ok: bool | None
+    """None: not checked yet (or inetd mode: nothing to reach)."""
+    error: str | None
+
+
+class QueueEntry(TypedDict):
+    peer: str
+    waiting_seconds: float
+
+
+class ClientView(TypedDict):
+    queued: int
+    running: int
+
+
+class HealthView(TypedDict):
+    state: str
+    percent: int
+    reason: str
+
+
+class StatusPicture(TypedDict, total=False):
+    version: str
+    stopping: bool
+    running: int
+    max_jobs: int
+    queued: int
+    max_queue: int
+    hold: str | None
+    available_bytes: int | None
+    min_free_bytes: int
+    reserved_bytes: int
+    next_job_bytes: int | None
+    job_footprint_bytes: int
+    memory_pressure: float | None
+    admitted_total: int
+    completed_total: dict[str, int]
+    rejected_total: dict[str, int]
+    backend: BackendView
+    queue: list[QueueEntry]
+    queue_shown: int
+    clients: dict[str, ClientView]
+    """The busiest fairness keys only (bounded: admission.TOP_KEYS)."""
+    health: HealthView
+    """Added last, from the rest (observe.agent.health)."""
+
+
+def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
+            peers: Mapping[JobId, str], available: int | None, stopping: bool,
+            unknown_footprint: int, pressure: float | None, completed: Mapping[str, int],
+            rejected: Mapping[str, int], backend: BackendView,
+            health: Callable[[StatusPicture], HealthView]) -> StatusPicture:
+    """The whole picture from the gate's snapshot and the counters."""
+    entries: list[QueueEntry] = [
+        {"peer": peers.get(job, "?"), "waiting_seconds": round(now - arrived, 3)}
+        for job, arrived in queue]
+    status: StatusPicture = {
+        "version": __version__,
+        "stopping": stopping,
+        "running": s.running,
+        "max_jobs": s.max_jobs,
+        "queued": s.queued,
+        "max_queue": s.max_queue,
+        "hold": None if s.hold is None else s.hold.value,
+        "available_bytes": available,
+        "min_free_bytes": s.min_free,
+        "reserved_bytes": s.reserved,
+        "next_job_bytes": s.head_footprint,
+        "job_footprint_bytes": unknown_footprint,
+        "memory_pressure": pressure,
+        "admitted_total": s.admitted_total,
+        "completed_total": dict(completed),
+        "rejected_total": dict(rejected),
+        "backend": backend,
+        "queue": entries,
+        "queue_shown": len(entries),
+        "clients": {key: {"queued": q, "running": r} for key, (q, r) in s.keys.items()},
+    }
+    status["health"] = health(status)
+    return status
