@@ -1127,19 +1127,25 @@ class ServiceProcess(_Daemon):
         self._output = LineCollector(self._proc.stdout, Path(self.argv[0]).name)
 
     @property
+    def proc(self) -> subprocess.Popen[str]:
+        assert self._proc is not None, "not started"
+        return self._proc
+
+    @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self.proc.pid
 
     def send_signal(self, sig: int) -> None:
-        self._proc.send_signal(sig)
+        self.proc.send_signal(sig)
 
     def wait(self, timeout: float) -> int:
-        code = self._proc.wait(timeout)
-        self._output.join(STOP_TIMEOUT_S)
+        code = self.proc.wait(timeout)
+        if self._output is not None:
+            self._output.join(STOP_TIMEOUT_S)
         return code
 
     def poll(self) -> int | None:
-        return self._proc.poll()
+        return self.proc.poll()
 
     def start(self) -> None:
         pass  # started by __init__

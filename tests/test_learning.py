@@ -186,7 +186,8 @@ async def test_what_is_learned_follows_how_the_compile_ended(
     assert f'gatekeeper_compiles_total{{result="{result}"}} 1.0' in metrics
     assert f"gatekeeper_oom_struck_jobs_total {1.0 if oom and stat else 0.0}" in metrics
     end = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("end "))
-    assert f"compile={parse_reply_status(encode_reply_head(stat)).describe()}" in end
+    status = parse_reply_status(encode_reply_head(stat))
+    assert status is not None and f"compile={status.describe()}" in end
     assert ("oom=yes" in end) == (oom and stat != 0)
     peak = book._recent[-1] if book._recent else 0
     if learned == "peak":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -104,7 +105,7 @@ async def test_holds_beyond_max_jobs_and_admits_in_fifo_order() -> None:
             c = await gk.connect()
             await c.send_all(b"%d" % i)
             clients.append(c)
-            await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
+            await gk.wait_for(functools.partial(_seen_is, n=i + 1))
         await be.wait_for(lambda b: b.connections == 2)
         snap = gk.server.gate.snapshot()
         assert (snap.running, snap.queued) == (2, 3)
@@ -126,7 +127,7 @@ async def queue_and_serve(gk: Running, requests: list[bytes]) -> None:
         c = await gk.connect()
         await c.send_all(request)
         clients.append(c)
-        await gk.wait_for(lambda s, n=i + 1: _seen(s) == n)
+        await gk.wait_for(functools.partial(_seen_is, n=i + 1))
     for request, c in zip(requests, clients, strict=True):
         assert await receive_all(c) == request[::-1]
         await c.aclose()
@@ -136,6 +137,14 @@ async def queue_and_serve(gk: Running, requests: list[bytes]) -> None:
 def _seen(server: Server) -> int:
     s = server.gate.snapshot()
     return s.running + s.queued + s.finished_total
+
+
+def _seen_is(server: Server, n: int) -> bool:
+    return _seen(server) == n
+
+
+async def answer_reversed_4(stream: trio.SocketStream) -> None:
+    await answer_reversed(stream)
 
 
 async def test_memory_rule_holds_until_memory_returns() -> None:
@@ -349,7 +358,7 @@ async def test_stop_closes_queued_and_lets_running_finish() -> None:
 async def test_slot_accounting_survives_a_mix_of_faults(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Many clients doing different wrong things at once; afterwards nothing is held."""
-    async with backend(answer_reversed) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
+    async with backend(answer_reversed_4) as be, gatekeeper(config(be.address, max_jobs=2)) as gk:
         # Backend connections open at once, counted where gatekeeper opens and
         # closes its sockets (the fake backend's own count lags behind a reset it
         # has not yet read, as any backend's would). A slot is handed on the
@@ -570,7 +579,7 @@ async def test_queued_jobs_start_moving_the_moment_their_slot_is_handed_on() -> 
             # when connect() returned) its connect begun, for its task to finish.
             early.append(started.moving is not None or started.raw is not None)
 
-        gk.server.proxy.start_at_admission = watched  # type: ignore[method-assign]
+        gk.server.proxy.start_at_admission = watched  # type: ignore[method-assign,assignment]
         await queue_and_serve(gk, [b"%08d" % i for i in range(12)])
     assert served == list(range(12))
     if gk.server.relay is not None:
@@ -615,7 +624,7 @@ async def test_a_bug_in_the_early_start_falls_back_to_the_jobs_own_task(
         raise ValueError("simulated bug")
 
     monkeypatch.setattr(serve, "start_connect", broken)  # only `start_at_admission` uses this name
-    async with backend(answer_reversed) as be, \
+    async with backend(answer_reversed_4) as be, \
             gatekeeper(config(be.address, max_jobs=1)) as gk:
         await queue_and_serve(gk, [b"job%d" % i for i in range(4)])
     if gk.server.relay is not None:
@@ -717,7 +726,7 @@ async def test_the_next_distcc_job_starts_before_the_last_reply_bytes_go_out(
             unread_then.append(receive_queue(first.socket.fileno()))
             start(started)
 
-        gk.server.proxy.start_at_admission = watched  # type: ignore[method-assign]
+        gk.server.proxy.start_at_admission = watched  # type: ignore[method-assign,assignment]
         await first.send_all(DISTCC_JOB)
         await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
         second = await gk.connect()
