@@ -381,9 +381,8 @@ async def run(config: Config, options: Options | None = None, *,
         listeners = await open_all(config.listen)
     if memory is None:
         memory = build_memory_source(config.cgroup)
-    describe_memory = getattr(memory, "describe", None)
-    if describe_memory is not None:
-        log.info("memory: %s", describe_memory())
+    if watched := memory.describe():
+        log.info("memory: %s", watched)
     server = Server(config, memory, drain_timeout=options.drain_timeout,
                     command=options.command)
     await server.open_side_listeners()  # before the nursery: in use = exit 1

@@ -185,8 +185,7 @@ class Gate:
     def _pressure_high(self) -> bool:
         if self.max_pressure is None:
             return False
-        read = getattr(self.memory, "pressure", None)
-        self.pressure = read() if read is not None else None
+        self.pressure = self.memory.pressure()
         return self.pressure is not None and self.pressure > self.max_pressure
 
     def _settle(self, job: JobId, verdict: Verdict) -> None:
@@ -213,10 +212,10 @@ class Gate:
         self._last_hold = hold
         if hold is Hold.MEMORY:
             s = self.admission.statistics()
-            explain = getattr(self.memory, "explain", None)
+            explain = self.memory.explain()
             log.info("holding %d: %s available < %s min free + %s reserved + %s next job%s",
                      s.queued, _mib(s.available), _mib(s.min_free), _mib(s.reserved),
-                     _mib(s.head_footprint), f" ({explain()})" if explain is not None else "")
+                     _mib(s.head_footprint), f" ({explain})" if explain else "")
         elif hold is Hold.PRESSURE:
             log.info("holding %d: memory pressure %.1f%% > %.1f%%",
                      self.admission.queued, self.pressure or 0.0, self.max_pressure or 0.0)

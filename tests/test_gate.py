@@ -8,9 +8,10 @@ import trio.testing
 
 from gatekeeper.admission import Admission, Limits
 from gatekeeper.gate import MEMORY_RECHECK_INTERVAL, Gate, Verdict
+from gatekeeper.memory.sources import PlainSource
 
 
-class CountingMemory:
+class CountingMemory(PlainSource):
     def __init__(self, value: int) -> None:
         self.value = value
         self.reads = 0

@@ -7,8 +7,8 @@ run a process per job instead of splicing to a daemon:
 
 * each job is one process tree, which is what a per-job memory meter needs:
   `CommandRunner.children` maps the pid of every running child to its
-  `trio.Process`, and `on_start` / `on_exit` report each pid as it comes and
-  goes. The child leads its own process group (and session), so its tree is
+  `trio.Process`, and `on_start` reports each pid as it comes. The child
+  leads its own process group (and session), so its tree is
   ``/proc/*/stat`` entries with that pgid, or can be signalled as one.
 
 What the child gets as stdin/stdout is the server's choice (``--inetd-io``):
@@ -123,12 +123,11 @@ class CommandRunner:
     """Runs `command` once per job; see the module docstring for who owns what."""
 
     def __init__(self, command: Command, *, kill_grace: float = KILL_GRACE,
-                 on_start: Callable[[int], None] | None = None,
-                 on_exit: Callable[[int], None] | None = None) -> None:
+                 on_start: Callable[[int], None] | None = None) -> None:
         self.command = command
         self.kill_grace = kill_grace
         self.on_start = on_start
-        self.on_exit = on_exit
+        """Told each child's pid as it starts (tests count running children)."""
         self.children: dict[int, trio.Process] = {}
         """Running children by pid (a frozen copy is cheap: ``dict(children)``)."""
 
@@ -163,8 +162,6 @@ class CommandRunner:
                     with trio.CancelScope(shield=True):
                         await self._stop(proc)
                 del self.children[proc.pid]
-                if self.on_exit is not None:
-                    self.on_exit(proc.pid)
             return Exit(proc.pid, proc.returncode)
         finally:
             if blocking and stdio.fileno() != -1:  # closed already: nothing to restore

@@ -3,7 +3,8 @@
 Why: in inetd mode gatekeeper starts each job itself; putting the job's process in a
 fresh child cgroup makes the kernel track its peak (v2 `memory.peak`, v1
 `memory.max_usage_in_bytes`) including every process it forks, with no sampling.
-The learned footprints come from these peaks.
+Not wired in yet: footprints still come from the meter's RSS samples; issue 17
+(exact per-job memory) puts each job in one of these and learns from its peak.
 
 Every failure is a `CgroupError` whose message is one line saying what was refused
 and why, so the caller can log it and fall back to measuring without a cgroup.

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 
-from gatekeeper.memory.cgroups import KeptOpenFile, stat_value
+from gatekeeper.memory.cgroups import stat_value
+from gatekeeper.memory.procfs import KeptOpenFile
 
 log = logging.getLogger("gatekeeper")
 

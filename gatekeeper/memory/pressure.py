@@ -28,7 +28,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from gatekeeper.memory.cgroups import REOPEN_INTERVAL, Clock, KeptOpenFile
+from gatekeeper.memory.cgroups import REOPEN_INTERVAL, Clock
+from gatekeeper.memory.procfs import KeptOpenFile
 
 log = logging.getLogger("gatekeeper")
 

@@ -25,16 +25,48 @@ from gatekeeper.memory.cgroups import (
     resolve_cgroup,
 )
 from gatekeeper.memory.pressure import SYSTEM_MEMORY_PRESSURE, PressureReader
+from gatekeeper.memory.procfs import KeptOpenFile
 from gatekeeper.observe.units import format_bytes
 
 
 class MemorySource(Protocol):
-    """Anything that can say how many bytes a new job could use right now."""
+    """Anything that can say how many bytes a new job could use right now, and
+    explain itself (the gate, the status picture and the startup line ask)."""
 
     def available(self) -> int: ...
 
+    def explain(self) -> str:
+        """What bound the last reading, for the "holding" line ("" : nothing to add)."""
+        ...
 
-class SystemMemory:
+    def pressure(self) -> float | None:
+        """Memory pressure (PSI some avg10, percent), or None where there is none."""
+        ...
+
+    def describe(self) -> str:
+        """What is watched, for the startup log line ("": nothing to say)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PlainSource:
+    """The parts of `MemorySource` a plain number source has nothing to say in."""
+
+    def explain(self) -> str:
+        return ""
+
+    def pressure(self) -> float | None:
+        return None
+
+    def describe(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+class SystemMemory(PlainSource):
     """Host-wide MemAvailable: the kernel's own estimate of memory that can be
     given to new work without swapping (free + reclaimable page cache).
 
@@ -43,20 +75,21 @@ class SystemMemory:
 
     def __init__(self, path: str = "/proc/meminfo") -> None:
         try:
-            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._file: KeptOpenFile | None = KeptOpenFile(path, size=8192)
         except OSError:
-            self._fd = None  # not Linux: psutil knows the local equivalent
+            self._file = None  # not Linux: psutil knows the local equivalent
 
     def available(self) -> int:
-        if self._fd is None:
+        if self._file is None:
             return int(psutil.virtual_memory().available)
-        data = os.pread(self._fd, 8192, 0)
-        return parse_meminfo_available(data)
+        return parse_meminfo_available(self._file.read())
+
+    def describe(self) -> str:
+        return "system MemAvailable"
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
 
 
 def parse_meminfo_available(data: bytes) -> int:
@@ -69,7 +102,7 @@ def parse_meminfo_available(data: bytes) -> int:
     return int(fields[1]) * 1024
 
 
-class FixedMemory:
+class FixedMemory(PlainSource):
     """A source that reports whatever it was last told: for tests and for
     running with the memory rule effectively off."""
 
@@ -149,9 +182,7 @@ class EffectiveMemory:
             chain.close()
         for reader in self.pressure_readers:
             reader.close()
-        close = getattr(self.system, "close", None)
-        if close is not None:
-            close()
+        self.system.close()
 
 
 def build_memory_source(cgroup: str | None = None, *,

@@ -90,12 +90,9 @@ class ClientWatch:
             epoll.close()
             self._epoll = None
 
-    def is_gone(self, sock: socket.socket | trio.socket.SocketType, *,
-                fin_counts: bool = True) -> bool:
-        """Check right now, without blocking, whether the peer has left. With
-        `fin_counts` False only a reset or full close counts, whatever the mode
-        (for a client that never waited: its FIN is a request-then-shutdown)."""
-        return peer_gone(sock, keep_half_closed=self.keep_half_closed or not fin_counts)
+    def is_gone(self, sock: socket.socket | trio.socket.SocketType) -> bool:
+        """Check right now, without blocking, whether the peer has left."""
+        return peer_gone(sock, keep_half_closed=self.keep_half_closed)
 
 
 def peer_gone(sock: socket.socket | trio.socket.SocketType, *, keep_half_closed: bool) -> bool:
