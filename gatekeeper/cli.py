@@ -413,14 +413,14 @@ async def run(config: Config, options: Options | None = None, *,
                             ) -> None:
                 await server.run(listeners, task_status=task_status)
                 # The reporter dies with the nursery: say the last word here.
-                notifier.send(f"STATUS={current_status(server.gate, memory, stopping=True)}")
+                notifier.send(f"STATUS={current_status(server.gate, stopping=True)}")
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signals)
             await nursery.start(serve)
-            notifier.send("READY=1", f"STATUS={current_status(server.gate, memory)}")
+            notifier.send("READY=1", f"STATUS={current_status(server.gate)}")
             if notifier.enabled:
-                nursery.start_soon(report_status, notifier, server.gate, memory,
+                nursery.start_soon(report_status, notifier, server.gate,
                                    lambda: server.stopping)
                 if watchdog_every is not None:
                     nursery.start_soon(watchdog, notifier, watchdog_every)

@@ -182,6 +182,15 @@ class Gate:
         self._log_hold()
         self._wake_timer()
 
+    def available_now(self) -> int | None:
+        """A fresh memory reading (a few µs), or the policy's last one if it
+        fails. The policy reads memory only while jobs queue, so its own may be
+        old: the status picture and sd_notify's STATUS ask here instead."""
+        try:
+            return self.memory.available()
+        except (OSError, ValueError):
+            return self.admission.statistics().available
+
     def _pressure_high(self) -> bool:
         if self.max_pressure is None:
             return False

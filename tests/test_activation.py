@@ -321,7 +321,7 @@ async def test_report_status_follows_the_gate(tmp_path: Path) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(gate.run)
-            nursery.start_soon(report_status, notifier, gate, memory)
+            nursery.start_soon(report_status, notifier, gate)
             assert await next_status() == "STATUS=0/1 running, 0 queued, 8.0 GiB available"
             async with gate.ticket() as first, gate.ticket() as second:
                 assert first.admitted and not second.admitted

@@ -25,6 +25,7 @@ from gatekeeper.job import Job, ProxyStart, State
 from gatekeeper.net.copy import Transfer
 from gatekeeper.net.datapath import move_bytes
 from gatekeeper.net.relay import Relay
+from gatekeeper.net.sockqueue import send_queue
 from gatekeeper.outcome import Exited, Outcome, Verdict
 
 # struct tcp_info (linux/tcp.h): tcpi_state is its first byte; tcpi_bytes_acked
@@ -40,11 +41,16 @@ _TCPI_SIZE = _TCPI_BYTES_ACKED + 16
 # FIN_WAIT2 5, TIME_WAIT 6.
 _PEER_FIN_IN = frozenset({6, 8, 9, 11})
 _OUR_FIN_ACKED = frozenset({5, 6})
+# ...and with our FIN sent but not yet acked, the send queue (TIOCOUTQ, a
+# sequence-number difference) counts it: FIN_WAIT1 4, LAST_ACK 9, CLOSING 11.
+_OUR_FIN_IN_FLIGHT = frozenset({4, 9, 11})
 
 
 def kernel_byte_counts(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int] | None:
-    """(bytes received from, bytes acked by) the peer of a TCP socket, from the
-    kernel's own counters; None for other sockets or an older kernel."""
+    """(bytes received from, bytes sent to) the peer of a TCP socket, from the
+    kernel's own counters: sent is what the peer acked plus what still waits in
+    the send queue (the child may exit before the client has read it all).
+    None for other sockets or an older kernel."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
@@ -57,7 +63,12 @@ def kernel_byte_counts(sock: socket.socket | trio.socket.SocketType) -> tuple[in
     acked, received = struct.unpack_from("=QQ", info, _TCPI_BYTES_ACKED)
     received -= state in _PEER_FIN_IN
     acked -= state in _OUR_FIN_ACKED
-    return max(0, received), max(0, acked)
+    try:
+        unacked = send_queue(sock.fileno())
+    except OSError:
+        unacked = 0
+    unacked -= state in _OUR_FIN_IN_FLIGHT and unacked > 0
+    return max(0, received), max(0, acked) + unacked
 
 
 class InetdJobs:

@@ -3,7 +3,7 @@
 Why: available bytes say whether a job *fits*; PSI says whether the box is already
 thrashing (reclaim, refaults, swap-in) even when the numbers look fine. `some avg10`
 is the share of the last 10 s in which at least one task stalled on memory, in
-percent; a future `--max-memory-pressure PCT` holds jobs while it is above PCT.
+percent; `--max-memory-pressure PCT` holds jobs while it is above PCT.
 
 Files: /proc/pressure/memory (system-wide) and, on cgroup v2, a cgroup's own
 memory.pressure (the same format, counting only its tasks). Format (Linux

@@ -143,21 +143,13 @@ class Observatory:
 
     # -- the picture --------------------------------------------------------
 
-    def available(self, snapshot: Snapshot) -> int | None:
-        """A fresh reading (a few µs); the policy's last one if it fails. The
-        policy reads memory only while jobs queue, so its own may be old."""
-        try:
-            return self.memory.available()
-        except (OSError, ValueError):
-            return snapshot.available
-
     def status(self) -> StatusPicture:
         """The `/status` document (observe.status)."""
         s = self.gate.snapshot()
         return picture(
             s, now=trio.current_time(),
             queue=self.gate.admission.queue_view(QUEUE_VIEW_LIMIT), peers=self.queue_peers(),
-            available=self.available(s), stopping=self.stopping(),
+            available=self.gate.available_now(), stopping=self.stopping(),
             unknown_footprint=self.unknown_footprint(), pressure=self.gate.pressure,
             completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
             health=health_view)
@@ -199,7 +191,7 @@ class _Picture(Collector):
                 return None
             return GaugeMetricFamily(name, doc, value=value)
 
-        available = o.available(s)
+        available = o.gate.available_now()
         hold = GaugeMetricFamily("gatekeeper_hold",
                                  "1 for why the head of the queue waits (0 for the others)",
                                  labels=["reason"])

@@ -41,7 +41,6 @@ import trio
 
 from gatekeeper.admission import Hold, Snapshot
 from gatekeeper.gate import Gate
-from gatekeeper.memory.sources import MemorySource
 from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress
 from gatekeeper.observe.units import format_bytes
 
@@ -328,15 +327,11 @@ def status_text(snapshot: Snapshot, available: int | None, *, stopping: bool = F
     return text
 
 
-def current_status(gate: Gate, memory: MemorySource, *, stopping: bool = False) -> str:
-    try:
-        available: int | None = memory.available()
-    except (OSError, ValueError):
-        available = gate.snapshot().available
-    return status_text(gate.snapshot(), available, stopping=stopping)
+def current_status(gate: Gate, *, stopping: bool = False) -> str:
+    return status_text(gate.snapshot(), gate.available_now(), stopping=stopping)
 
 
-async def report_status(notifier: Notifier, gate: Gate, memory: MemorySource,
+async def report_status(notifier: Notifier, gate: Gate,
                         stopping: Callable[[], bool] = lambda: False, *,
                         min_interval: float = STATUS_MIN_INTERVAL) -> None:
     """Send STATUS= whenever the picture changes, at most once per `min_interval`.
@@ -346,7 +341,7 @@ async def report_status(notifier: Notifier, gate: Gate, memory: MemorySource,
     """
     last: str | None = None
     while True:
-        text = current_status(gate, memory, stopping=stopping())
+        text = current_status(gate, stopping=stopping())
         if text != last:
             notifier.send(f"STATUS={text}")
             last = text
