@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 import trio
 
@@ -68,23 +67,14 @@ from gatekeeper.service.activation import (
     watchdog,
     watchdog_interval,
 )
+from gatekeeper.usage import EXIT_USAGE, Parser, UsageError
 
 log = logging.getLogger("gatekeeper")
 
-EXIT_USAGE = 2
 # `gatekeeper status|weight [--metrics ADDR]` read a running gatekeeper's /status.
 SUBCOMMANDS = ("status", "weight")
 EXIT_STARTUP = 1
 DEFAULT_BACKEND = "127.0.0.1:3633"
-
-
-class UsageError(Exception):
-    """A bad flag or value: one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _whole(text: str, *, minimum: int) -> int:
@@ -127,7 +117,7 @@ def _non_negative_number(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     cpus = os.cpu_count() or 1
-    p = _Parser(
+    p = Parser(
         prog="gatekeeper",
         usage="%(prog)s [options] [-- COMMAND [ARGS...]]\n"
               "       %(prog)s status|weight [--metrics ADDR]",

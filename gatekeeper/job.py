@@ -42,7 +42,7 @@ from gatekeeper.gate import Gate, Ticket
 from gatekeeper.memory.meter import Usage
 from gatekeeper.net.addresses import connect, connected_now, finish_connect, start_connect
 from gatekeeper.net.copy import Transfer, abort
-from gatekeeper.net.datapath import move_bytes
+from gatekeeper.net.datapath import move_bytes, open_on_relay
 from gatekeeper.net.relay import Relay, RelayJob
 from gatekeeper.observe.units import format_mib
 from gatekeeper.outcome import Exited, Outcome, Verdict, classify
@@ -262,10 +262,9 @@ class ProxyJobs:
                 return
             transfer = job.transfer = Transfer()
             start.client = stream
-            start.moving = self.relay.open(
-                stream.socket, raw, transfer, reply_prefix=job.speaks.reply_prefix,
-                on_complete=functools.partial(self.hand_off, raw.close, ticket, job),
-                hand_off_at_backend_eof=job.speaks.hand_off_at_backend_eof)
+            start.moving = open_on_relay(
+                self.relay, stream.socket, raw, transfer, speaks=job.speaks,
+                on_complete=functools.partial(self.hand_off, raw.close, ticket, job))
             # The rest only after the first bytes moved: the backend waits for them.
             start.backend = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
             start.raw = None

@@ -12,6 +12,7 @@ from gatekeeper import cli
 from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.observe.agent import Health, State, agent_line, health, keepalived_exit
 from gatekeeper.observe.statuscmd import format_status
+from gatekeeper.usage import UsageError
 
 MiB = 2**20
 
@@ -106,7 +107,7 @@ def test_subcommand_flags_and_main_parsing() -> None:
     options = cli.parse_options(["--metrics", "3634", "--agent", "5555"])
     assert options.config.metrics == TcpAddress("127.0.0.1", 3634)
     assert options.config.agent == TcpAddress(None, 5555)
-    with pytest.raises(cli.UsageError, match="--agent"):
+    with pytest.raises(UsageError, match="--agent"):
         cli.parse_options(["--agent", "x:y"])
 
 

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.cli import UsageError, parse_config
+from gatekeeper.cli import parse_config
 from gatekeeper.net.addresses import TcpAddress, UnixAddress, parse_address
 from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
+from gatekeeper.usage import UsageError
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 from distcc_harness import NotifyReceiver, ServiceProcess, gatekeeper_env
 
-from gatekeeper.cli import UsageError, parse_options
+from gatekeeper.cli import parse_options
 from gatekeeper.server import DEFAULT_DRAIN_TIMEOUT
+from gatekeeper.usage import UsageError
 
 # Real processes and sockets: each test here is bounded well below the suite-wide limit.
 pytestmark = pytest.mark.timeout(60)

@@ -15,11 +15,23 @@ from typing import TYPE_CHECKING
 import trio
 
 from gatekeeper.net.copy import Transfer, abort, copy_both_ways
-from gatekeeper.net.relay import Relay, RelayJob
+from gatekeeper.net.relay import Relay, RelayJob, Socket
 from gatekeeper.outcome import Side
 
 if TYPE_CHECKING:
     from gatekeeper.distcc.protocol import Speaks
+
+
+def open_on_relay(relay: Relay, client: Socket, backend: Socket,
+                  transfer: Transfer, *, speaks: Speaks,
+                  on_complete: Callable[[], None] | None = None) -> RelayJob:
+    """Start a job on the relay the way its protocol needs (the reply prefix it
+    parses, whether the backend's EOF hands the slot off). Used at admission
+    (`ProxyJobs.start_at_admission`) and by `move_bytes` when that did not
+    happen, so both start a job the same way."""
+    return relay.open(client, backend, transfer, reply_prefix=speaks.reply_prefix,
+                      on_complete=on_complete,
+                      hand_off_at_backend_eof=speaks.hand_off_at_backend_eof)
 
 
 async def move_bytes(stream: trio.SocketStream, backend: trio.SocketStream,
@@ -33,10 +45,8 @@ async def move_bytes(stream: trio.SocketStream, backend: trio.SocketStream,
     try:
         if relay is not None:
             if moving is None:
-                moving = relay.open(stream.socket, backend.socket, transfer,
-                                    reply_prefix=speaks.reply_prefix,
-                                    on_complete=on_complete,
-                                    hand_off_at_backend_eof=speaks.hand_off_at_backend_eof)
+                moving = open_on_relay(relay, stream.socket, backend.socket, transfer,
+                                       speaks=speaks, on_complete=on_complete)
             await relay.wait(moving, idle_timeout)
         else:
             await copy_both_ways(stream, backend, transfer, reply_prefix=speaks.reply_prefix,

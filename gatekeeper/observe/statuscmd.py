@@ -7,35 +7,23 @@ Plain blocking sockets: one short request, no event loop needed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress, parse_address
 from gatekeeper.observe.agent import EXIT_FAILED, health, keepalived_exit
 from gatekeeper.observe.metrics import DEFAULT_METRICS
 from gatekeeper.observe.units import format_bytes
+from gatekeeper.usage import EXIT_USAGE, Parser, UsageError
 
 # keepalived runs MISC_CHECK with its own misc_timeout (default: the check
 # interval); answering within a few seconds or failing is what it wants.
 FETCH_TIMEOUT = 3.0
 # /status is at most a few tens of KiB (the queue view is bounded).
 MAX_RESPONSE = 4 * 2**20
-
-EXIT_USAGE = 2
-
-
-class _Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _Usage(message)
-
 
 def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[str, Any]:
     """GET /status; raises OSError or ValueError with a one-line reason."""
@@ -126,7 +114,7 @@ def format_status(status: Mapping[str, Any], where: str) -> str:
 
 
 def _parse(command: str, argv: Sequence[str]) -> Address:
-    p = _Parser(prog=f"gatekeeper {command}", allow_abbrev=False,
+    p = Parser(prog=f"gatekeeper {command}", allow_abbrev=False,
                 description="Show a running gatekeeper's status." if command == "status"
                 else "Exit with keepalived's MISC_CHECK misc_dynamic code: 1 failed, "
                      "2 draining (weight 0), 2+PCT up with PCT%% capacity free.")
@@ -136,14 +124,14 @@ def _parse(command: str, argv: Sequence[str]) -> Address:
     try:
         return parse_address(args.metrics, bare_port_host="127.0.0.1")
     except ValueError as e:
-        raise _Usage(f"--metrics {e}") from None
+        raise UsageError(f"--metrics {e}") from None
 
 
 def main(command: str, argv: Sequence[str]) -> int:
     """`gatekeeper status|weight [--metrics ADDR]`."""
     try:
         address = _parse(command, argv)
-    except _Usage as e:
+    except UsageError as e:
         print(f"gatekeeper {command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
