@@ -39,10 +39,12 @@ from gatekeeper.config import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MIN_FREE_MB,
     DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_REQUEST_IDLE_TIMEOUT,
     DISTCC_PORT,
     Config,
     InetdIo,
 )
+from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.fairness import FairBy, Priorities
 from gatekeeper.inetd.command import Command
 from gatekeeper.memory.sources import MemorySource, build_memory_source
@@ -156,8 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "missing; default: not kept)")
     p.add_argument("--identify", choices=["distcc", "none"], default="distcc",
                    help="read each job's distcc command line (without consuming it) to "
-                        "learn footprints per compile; 'none' for other protocols "
-                        "(default: distcc)")
+                        "learn footprints per compile and check it against the argv "
+                        "policy; 'none' for other protocols, which also turns the "
+                        "policy off (default: distcc)")
+    p.add_argument("--allow-compiler", action="append", metavar="NAME",
+                   help="also let distcc jobs run compiler NAME (a bare name, repeatable); "
+                        "the gcc/g++/cc/c++/clang family, with target-triplet and version "
+                        "suffixes, is allowed already")
+    p.add_argument("--request-idle-timeout", type=_positive_number,
+                   default=DEFAULT_REQUEST_IDLE_TIMEOUT, metavar="SECONDS",
+                   help="refuse or cut off a distcc client that pauses this long while its "
+                        "request is still arriving (default: "
+                        f"{DEFAULT_REQUEST_IDLE_TIMEOUT:.0f})")
     p.add_argument("--fair-by", default="client", metavar="{none,client,subnet/N}",
                    help="share the queue round-robin between clients (by address) or "
                         "IPv4 subnets of N bits (IPv6: /64); none: one FIFO (default: client)")
@@ -291,6 +303,14 @@ def parse_options(argv: Sequence[str]) -> Options:
         priorities = Priorities.parse(args.priority or [])
     except ValueError as e:
         raise UsageError(f"--priority {e}") from None
+    try:
+        policy = ArgvPolicy.allowing(args.allow_compiler or [])
+    except ValueError as e:
+        raise UsageError(f"--allow-compiler {e}") from None
+    identify = args.identify == "distcc"
+    if args.allow_compiler and not identify:
+        raise UsageError("--allow-compiler needs --identify distcc: with none, no "
+                         "command line is read or checked")
     metrics = _side_address("--metrics", args.metrics, "127.0.0.1")
     agent = _side_address("--agent", args.agent, None)
     config = Config(
@@ -306,7 +326,9 @@ def parse_options(argv: Sequence[str]) -> Options:
         log_level=args.log_level,
         job_mem_bytes=int(args.job_mem_mb * 2**20),
         state_dir=Path(args.state_dir) if args.state_dir else None,
-        identify=args.identify == "distcc",
+        identify=identify,
+        argv_policy=policy if identify else None,
+        request_idle_timeout=args.request_idle_timeout,
         cgroup=args.cgroup,
         max_memory_pressure=args.max_memory_pressure,
         metrics=metrics,

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.fairness import FairBy, Priorities
 from gatekeeper.net.addresses import Address
 from gatekeeper.net.allow import AllowList
@@ -41,6 +42,16 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # jobs at once, and learning corrects it within the first few jobs.
 DEFAULT_JOB_MEM_MB = 256.0
 
+
+# How long a distcc client may take to send the rest of its request while the
+# argv policy waits for its head (before it queues), and while its request is
+# still arriving once it runs: distcc clients write their whole request at
+# once (corked), so a pause this long is a stuck or hostile client. 30 s is far
+# above a loaded client's scheduling delay (over 100 ms seen under make -j12
+# on 2 cores) and far below distcc's own 300 s I/O timeout.
+DEFAULT_REQUEST_IDLE_TIMEOUT = 30.0
+
+DEFAULT_ARGV_POLICY = ArgvPolicy()
 
 # Fair by client address by default: one developer's make -j64 must not make
 # every other client wait behind all 64 of its jobs.
@@ -82,6 +93,11 @@ class Config:
     """Where learned footprints are kept across restarts (None: not kept)."""
     identify: bool = True
     """Peek at distcc request heads to key learned footprints by compile."""
+    argv_policy: ArgvPolicy | None = DEFAULT_ARGV_POLICY
+    """Refuse distcc requests whose command line runs, loads or reads what the
+    client names (distcc/policy.py). None only with identify off."""
+    request_idle_timeout: float = DEFAULT_REQUEST_IDLE_TIMEOUT
+    """The longest pause allowed while a distcc request is still arriving."""
     cgroup: str | None = None
     """Watch this cgroup's memory (None: gatekeeper's own cgroups)."""
     fair_by: FairBy = DEFAULT_FAIR_BY

@@ -24,8 +24,9 @@ from typing import Protocol
 import trio
 
 from gatekeeper.config import Config
-from gatekeeper.distcc.protocol import identify, speaks
-from gatekeeper.distcc.request import DistccJob
+from gatekeeper.distcc.policy import ArgvPolicy
+from gatekeeper.distcc.protocol import IDENTIFY_GRACE, identify, speaks
+from gatekeeper.distcc.request import INCOMPLETE, UNREADABLE, DistccJob, Unparsed
 from gatekeeper.footprints import FootprintBook
 from gatekeeper.gate import Gate, Ticket, Verdict
 from gatekeeper.job import Job, ProxyStart, State
@@ -116,11 +117,21 @@ class Connections:
             return
         if self.config.identify:
             # Before joining the queue, so a known compile's learned footprint
-            # counts from its first admission decision on.
-            head = await identify(stream.socket)
+            # counts from its first admission decision on, and a command line
+            # the policy refuses never takes a place.
+            policy = self.config.argv_policy
+            head = await identify(stream.socket, IDENTIFY_GRACE if policy is None
+                                  else self.config.request_idle_timeout)
             job.speaks = speaks(head)
             if isinstance(head, DistccJob):
                 job.key, job.name = head.key, head.output
+            if policy is not None:
+                refusal = refusal_of(policy, head)
+                if refusal is not None:
+                    job.outcome, job.detail = Outcome.ARGV_POLICY, refusal
+                    log.warning("refused %s from %s: %s", job.name or "a job", job.peer,
+                                refusal)
+                    return
         job.estimate = self.book.estimate(job.key)
         key = self.config.fair_by.key(host)
         weight = self.config.priorities.weight(host)
@@ -189,6 +200,18 @@ class Connections:
                         job.name or job.key or job.peer, format_bytes(peak), teaching.why)
         elif teaching.lesson is Lesson.LEARN:
             self.book.learn(job.key, peak)
+
+
+def refusal_of(policy: ArgvPolicy, head: DistccJob | Unparsed) -> str | None:
+    """Why the argv policy refuses this request head, or None. Sound: what
+    gatekeeper could not read, but distccd might, is refused too."""
+    if isinstance(head, DistccJob):
+        return policy.check(head.argv)
+    if head is UNREADABLE:
+        return "request head not readable by gatekeeper's strict parser or past its bounds"
+    if head is INCOMPLETE:
+        return "request head incomplete (client paused or left mid-head)"
+    return None  # not a distcc request at all: distccd will not run it either
 
 
 def _locate(job: Job, hints: Sequence[int], finder: SocketFinder) -> int | None:

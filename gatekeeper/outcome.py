@@ -9,8 +9,8 @@ read the same `Outcome`.
 Two families, kept apart in the metrics:
 
 - *not run*: the connection was closed without a job running (`NOT_RUN`):
-  denied, refused by the queue, gone before its turn, a backend that could not
-  be reached, a command that could not start;
+  denied, refused by the argv policy, refused by the queue, gone before its
+  turn, a backend that could not be reached, a command that could not start;
 - *completed*: a job ran and ended somehow (`COMPLETED`): ok, a client or
   backend failure, an idle or drain cut-off, a command that failed.
 """
@@ -32,6 +32,7 @@ class Outcome(enum.Enum):
     OK = "ok"
     # not run
     DENIED = "denied"
+    ARGV_POLICY = "argv-policy"
     QUEUE_FULL = "queue-full"
     DRAINING = "draining"
     QUEUE_TIMEOUT = "queue-timeout"
@@ -59,13 +60,13 @@ class Outcome(enum.Enum):
                         Outcome.DRAIN_TIMEOUT)
 
 
-NOT_RUN = frozenset({Outcome.DENIED, Outcome.QUEUE_FULL, Outcome.DRAINING,
+NOT_RUN = frozenset({Outcome.DENIED, Outcome.ARGV_POLICY, Outcome.QUEUE_FULL, Outcome.DRAINING,
                      Outcome.QUEUE_TIMEOUT, Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR,
                      Outcome.COMMAND_ERROR})
 # In the order the metrics list them (a scrape's label order stays stable).
 REJECT_REASONS: tuple[Outcome, ...] = (
     Outcome.DENIED, Outcome.QUEUE_FULL, Outcome.DRAINING, Outcome.QUEUE_TIMEOUT,
-    Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR, Outcome.COMMAND_ERROR)
+    Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR, Outcome.COMMAND_ERROR, Outcome.ARGV_POLICY)
 COMPLETED: tuple[Outcome, ...] = (
     Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BACKEND_FAILED, Outcome.IDLE_TIMEOUT,
     Outcome.DRAIN_TIMEOUT, Outcome.COMMAND_FAILED)

@@ -131,6 +131,10 @@ def config(backend: TcpAddress, **overrides: object) -> Config:
         "allow": AllowList.parse(["127.0.0.0/8", "::1/128"]),
         "job_mem_bytes": 0,  # the plain min-free rule unless a test says otherwise
         "zero_copy": DATA_PATH["zero_copy"],
+        # These tests send made-up bytes ("DIST" alone, "FAIL"...) to fake
+        # backends; the argv policy is tested on its own (test_hostile,
+        # test_argv_policy) and, on by default, by every CLI-started gatekeeper.
+        "argv_policy": None,
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]

@@ -70,6 +70,20 @@ def test_flags_and_aliases() -> None:
     assert len(cfg.allow.networks) == 2
 
 
+def test_argv_policy_flags() -> None:
+    default = parse_config([])
+    assert default.argv_policy is not None and default.identify
+    assert default.argv_policy.check(["icx", "-c", "x.c"]) is not None
+    assert default.request_idle_timeout == 30.0
+    cfg = parse_config(["--allow-compiler", "icx", "--allow-compiler", "nvcc",
+                        "--request-idle-timeout", "5"])
+    assert cfg.argv_policy is not None
+    assert cfg.argv_policy.check(["icx", "-c", "x.c"]) is None
+    assert cfg.request_idle_timeout == 5.0
+    # Nothing is read with --identify none, so nothing can be checked: the README says so.
+    assert parse_config(["--identify", "none"]).argv_policy is None
+
+
 def test_min_free_above_memory_is_valid() -> None:
     assert parse_config(["--min-free-mb", "99999999"]).min_free_bytes > 0
 
@@ -79,7 +93,9 @@ def test_min_free_above_memory_is_valid() -> None:
     ["--min-free-mb", "nan"], ["--queue-timeout", "0"], ["--queue-timeout", "inf"],
     ["--max-queue", "-1"], ["--listen", "nope"], ["--backend", "[::1]"],
     ["--backend", "0"], ["--allow", "10.0.0.1/8"], ["--allow", "banana"], ["--bogus"],
-    ["--log-level", "loud"], ["--max"],
+    ["--log-level", "loud"], ["--max"], ["--allow-compiler", "/usr/bin/icx"],
+    ["--allow-compiler", ""], ["--identify", "none", "--allow-compiler", "icx"],
+    ["--request-idle-timeout", "0"], ["--request-idle-timeout", "nan"],
 ])
 def test_bad_flags_raise_usage_error(argv: list[str]) -> None:
     with pytest.raises(UsageError):

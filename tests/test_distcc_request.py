@@ -9,7 +9,9 @@ from gatekeeper.distcc.request import (
     INCOMPLETE,
     MAX_ARGC,
     NOT_DISTCC,
+    UNREADABLE,
     DistccJob,
+    HeadReader,
     encode_request_head,
     parse_request_head,
 )
@@ -49,15 +51,24 @@ def test_every_strict_prefix_is_incomplete() -> None:
 
 
 def test_garbage_is_not_distcc() -> None:
-    for data in (b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"DIST0000000g",
-                 b"DIST00000001ARGV00000001x", b"DIST00000009ARGC00000001",
-                 b"dist00000001"):
+    for data in (b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"dist00000001",
+                 b"DISX", b"\x00"):
         assert parse_request_head(data) is NOT_DISTCC, data
 
 
+def test_what_starts_like_distcc_but_cannot_be_read_is_unreadable() -> None:
+    # distccd reads each token's digits with strtoul, which takes " +0x1" too:
+    # anything after DIST that gatekeeper's strict reading rejects might still
+    # run there, so it is UNREADABLE (refused by the argv policy), not "other".
+    for data in (b"DIST0000000g", b"DIST00000001ARGV00000001x", b"DIST00000009ARGC00000001",
+                 b"DIST   +0x1ARGC00000001", b"DIST00000001ARGC 0000001",
+                 b"DIST00000000ARGC00000001", b"*\x01\x00\x00\x10"):
+        assert parse_request_head(data) is UNREADABLE, data
+
+
 def test_huge_argc_or_length_is_refused_without_reading_on() -> None:
-    assert parse_request_head(b"DIST00000001ARGC%08x" % (MAX_ARGC + 1)) is NOT_DISTCC
-    assert parse_request_head(b"DIST00000001ARGC00000001ARGVffffffff") is NOT_DISTCC
+    assert parse_request_head(b"DIST00000001ARGC%08x" % (MAX_ARGC + 1)) is UNREADABLE
+    assert parse_request_head(b"DIST00000001ARGC00000001ARGVffffffff") is UNREADABLE
 
 
 @given(st.binary(max_size=300))
@@ -72,3 +83,39 @@ def test_round_trip_and_truncation(argv: list[str], cut: int) -> None:
     assert isinstance(job, DistccJob) and list(job.argv) == argv
     if cut < len(data):
         assert parse_request_head(data[:cut]) is INCOMPLETE
+
+
+@given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=8))
+def test_reading_in_pieces_agrees_with_reading_at_once(data: bytes, cuts: list[int]) -> None:
+    """The incremental reader (one look per arrival) ends where one whole look
+    ends, whatever the pieces: resuming never skips or re-reads a token."""
+    reader = HeadReader()
+    result = None
+    for cut in sorted(c for c in cuts if c <= len(data)):
+        if cut == 0:
+            continue
+        result = reader.feed(data[:cut])
+        if result is not INCOMPLETE:
+            break
+    if result is None or result is INCOMPLETE:
+        result = reader.feed(data)
+    whole = parse_request_head(data)
+    assert result == whole
+
+
+@given(st.lists(st.text(max_size=30), max_size=12), st.integers(1, 50))
+def test_real_heads_read_in_pieces(argv: list[str], step: int) -> None:
+    data = encode_request_head(argv)
+    reader = HeadReader()
+    for end in range(step, len(data), step):
+        assert reader.feed(data[:end]) is INCOMPLETE
+    job = reader.feed(data)
+    assert isinstance(job, DistccJob) and list(job.argv) == argv
+
+
+@given(st.binary(max_size=200))
+def test_what_starts_with_dist_is_never_waved_through(tail: bytes) -> None:
+    """Soundness for the argv policy: a request distccd would start reading
+    (it checks the first four bytes are DIST) is never NOT_DISTCC."""
+    assert parse_request_head(b"DIST" + tail) is not NOT_DISTCC
+    assert parse_request_head(b"*" + tail) is UNREADABLE

@@ -1,6 +1,7 @@
 """h11's rule made executable: the policy and the judgements are plain code.
 
-The modules that decide (admission, fairness, footprints, learning, outcome)
+The modules that decide (admission, fairness, footprints, learning, outcome,
+the argv policy and the request-head parser)
 import neither trio nor socket, so they can be fed events and times and
 tested without I/O, and no decision can hide an await."""
 
@@ -11,7 +12,8 @@ import sys
 
 import pytest
 
-PURE = ("admission", "fairness", "footprints", "learning", "outcome")
+PURE = ("admission", "fairness", "footprints", "learning", "outcome", "distcc.policy",
+        "distcc.request")
 FORBIDDEN = ("trio", "socket")
 
 

@@ -26,6 +26,7 @@ import pytest
 from distcc_harness import NotifyReceiver, ServiceProcess, gatekeeper_env
 
 from gatekeeper.cli import parse_options
+from gatekeeper.distcc.request import encode_request_head
 from gatekeeper.server import DEFAULT_DRAIN_TIMEOUT
 from gatekeeper.usage import UsageError
 
@@ -129,7 +130,9 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
 
 
 def test_sigterm_with_one_running_and_three_queued(notify: NotifyReceiver) -> None:
-    request, reply = os.urandom(2 * MiB), os.urandom(8 * MiB)
+    # Opaque bytes (a first byte distccd would never read as DIST, so the argv
+    # policy passes them), then queued distcc heads the policy lets queue.
+    request, reply = b"\0" + os.urandom(2 * MiB - 1), os.urandom(8 * MiB)
     with holding_backend(len(request), reply) as be, start_gatekeeper(
             ["--backend", f"127.0.0.1:{be.port}", "--max-jobs", "1", "--drain-timeout", "30"],
             NOTIFY_SOCKET=notify.address) as gk:
@@ -141,7 +144,7 @@ def test_sigterm_with_one_running_and_three_queued(notify: NotifyReceiver) -> No
         queued = []
         for _ in range(3):
             q = socket.create_connection(("127.0.0.1", port))
-            q.sendall(b"DIST00000001ARGC00000002")
+            q.sendall(encode_request_head(["gcc", "-c", "x.c", "-o", "x.o"]))
             queued.append(q)
         notify.wait_for(lambda m: "1/1 running, 3 queued" in m.fields.get("STATUS", ""))
 

@@ -17,7 +17,7 @@ import trio
 
 from gatekeeper.distcc.peek import peek_distcc_job, peek_distcc_job_now
 from gatekeeper.distcc.reply import REPLY_HEAD, CompileStatus, parse_reply_status
-from gatekeeper.distcc.request import INCOMPLETE, NOT_DISTCC, DistccJob, Unparsed
+from gatekeeper.distcc.request import INCOMPLETE, DistccJob, HeadReader, Unparsed
 from gatekeeper.outcome import Request
 
 # How long a new connection may take to show its request head before it joins
@@ -56,16 +56,19 @@ OPAQUE = Speaks(Request.UNKNOWN, 0, hand_off_at_backend_eof=False, relays_inetd=
 def speaks(head: DistccJob | Unparsed) -> Speaks:
     if isinstance(head, DistccJob):
         return DISTCC
-    return NOT_DISTCC_BYTES if head is NOT_DISTCC else OPAQUE
+    return OPAQUE if head is INCOMPLETE else NOT_DISTCC_BYTES
 
 
-async def identify(sock: trio.socket.SocketType) -> DistccJob | Unparsed:
+async def identify(sock: trio.socket.SocketType, patience: float = IDENTIFY_GRACE,
+                   ) -> DistccJob | Unparsed:
     """Read the job's request head without consuming it: at once if it is there
-    (the usual case), else within `IDENTIFY_GRACE`. INCOMPLETE if it did not
-    come in time, NOT_DISTCC for other bytes or a client that closed."""
-    head = peek_distcc_job_now(sock)
+    (the usual case), else within `patience` seconds. INCOMPLETE if it did not
+    come in time (or the client left mid-head), NOT_DISTCC for other bytes or
+    a client that closed, UNREADABLE for a head gatekeeper cannot read."""
+    reader = HeadReader()
+    head = peek_distcc_job_now(sock, reader)
     if head is not INCOMPLETE:
         return head
-    with trio.move_on_after(IDENTIFY_GRACE):
-        return await peek_distcc_job(sock)
+    with trio.move_on_after(patience):
+        return await peek_distcc_job(sock, reader)
     return INCOMPLETE

@@ -1,0 +1,266 @@
+"""Issue 16's attacks, each run against a real gatekeeper, with the outcome asserted.
+
+Remote command execution first: the request that made the stock distccd run
+a shell behind gatekeeper is shown to work without the argv policy (so this
+test can fail) and to run nothing with it, while real compiles (gcc, g++,
+clang) still pass. Then the head reader's hostile inputs in-process: a head
+that never completes, one that arrives a byte at a time, one whose client
+leaves, each bounded and cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from distcc_harness import (
+    DistccServer,
+    GatekeeperProcess,
+    distcc_client_env,
+    missing_binaries,
+)
+from fakes import backend, config, echo, gatekeeper, receive_until_closed
+
+from gatekeeper.distcc import request as request_module
+from gatekeeper.distcc.policy import ArgvPolicy
+from gatekeeper.distcc.request import encode_request_head
+from gatekeeper.server import Server
+
+MISSING = missing_binaries()
+needs_distcc = pytest.mark.skipif(
+    bool(MISSING), reason=f"needs {', '.join(MISSING)} on PATH "
+    "(Debian: apt-get install -y distcc g++ make)")
+END = re.compile(r"end peer=\S+ outcome=(?P<outcome>\S+) .*")
+POLICY = ArgvPolicy()
+
+
+def _doti(argv: list[str], source: bytes) -> bytes:
+    return encode_request_head(argv) + b"DOTI%08x" % len(source) + source
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got
+
+
+@pytest.fixture
+def marker_dir() -> Iterator[Path]:
+    # distccd runs compilers as an unprivileged user: it must be able to write here.
+    path = Path(tempfile.mkdtemp(prefix="gk-hostile-", dir="/tmp"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        for p in path.iterdir():
+            p.unlink()
+        path.rmdir()
+
+
+@needs_distcc
+@pytest.mark.e2e
+def test_wrapper_request_runs_a_shell_without_the_policy_and_nothing_with_it(
+        marker_dir: Path) -> None:
+    source = b"int f(void) { return 1; }\n"
+
+    def attack(name: str) -> bytes:
+        marker = marker_dir / name
+        return _doti(["gcc", "-wrapper", f"/bin/sh,-c,echo ran > {marker}",
+                      "-c", "x.c", "-o", "x.o"], source)
+
+    with DistccServer(jobs=2, hold_s=0) as d:
+        with GatekeeperProcess(["--listen", "127.0.0.1:0", "--backend", d.address,
+                                "--identify", "none"]) as open_gate:
+            _exchange(open_gate.port, attack("open"))
+            assert open_gate.wait_until(lambda lines: any(END.search(x) for x in lines), 30)
+        # The attack is real: distccd ran the shell.
+        assert (marker_dir / "open").read_text() == "ran\n"
+
+        with GatekeeperProcess(["--listen", "127.0.0.1:0", "--backend", d.address]) as g:
+            compiles = d.compile_log().count
+            assert _exchange(g.port, attack("gated")) == b""  # closed: compile locally
+            assert g.wait_until(lambda lines: any(END.search(x) for x in lines), 30)
+            line = next(x for x in g.log_lines if END.search(x))
+            assert "outcome=argv-policy" in line and "-wrapper" in line, line
+            assert "in=0 out=0" in line, line
+            # A real compile on the same gatekeeper still runs.
+            reply = _exchange(g.port, _doti(["gcc", "-c", "ok.c", "-o", "ok.o"], source))
+            assert reply.startswith(b"DONE") and b"STAT00000000" in reply, reply[:64]
+            assert g.wait_until(lambda ls: sum(1 for x in ls if "outcome=ok" in x) == 1, 30)
+            assert "Traceback" not in g.log_text
+        assert not (marker_dir / "gated").exists()
+        assert d.compile_log().count == compiles + 1  # only the real one reached a compiler
+
+
+@needs_distcc
+@pytest.mark.e2e
+@pytest.mark.parametrize("compiler", ["gcc", "g++", "clang", "clang++"])
+def test_real_compilers_pass_the_policy(compiler: str, tmp_path: Path) -> None:
+    if subprocess.run(["which", compiler], capture_output=True).returncode != 0:
+        pytest.skip(f"{compiler} not installed (Debian: apt-get install -y clang)")
+    if not Path("/usr/lib/distcc", compiler).exists():
+        pytest.skip(f"distccd has no masquerade link for {compiler} (update-distcc-symlinks)")
+    suffix = ".cc" if "+" in compiler else ".c"
+    src = tmp_path / f"unit{suffix}"
+    src.write_text("int twice(int x) { return 2 * x; }\n")
+    with DistccServer(jobs=2, hold_s=0) as d, GatekeeperProcess(
+            ["--listen", "127.0.0.1:0", "--backend", d.address]) as g:
+        env = distcc_client_env("127.0.0.1", g.port, tmp_path / ".distcc")
+        done = subprocess.run(["distcc", compiler, "-O2", "-Wall", "-c", src.name, "-o",
+                               "unit.o"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert g.wait_until(lambda lines: any("outcome=ok" in x for x in lines), 30), g.log_text
+        assert "argv-policy" not in g.log_text
+    assert (tmp_path / "unit.o").stat().st_size > 0
+
+
+def refused(count: int) -> Callable[[Server], bool]:
+    """The argv policy has refused `count` connections, and their tasks are done."""
+    return lambda s: (s.observatory.rejected["argv-policy"] == count
+                      and not s.connections.live)
+
+
+# In-process: the head reader under hostile timing. The policy is on here
+# (fakes.config turns it off for the tests that send made-up bytes).
+
+async def test_refused_job_is_counted_and_never_reaches_the_backend() -> None:
+    async with backend(echo) as be, gatekeeper(
+            config(be.address, argv_policy=POLICY)) as gk:
+        c = await gk.connect()
+        await c.send_all(_doti(["gcc", "-fplugin=/tmp/x.so", "-c", "x.c"], b"int x;\n"))
+        with trio.fail_after(5):
+            assert await receive_until_closed(c) == b""
+            await gk.wait_for(refused(1))
+        await c.aclose()
+        assert be.connections == 0
+        assert gk.server.observatory.rejected["argv-policy"] == 1
+        text = gk.server.observatory.exposition().decode()
+        assert 'gatekeeper_rejected_total{reason="argv-policy"} 1' in text
+
+
+async def test_a_head_that_never_completes_is_refused_at_the_request_deadline(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with backend(echo) as be, gatekeeper(
+            config(be.address, argv_policy=POLICY, request_idle_timeout=30.0)) as gk:
+        c = await gk.connect()
+        await c.send_all(encode_request_head(["gcc", "-c", "x.c"])[:20])
+        begin = trio.current_time()
+        with trio.fail_after(60):
+            assert await receive_until_closed(c) == b""
+        assert 30.0 <= trio.current_time() - begin < 31.0
+        await c.aclose()
+        assert be.connections == 0
+        assert gk.server.observatory.rejected["argv-policy"] == 1
+
+
+async def test_a_head_in_pieces_is_read_once_per_arrival(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16's CPU burn: a 49 KB head re-parsed every 5 ms. Now each look
+    at the buffer happens only when more bytes came, and resumes the parse."""
+    feeds: list[int] = []
+    real_feed = request_module.HeadReader.feed
+
+    def counting_feed(self: request_module.HeadReader, data: bytes) -> object:
+        feeds.append(len(data))
+        return real_feed(self, data)
+
+    monkeypatch.setattr(request_module.HeadReader, "feed", counting_feed)
+    argv = ["gcc", *(f"-DN{i}" for i in range(2700)), "-c", "x.c"]
+    head = encode_request_head(argv)
+    assert len(head) > 49_000  # the issue's 49 KB head
+    async with backend(echo) as be, gatekeeper(config(be.address, argv_policy=POLICY)) as gk:
+        c = await gk.connect()
+        pieces = [head[i:i + 8_000] for i in range(0, len(head), 8_000)]
+        for piece in pieces[:-1]:
+            await c.send_all(piece)
+            await trio.testing.wait_all_tasks_blocked()
+            looks = len(feeds)
+            # Nothing new arrives: the reader waits in the kernel, it does not look.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert len(feeds) == looks
+        await c.send_all(pieces[-1] + b"DOTI00000000")
+        await c.send_eof()
+        with trio.fail_after(10):
+            await be.wait_for(lambda b: b.connections == 1)
+        await c.aclose()
+    # One look per piece at most (the first peek grows its buffer once), never a poll.
+    assert len(feeds) <= len(pieces) + 2, feeds
+    assert be.connections == 1
+
+
+async def test_a_head_larger_than_the_kernel_holds_is_refused_at_once() -> None:
+    """A head the receive buffer cannot hold whole can never be read: refused
+    as soon as the buffer is full, not after the request deadline."""
+    argv = ["gcc", *(f"-DNAME{i}=value{i}" for i in range(8000)), "-c", "x.c"]
+    head = encode_request_head(argv)
+    async with backend(echo) as be, gatekeeper(
+            config(be.address, argv_policy=POLICY, request_idle_timeout=3600.0)) as gk:
+        c = await gk.connect()
+        async with trio.open_nursery() as nursery:
+            async def send() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await c.send_all(head)
+            nursery.start_soon(send)
+            with trio.fail_after(10):
+                await gk.wait_for(refused(1))
+            nursery.cancel_scope.cancel()
+        await c.aclose()
+        assert be.connections == 0
+        assert gk.server.observatory.rejected["argv-policy"] == 1
+
+
+async def test_a_client_that_leaves_mid_head_is_let_go_at_once() -> None:
+    async with backend(echo) as be, gatekeeper(
+            config(be.address, argv_policy=POLICY, request_idle_timeout=3600.0)) as gk:
+        c = await gk.connect()
+        await c.send_all(encode_request_head(["gcc", "-c", "x.c"])[:30])
+        await trio.testing.wait_all_tasks_blocked()
+        await c.aclose()
+        with trio.fail_after(5):  # not the hour-long deadline
+            await gk.wait_for(refused(1))
+        assert be.connections == 0
+
+
+@pytest.mark.parametrize("payload", [
+    b"DIST00000001ARGC%08x" % 5000,                       # more arguments than read
+    b"DIST00000001ARGC00000001ARGV%08x" % (1 << 20),      # an argument past the bound
+    b"DIST   +0x1ARGC00000001ARGV00000003gcc",            # distccd's strtoul reads it
+    b"*\x00\x00\x00\x10GSSAPI",                           # a ,auth handshake hides argv
+], ids=["argc", "huge-arg", "lax-digits", "gssapi"])
+async def test_what_gatekeeper_cannot_read_is_refused_not_waved_through(payload: bytes) -> None:
+    async with backend(echo) as be, gatekeeper(config(be.address, argv_policy=POLICY)) as gk:
+        c = await gk.connect()
+        await c.send_all(payload)
+        with trio.fail_after(5):
+            assert await receive_until_closed(c) == b""
+            await gk.wait_for(refused(1))
+        await c.aclose()
+        assert be.connections == 0
+        assert gk.server.observatory.rejected["argv-policy"] == 1
+
+
+async def test_bytes_that_are_not_distcc_still_pass_with_the_policy_on() -> None:
+    """Soundness costs nothing for other protocols: bytes distccd would never
+    read as a request (not starting DIST) go through as before."""
+    async with backend(echo) as be, gatekeeper(config(be.address, argv_policy=POLICY)) as gk:
+        c = await gk.connect()
+        await c.send_all(b"hello")
+        await c.send_eof()
+        with trio.fail_after(5):
+            assert await receive_until_closed(c) == b"hello"
+        await c.aclose()
