@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -54,6 +55,14 @@ CUT_SHORT_GROWTH = 1.5
 
 STATE_FILE = "footprints.json"
 FORMAT = 1
+# The state file is read whole, so it is capped: a full book (MAX_KEYS keys of
+# 3 peaks near 100 GB each) writes 1,226,176 bytes (measured by
+# tests/test_footprints.py, which builds one), so 4 MiB is room to spare, and a 100 MB
+# file (1.33 GB of RSS and 10.8 s to parse before this cap) is refused unread.
+MAX_STATE_BYTES = 4 * 2**20
+# A key is the compile's blake2b digest (20 hex digits); anything far longer
+# did not come from us.
+MAX_KEY_LEN = 64
 
 
 class FootprintBook:
@@ -124,43 +133,62 @@ class FootprintBook:
     def to_json(self) -> dict[str, object]:
         return {"format": FORMAT, "keys": dict(self._peaks), "recent": list(self._recent)}
 
-    def load_json(self, data: object) -> None:
-        """Replace the learned state with `data`; raises ValueError if malformed."""
+    def load_json(self, data: object, *, ceiling: int) -> int:
+        """Replace the learned state with `data`; raises ValueError if it is not
+        a footprint file at all. Peaks that cannot be measurements (not a
+        whole number, not positive, above `ceiling`, the machine's memory) are
+        dropped, with the keys left without one; returns how many were."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError("not a gatekeeper footprint file of format 1")
         keys, recent = data.get("keys"), data.get("recent")
         if not isinstance(keys, dict) or not isinstance(recent, list):
             raise ValueError("missing keys or recent")
-        peaks: OrderedDict[str, list[int]] = OrderedDict()
-        for key, values in keys.items():
-            if (not isinstance(key, str) or not isinstance(values, list) or not values
-                    or not all(isinstance(v, int) and v > 0 for v in values)):
-                raise ValueError(f"bad entry for key {key!r}")
-            peaks[key] = values[-PEAKS_PER_KEY:]
-        if not all(isinstance(v, int) and v > 0 for v in recent):
-            raise ValueError("bad recent peaks")
-        while len(peaks) > self.max_keys:
-            peaks.popitem(last=False)
-        self._peaks = peaks
-        self._recent = deque(recent[-RECENT:], maxlen=RECENT)
-        self._unknown_cache = None
 
-    def load(self, state_dir: Path) -> None:
-        """Load learned footprints; a missing file is a fresh start, a bad one is logged."""
+        def measured(values: list[object]) -> list[int]:
+            return [v for v in values if type(v) is int and 0 < v <= ceiling]
+
+        dropped = 0
+        peaks: OrderedDict[str, list[int]] = OrderedDict()
+        for key, values in list(keys.items())[-self.max_keys:]:
+            kept = measured(values[-PEAKS_PER_KEY:]) if isinstance(values, list) else []
+            if (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN or not kept):
+                dropped += 1
+                continue
+            peaks[key] = kept
+        kept_recent = measured(recent[-RECENT:])
+        dropped += min(len(recent), RECENT) - len(kept_recent)
+        self._peaks = peaks
+        self._recent = deque(kept_recent, maxlen=RECENT)
+        self._unknown_cache = None
+        return dropped
+
+    def load(self, state_dir: Path, *, ceiling: int) -> None:
+        """Load learned footprints; a missing file is a fresh start, anything
+        else wrong with it is one logged line and a fresh start too. The file
+        is hostile input: opened without following a symlink and without
+        blocking (a FIFO), regular files only, read up to MAX_STATE_BYTES."""
         path = state_dir / STATE_FILE
         try:
-            with path.open("rb") as f:
-                self.load_json(json.load(f))
+            raw = read_state_file(path)
+            dropped = self.load_json(json.loads(raw), ceiling=ceiling)
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            log.warning("ignoring learned footprints in %s: %s", path, e)
+        except (OSError, ValueError, TypeError, RecursionError, MemoryError) as e:
+            # JSONDecodeError and int-digit limits are ValueErrors; "[" x 100,000
+            # is a RecursionError.
+            self._peaks, self._recent = OrderedDict(), deque(maxlen=RECENT)
+            log.warning("ignoring learned footprints in %s: %s", path,
+                        str(e)[:200] or type(e).__name__)
             return
+        if dropped:
+            log.warning("dropped %d learned footprints from %s that are not measurements "
+                        "(not whole, not positive, or above the machine's %d bytes)",
+                        dropped, path, ceiling)
         log.info("loaded %d learned job footprints from %s", len(self._peaks), path)
 
     def save(self, state_dir: Path) -> None:
         """Write atomically: a crash leaves the old file or the new one, never half."""
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(state_dir)
         payload = json.dumps(self.to_json(), separators=(",", ":")).encode()
         fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".footprints.", suffix=".tmp")
         try:
@@ -175,3 +203,35 @@ class FootprintBook:
             raise
         self.dirty = False
 
+
+
+def read_state_file(path: Path) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_STATE_BYTES;
+    OSError or ValueError otherwise. Never follows a final symlink (ELOOP) and
+    never blocks on a FIFO or device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_STATE_BYTES:
+            raise ValueError(f"{st.st_size} bytes, more than the {MAX_STATE_BYTES} a full "
+                             "book needs")
+        data = f.read(MAX_STATE_BYTES + 1)
+    if len(data) > MAX_STATE_BYTES:
+        raise ValueError(f"more than the {MAX_STATE_BYTES} bytes a full book needs")
+    return data
+
+
+def make_private_dirs(path: Path) -> None:
+    """mkdir -p, each directory it creates 0700 (learned footprints name
+    compiles: nobody else's business), whatever the umask."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=0o700)
+            os.chmod(p, 0o700)  # the umask may have taken bits from mkdir's mode

@@ -14,6 +14,7 @@ job's part of it `job.ProxyJobs` (a backend per job) or `inetd.job.InetdJobs`
 from __future__ import annotations
 
 import logging
+import os
 import resource
 
 import trio
@@ -71,7 +72,9 @@ class Server:
         self.watch = ClientWatch(keep_half_closed=config.keep_half_closed)
         self.book = FootprintBook(seed=config.job_mem_bytes)
         if config.state_dir is not None:
-            self.book.load(config.state_dir)
+            # A peak above the machine's memory is not a measurement.
+            self.book.load(config.state_dir, ceiling=os.sysconf("SC_PHYS_PAGES")
+                           * os.sysconf("SC_PAGE_SIZE"))
         self.meter = Meter()
         self.oom = OomKills()
         # The zero-copy data path (Linux): one epoll set for every running job.

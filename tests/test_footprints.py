@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from hypothesis import strategies as st
 from gatekeeper.footprints import (
     CUT_SHORT_GROWTH,
     MARGIN,
+    MAX_KEYS,
+    MAX_STATE_BYTES,
     MIN_SAMPLES,
     PEAKS_PER_KEY,
     STATE_FILE,
@@ -19,6 +23,9 @@ from gatekeeper.footprints import (
 )
 
 MiB = 2**20
+
+# Peaks above this are not measurements (the machine's memory, in production).
+CEILING = 2**40
 
 
 def test_unknown_jobs_get_the_seed_until_enough_peaks_are_seen() -> None:
@@ -63,7 +70,7 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
     book.learn("x", 123 * MiB)
     book.save(tmp_path / "state")
     again = FootprintBook(seed=1)
-    again.load(tmp_path / "state")
+    again.load(tmp_path / "state", ceiling=CEILING)
     assert again.estimate("x") == book.estimate("x")
     assert list(tmp_path.joinpath("state").iterdir()) == [tmp_path / "state" / STATE_FILE]
 
@@ -76,14 +83,16 @@ def test_corrupt_state_is_logged_and_ignored(tmp_path: Path, content: bytes,
                                              caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / STATE_FILE).write_bytes(content)
     book = FootprintBook(seed=7)
-    book.load(tmp_path)
+    book.load(tmp_path, ceiling=CEILING)
     assert book.estimate("a") == 7
-    assert "ignoring learned footprints" in caplog.text
+    # The whole file ignored, or (a bad entry in a good file) that entry dropped.
+    assert ("ignoring learned footprints" in caplog.text
+            or "dropped 1 learned footprints" in caplog.text)
 
 
 def test_missing_state_is_a_fresh_start(tmp_path: Path) -> None:
     book = FootprintBook(seed=7)
-    book.load(tmp_path / "nowhere")
+    book.load(tmp_path / "nowhere", ceiling=CEILING)
     assert len(book) == 0
 
 
@@ -93,7 +102,7 @@ def test_json_round_trip(samples: list[tuple[str, int]]) -> None:
     for key, peak in samples:
         book.learn(key, peak)
     again = FootprintBook(seed=5)
-    again.load_json(json.loads(json.dumps(book.to_json())))
+    again.load_json(json.loads(json.dumps(book.to_json())), ceiling=CEILING)
     for key in "abcdef":
         assert again.estimate(key) == book.estimate(key)
     assert again.estimate(None) == book.estimate(None)
@@ -127,3 +136,82 @@ def test_a_cut_short_job_is_remembered_as_needing_more() -> None:
     before = book.unknown_estimate()
     book.learn_cut_short(None, 500)  # unidentified: nothing to remember it by
     assert book.unknown_estimate() == before
+
+
+# -- the state file is hostile input (issue 16) ---------------------------------
+
+@pytest.mark.parametrize("content", [
+    b'{"format": 1, "keys": {}, "recent": [' + b",".join([b"1" + b"0" * 400] * 8) + b"]}",
+    b"[" * 100_000,
+    b'{"format": 1, "keys": {"a": [1e400]}, "recent": []}',
+    b'{"format": 1, "keys": {"a": [true]}, "recent": [true, 1.5, "9"]}',
+    b'{"format": 1, "keys": {"a": [' + b"9" * 5000 + b"]}, \"recent\": []}",
+], ids=["huge-ints", "deep-nesting", "float-inf", "not-whole", "int-digit-limit"])
+def test_poisoned_state_is_ignored_not_fatal(tmp_path: Path, content: bytes,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / STATE_FILE).write_bytes(content)
+    book = FootprintBook(seed=7)
+    book.load(tmp_path, ceiling=CEILING)
+    assert book.estimate("a") == 7
+    assert book.estimate(None) == 7  # nothing absurd reached the unknown estimate
+    assert "Traceback" not in caplog.text
+
+
+def test_peaks_above_the_machine_are_not_measurements(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """10**30 was accepted before, and then held every job forever."""
+    state = {"format": 1, "keys": {"big": [10**30], "ok": [5 * MiB], "mixed": [10**30, MiB]},
+             "recent": [10**30] * 10 + [MiB] * 10}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    book = FootprintBook(seed=7)
+    book.load(tmp_path, ceiling=64 * 2**30)
+    assert not book.knows("big")
+    assert book.knows("ok") and book.knows("mixed")
+    assert book.estimate("mixed") < 2 * MiB
+    assert book.estimate(None) < 2 * MiB  # ten real peaks of 1 MiB, the absurd ones dropped
+    assert "dropped 11 learned footprints" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["symlink-to-dev-zero", "fifo", "directory", "too-big"])
+def test_state_file_that_is_not_a_small_regular_file_is_refused_at_once(
+        tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / STATE_FILE
+    if kind == "symlink-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)  # opened without O_NONBLOCK, this hangs startup
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        with path.open("wb") as f:
+            f.truncate(MAX_STATE_BYTES + 1)
+    book = FootprintBook(seed=7)
+    book.load(tmp_path, ceiling=CEILING)  # returns: no hang, no MemoryError
+    assert len(book) == 0
+    assert "ignoring learned footprints" in caplog.text
+
+
+def test_a_full_book_fits_the_state_file_cap(tmp_path: Path) -> None:
+    """MAX_STATE_BYTES is sized to MAX_KEYS: a full book of big peaks saves and loads."""
+    book = FootprintBook(seed=7)
+    for i in range(MAX_KEYS):
+        key = f"{i:020x}"
+        for _ in range(3):
+            book.learn(key, 99_999_999_999)
+    book.save(tmp_path)
+    size = (tmp_path / STATE_FILE).stat().st_size
+    print(f"full book: {size} bytes ({size / MAX_STATE_BYTES:.0%} of the cap)")
+    assert size < MAX_STATE_BYTES
+    again = FootprintBook(seed=7)
+    again.load(tmp_path, ceiling=CEILING)
+    assert len(again) == MAX_KEYS
+
+
+def test_state_dirs_are_created_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        FootprintBook(seed=1).save(tmp_path / "a" / "b" / "state")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "state"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d

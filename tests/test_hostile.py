@@ -11,10 +11,12 @@ leaves, each bounded and cheap.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -188,11 +190,11 @@ async def test_a_head_in_pieces_is_read_once_per_arrival(
         pieces = [head[i:i + 8_000] for i in range(0, len(head), 8_000)]
         for piece in pieces[:-1]:
             await c.send_all(piece)
-            await trio.testing.wait_all_tasks_blocked()
-            looks = len(feeds)
-            # Nothing new arrives: the reader waits in the kernel, it does not look.
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            assert len(feeds) == looks
+            # Idle spells between pieces: the reader waits (in the kernel for a
+            # small head, else in a backed-off sleep that asks FIONREAD) and
+            # does not look at the buffer again until bytes came.
+            for _ in range(3):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
         await c.send_all(pieces[-1] + b"DOTI00000000")
         await c.send_eof()
         with trio.fail_after(10):
@@ -264,3 +266,76 @@ async def test_bytes_that_are_not_distcc_still_pass_with_the_policy_on() -> None
         with trio.fail_after(5):
             assert await receive_until_closed(c) == b"hello"
         await c.aclose()
+
+
+# The state file: each poisoned form from issue 16, against a real gatekeeper
+# process. It must start promptly, serve its first connection and keep running.
+
+def _recent_peaks(number: str) -> str:
+    return '{"format":1,"keys":{},"recent":[' + ",".join([number] * 9) + "]}"
+
+
+def _poison(state: Path, kind: str) -> None:
+    path = state / "footprints.json"
+    if kind == "huge-ints":
+        path.write_text(_recent_peaks("1" + "0" * 400))
+    elif kind == "deep-nesting":
+        path.write_text("[" * 100_000)
+    elif kind == "symlink-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "absurd-peaks":
+        path.write_text(_recent_peaks("1" + "0" * 30))
+    elif kind == "100-MB":
+        with path.open("wb") as f:
+            f.truncate(100 * 2**20)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["huge-ints", "deep-nesting", "symlink-to-dev-zero", "fifo",
+                                  "absurd-peaks", "100-MB"])
+def test_a_poisoned_state_file_neither_crashes_nor_hangs_nor_holds(
+        tmp_path: Path, kind: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    _poison(state, kind)
+    with backend_process() as port, GatekeeperProcess(
+            ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}", "--identify", "none",
+             "--state-dir", str(state), "--min-free-mb", "0"], startup_timeout=10) as g:
+        # Served at once: no crash at the first estimate, no job held by an
+        # absurd learned peak.
+        assert _exchange(g.port, b"ping") == b"gnip"
+        assert g.wait_until(lambda ls: any("outcome=ok" in x for x in ls), 10), g.log_text
+        assert g.is_running()
+        assert "Traceback" not in g.log_text
+        assert re.search(r"ignoring learned footprints|dropped \d+ learned", g.log_text), \
+            g.log_text
+
+
+@contextlib.contextmanager
+def backend_process() -> Iterator[int]:
+    """A tiny backend in a thread: reads 4 bytes, answers them reversed."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                data = b""
+                while len(data) < 4 and (chunk := conn.recv(4 - len(data))):
+                    data += chunk
+                conn.sendall(data[::-1])
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()

@@ -6,7 +6,9 @@ the first peek almost always has it. A partial head is looked at again only
 when more bytes have arrived: on TCP the kernel says so (SO_RCVLOWAT set one
 byte past what is there, so the socket turns readable on the next byte, a FIN
 or an error, and nothing is polled); on a unix socket, whose poll ignores
-SO_RCVLOWAT, after a short sleep that backs off. Each look resumes the parse
+SO_RCVLOWAT, and for heads past 4 KiB (LOWAT_SHARE), after a short
+sleep that backs off, and FIONREAD tells whether anything came before any
+byte is copied. Each look resumes the parse
 where the last one stopped (`HeadReader`), and a client that has left (FIN or
 reset) ends the wait at once: its head can no longer grow.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 
 import trio
 
@@ -28,6 +31,7 @@ from gatekeeper.distcc.request import (
     Unparsed,
 )
 from gatekeeper.net.liveness import peer_gone
+from gatekeeper.net.sockqueue import receive_queue
 
 # A partial head on a unix socket is looked at again after this, doubling up
 # to RETRY_MAX: rare (a distcc client writes its head at once), so a short
@@ -35,20 +39,45 @@ from gatekeeper.net.liveness import peer_gone
 # (20 looks a second at most, each a FIONREAD when nothing new came).
 RETRY = 0.005
 RETRY_MAX = 0.05
+# SO_RCVLOWAT is used only up to 1/32 of the receive buffer (4 KiB at Linux's
+# default 128 KiB; real heads are smaller): when the buffer it implies is
+# larger than the socket's (tcp_set_rcvlowat: the value scaled by the
+# measured payload-to-truesize ratio), Linux grows the buffer but clamps the
+# receive window to the value, and a head arriving in pieces stalls for good
+# (seen: 8 KB pieces of a 49 KB head stopped at 40,000 bytes with 1/4).
+LOWAT_SHARE = 32
 # Most command lines fit in 4 KiB; peeking copies, so start small.
 FIRST_PEEK = 4096
-# A TCP wake-up with nothing new past this much unread head means a full
-# receive buffer (see below); below it, a spurious wake-up, met with the
-# unix path's backed-off sleep instead of a spin. 16 KiB: far under what
-# Linux's default 128 KiB receive buffer holds unread (about 120 KB on
-# loopback, measured), far over a real distcc head (a few hundred bytes to a
-# few KiB: the client strips preprocessor options).
-FULL_BUFFER_HINT = 16 * 1024
+# SO_MEMINFO (linux/sock_diag.h; not in Python's socket module): the
+# receive buffer's allocation and size, to tell a full buffer from a slow client.
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")  # SK_MEMINFO_VARS; [0] rmem_alloc, [1] rcvbuf
+# A receive buffer with less than this fraction free takes no more: the
+# window it advertises is below a segment. Measured on loopback: a 200 KB head
+# stalls with 1,856 of 131,072 bytes free; a 90 KB one still has 40,240.
+FULL_FRACTION = 8
 
 
-def woken_idle(woken: bool, data: bytes | None, reader: HeadReader) -> bool:
-    """The kernel woke us and nothing new is there: do not wait on it again at once."""
-    return woken and (data is None or len(data) == reader.seen)
+def _receive_buffer(sock: trio.socket.SocketType) -> tuple[int, int]:
+    """(bytes allocated to the receive queue, the receive buffer's size)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    values = _MEMINFO.unpack(raw[:_MEMINFO.size].ljust(_MEMINFO.size, b"\0"))
+    return values[0], values[1]
+
+
+def _rcvbuf(sock: trio.socket.SocketType) -> int:
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except OSError:
+        return 0
+
+
+def _buffer_full(sock: trio.socket.SocketType) -> bool:
+    try:
+        allocated, size = _receive_buffer(sock)
+    except OSError:
+        return False
+    return size - allocated < size // FULL_FRACTION
 
 
 def _peek(sock: trio.socket.SocketType, size: int) -> bytes | None:
@@ -84,37 +113,46 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
                           reader: HeadReader | None = None) -> DistccJob | Unparsed:
     """Wait for and parse a distcc request head. NOT_DISTCC if the client
     closed before sending a byte; INCOMPLETE if it left (FIN or reset) with a
-    partial head. Unbounded: callers bound it with a cancel scope."""
+    partial head; UNREADABLE if it outgrew what the kernel will hold unread.
+    Unbounded: callers bound it with a cancel scope."""
     reader = reader or HeadReader()
     size = FIRST_PEEK
     lowat = 0  # SO_RCVLOWAT as we set it (0: the kernel default, untouched)
     tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
     retry = RETRY
-    woken = False  # by the kernel, on TCP: it says more came, or no more can
+    woken = False  # the kernel said "readable" last round
+    fd = sock.fileno()
     try:
         while True:
-            data = _peek(sock, size)
-            if data is None or (data and len(data) == reader.seen):
-                # Nothing new. A departed client's head can no longer grow.
+            # Has anything come since the last look? FIONREAD costs no copy.
+            try:
+                fresh = not reader.seen or receive_queue(fd) > reader.seen
+            except OSError:
+                return INCOMPLETE if reader.seen else NOT_DISTCC
+            if fresh:
+                data = _peek(sock, size)
+                if data is None:
+                    fresh = False  # nothing at all yet
+                elif not data:
+                    return NOT_DISTCC
+                else:
+                    result = reader.feed(data)
+                    if result is not INCOMPLETE:
+                        return result
+                    if len(data) == size and size < MAX_HEADER:
+                        size = min(MAX_HEADER, size * 8)  # a long command line: look further
+                        continue
+            if not fresh:
+                # A departed client's head can no longer grow, nor one that
+                # fills the receive buffer (the client cannot send the rest).
                 if peer_gone(sock, keep_half_closed=False):
                     return INCOMPLETE if reader.seen else NOT_DISTCC
-                if woken and reader.seen >= FULL_BUFFER_HINT:
-                    # TCP wakes a SO_RCVLOWAT waiter early when its receive
-                    # buffer is full (tcp_epollin_ready: memory pressure, a
-                    # closed window): the head is larger than the kernel will
-                    # hold unread, so it can never be read whole.
+                if tcp and reader.seen and _buffer_full(sock):
                     return UNREADABLE
-            elif not data:
-                return NOT_DISTCC
-            else:
-                result = reader.feed(data)
-                if result is not INCOMPLETE:
-                    return result
-                if len(data) == size and size < MAX_HEADER:
-                    size = min(MAX_HEADER, size * 8)  # a long command line: look further
-                    continue
-            if tcp and not woken_idle(woken, data, reader):
-                want = reader.seen + 1
+            want = reader.seen + 1
+            if tcp and not (woken and not fresh) and want * LOWAT_SHARE <= _rcvbuf(sock):
+                # Sleep in the kernel until a byte more than we have came (or a
+                # FIN, an error).
                 if want != lowat:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
                     lowat = want
