@@ -76,6 +76,14 @@ log = logging.getLogger("gatekeeper")
 # `gatekeeper status|weight [--metrics ADDR]` read a running gatekeeper's /status.
 SUBCOMMANDS = ("status", "weight")
 EXIT_STARTUP = 1
+# Every signal a person may send has a meaning, and each is logged (issue 16:
+# SIGUSR1, SIGUSR2 and SIGALRM killed gatekeeper silently). SIGTERM, SIGINT
+# and SIGQUIT stop it with the drain; SIGHUP says reloading is unsupported;
+# SIGUSR1 logs the status line; SIGUSR2 saves learned footprints now; SIGALRM
+# is ignored. SIGPIPE is ignored by Python already; SIGKILL and SIGSTOP
+# cannot be caught; job-control signals keep their meaning.
+SIGNALS_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 DEFAULT_BACKEND = "127.0.0.1:3633"
 
 
@@ -404,17 +412,33 @@ async def run(config: Config, options: Options | None = None, *,
              "queue-timeout %gs, drain-timeout %gs, %s", __version__, config.max_jobs,
              format_mib(config.min_free_bytes), config.max_queue, config.queue_timeout,
              options.drain_timeout, target)
-    signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    with trio.open_signal_receiver(*signals_wanted) as signals:
+    with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
                 async for signum in signals:
+                    name = signal.Signals(signum).name
                     if signum == signal.SIGHUP:
                         log.warning("got SIGHUP: reloading is not supported (every limit "
                                     "comes from the command line); restart to change them")
                         continue
-                    log.info("got %s, stopping", signal.Signals(signum).name)
+                    if signum == signal.SIGUSR1:
+                        log.info("got SIGUSR1: %s; %d connections open",
+                                 current_status(server.gate, stopping=server.stopping),
+                                 len(server.connections.live))
+                        continue
+                    if signum == signal.SIGUSR2:
+                        if config.state_dir is None:
+                            log.info("got SIGUSR2: no --state-dir, no footprints to save")
+                        else:
+                            log.info("got SIGUSR2: saving learned footprints in %s",
+                                     config.state_dir)
+                            server.save_footprints()
+                        continue
+                    if signum == signal.SIGALRM:
+                        log.info("got SIGALRM: ignored (it has no meaning here)")
+                        continue
+                    log.info("got %s, stopping", name)
                     if not server.stopping:
                         s = server.gate.snapshot()
                         notifier.send("STOPPING=1", f"STATUS=stopping: closing {s.queued} "

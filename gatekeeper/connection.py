@@ -34,6 +34,8 @@ from gatekeeper.learning import Lesson, lesson, needs_oom_check
 from gatekeeper.memory.meter import Meter, SocketFinder, backend_process
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.net.liveness import ClientWatch
+from gatekeeper.observe.escape import printable
+from gatekeeper.observe.logbudget import LogBudget
 from gatekeeper.observe.units import format_bytes
 from gatekeeper.outcome import CUT_OFF, Outcome
 
@@ -80,6 +82,7 @@ class Connections:
         self.book = book
         self.oom = oom
         self.on_end = on_end
+        self.denied_lines = LogBudget()
         self.live: dict[int, Job] = {}
         """Live connections (by id), so /status can name the peers queued."""
 
@@ -105,11 +108,22 @@ class Connections:
             # Log before closing: the close is a checkpoint, and under
             # cancellation nothing after it would run.
             if log.isEnabledFor(logging.INFO):
-                log.info("%s", job.line(), extra={"fields": job.fields()})
+                self._log_end(job)
             del self.live[id(job)]
             self.on_end(job)
             self.gate.notify_watchers()  # /status lists connections
             stream.socket.close()  # no checkpoint: nothing after it to lose
+
+    def _log_end(self, job: Job) -> None:
+        if job.outcome is Outcome.DENIED:  # a peer can repeat these at will
+            unwritten = self.denied_lines.admit(trio.current_time())
+            if unwritten is None:
+                return
+            if unwritten:
+                log.info("%d denied connections were not logged (more than %d a second; "
+                         "gatekeeper_rejected_total counts them all)", unwritten,
+                         self.denied_lines.burst)
+        log.info("%s", job.line(), extra={"fields": job.fields()})
 
     async def _handle(self, stream: trio.SocketStream, host: str | None, job: Job) -> None:
         if host is not None and not self.config.allow.permits(host):
@@ -129,8 +143,8 @@ class Connections:
                 refusal = refusal_of(policy, head)
                 if refusal is not None:
                     job.outcome, job.detail = Outcome.ARGV_POLICY, refusal
-                    log.warning("refused %s from %s: %s", job.name or "a job", job.peer,
-                                refusal)
+                    log.warning("refused %s from %s: %s", printable(job.name or "a job"),
+                                job.peer, refusal)
                     return
         job.estimate = self.book.estimate(job.key)
         key = self.config.fair_by.key(host)
@@ -197,7 +211,8 @@ class Connections:
         if teaching.lesson is Lesson.CUT_SHORT:
             self.book.learn_cut_short(job.key, peak)
             log.warning("job %s was cut short at %s (%s); it needs more than that",
-                        job.name or job.key or job.peer, format_bytes(peak), teaching.why)
+                        printable(job.name or job.key or job.peer), format_bytes(peak),
+                        teaching.why)
         elif teaching.lesson is Lesson.LEARN:
             self.book.learn(job.key, peak)
 

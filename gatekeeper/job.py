@@ -44,10 +44,15 @@ from gatekeeper.net.addresses import connect, connected_now, finish_connect, sta
 from gatekeeper.net.copy import Transfer, abort
 from gatekeeper.net.datapath import move_bytes, open_on_relay
 from gatekeeper.net.relay import Relay, RelayJob
+from gatekeeper.observe.escape import printable
 from gatekeeper.observe.units import format_mib
 from gatekeeper.outcome import Exited, Outcome, Verdict, classify
 
 log = logging.getLogger("gatekeeper")
+
+# A reason can quote the client (the argv policy names the refused option);
+# repr() escapes it, and this bounds it.
+MAX_REASON = 400
 
 
 class State(enum.Enum):
@@ -151,7 +156,7 @@ class Job:
         if self.pid is not None:
             text += f" pid={self.pid}"
         if self.name:
-            text += f" job={self.name}"
+            text += f" job={printable(self.name)}"  # the client's -o: escaped
         if self.compile is not None:
             text += f" compile={self.compile.describe()}"
         if self.oom_seen:
@@ -161,7 +166,7 @@ class Job:
         if self.peak is not None:
             text += f" peak={format_mib(self.peak, space=False)}"
         if self.detail:
-            text += f" reason={self.detail!r}"
+            text += f" reason={self.detail[:MAX_REASON]!r}"
         return text
 
 

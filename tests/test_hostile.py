@@ -339,3 +339,42 @@ def backend_process() -> Iterator[int]:
         stop.set()
         t.join(5)
         srv.close()
+
+
+@needs_distcc
+@pytest.mark.e2e
+def test_an_output_name_cannot_forge_log_lines() -> None:
+    forged = "x.o\ngatekeeper: INFO: end peer=10.9.9.9:1 outcome=ok forged=yes\x1b[2J"
+    source = b"int f(void) { return 1; }\n"
+    with DistccServer(jobs=2, hold_s=0) as d, GatekeeperProcess(
+            ["--listen", "127.0.0.1:0", "--backend", d.address]) as g:
+        _exchange(g.port, _doti(["gcc", "-c", "x.c", "-o", forged], source))
+        assert g.wait_until(lambda lines: any(END.search(x) for x in lines), 30), g.log_text
+        ends = [x for x in g.log_lines if "end peer=" in x]
+        assert len(ends) == 1, g.log_text
+        assert "forged=yes" in ends[0] and "\\x0agatekeeper:" in ends[0], ends[0]
+        assert "\x1b" not in g.log_text
+        assert not any(x.startswith("gatekeeper: INFO: end peer=10.9.9.9") for x in g.log_lines)
+
+
+@pytest.mark.e2e
+def test_a_denied_flood_writes_a_bounded_log_with_a_count() -> None:
+    with GatekeeperProcess(["--listen", "127.0.0.1:0", "--allow", "10.0.0.0/8",
+                            "--backend", "127.0.0.1:9"]) as g:
+        for _ in range(300):
+            socket.create_connection(("127.0.0.1", g.port), timeout=5).close()
+        # The budget's second passes; the next denied line reports the rest.
+        # (Bounded: at most 50 probes, 0.1 s apart.)
+        for _ in range(50):
+            if g.wait_until(lambda ls: any("were not logged" in x for x in ls), 0.1):
+                break
+            socket.create_connection(("127.0.0.1", g.port), timeout=5).close()
+        denied = [x for x in g.log_lines if "outcome=denied" in x]
+        summary = [x for x in g.log_lines if "were not logged" in x]
+        assert summary, g.log_text
+        written = len(denied)
+        unwritten = int(re.search(r"(\d+) denied connections were not logged",
+                                  summary[0]).group(1))  # type: ignore[union-attr]
+        assert written < 60, written  # not one line per connection
+        assert written + unwritten >= 300  # nothing lost from the count
+        assert "Traceback" not in g.log_text

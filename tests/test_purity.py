@@ -13,6 +13,7 @@ import sys
 import pytest
 
 PURE = ("admission", "fairness", "footprints", "learning", "outcome", "distcc.policy",
+        "observe.escape", "observe.logbudget",
         "distcc.request")
 FORBIDDEN = ("trio", "socket")
 

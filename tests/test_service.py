@@ -216,6 +216,30 @@ def test_sighup_is_logged_as_unsupported_and_changes_nothing() -> None:
         assert gk.wait(10) == 0
 
 
+def test_every_signal_a_person_may_send_is_logged_and_none_kills_silently(
+        tmp_path: Path) -> None:
+    """Issue 16: SIGUSR1, SIGUSR2 and SIGALRM killed gatekeeper with no log line."""
+    state = tmp_path / "state"
+    with holding_backend(1, b"ok") as be, start_gatekeeper(
+            ["--backend", f"127.0.0.1:{be.port}", "--state-dir", str(state)]) as gk:
+        port = int(gk.wait_for(_READY)["port"])
+        gk.send_signal(signal.SIGUSR1)
+        gk.wait_for(re.compile(r"got SIGUSR1: \d+/\d+ running, \d+ queued.*connections open"))
+        gk.send_signal(signal.SIGALRM)
+        gk.wait_for(re.compile(r"got SIGALRM: ignored"))
+        be.release.set()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"x")
+            assert receive_to_eof(client, timeout=10) == b"ok"
+        gk.send_signal(signal.SIGUSR2)
+        gk.wait_for(re.compile(r"got SIGUSR2: saving learned footprints"))
+        assert gk.poll() is None
+        gk.send_signal(signal.SIGQUIT)  # stops like SIGTERM: drained, exit 0
+        assert gk.wait(10) == 0
+        assert "got SIGQUIT, stopping" in gk.log_text
+        assert "Traceback" not in gk.log_text
+
+
 def test_drain_timeout_cuts_off_a_job_that_does_not_finish() -> None:
     with holding_backend(1, b"never") as be, start_gatekeeper(
             ["--backend", f"127.0.0.1:{be.port}", "--drain-timeout", "0.5"]) as gk:

@@ -121,13 +121,13 @@ class ArgvPolicy:
             return "no compiler named (ARGC 0)"
         compiler = argv[0]
         if not self.compiler_allowed(compiler):
-            return f"compiler {compiler!r} is not allowed (--allow-compiler adds one)"
+            return f"compiler {_show(compiler)} is not allowed (--allow-compiler adds one)"
         after_pass = False
         for arg in argv[1:]:
             if after_pass:
                 after_pass = False
                 if _subtool_refused(arg):
-                    return f"option {arg!r} handed to a sub-tool is refused"
+                    return f"option {_show(arg)} handed to a sub-tool is refused"
                 continue
             if arg in _PASS_NEXT:
                 after_pass = True
@@ -140,25 +140,30 @@ class ArgvPolicy:
 
 def _option_refused(arg: str) -> str | None:
     if arg.startswith("@"):
-        return f"response file {arg!r} is refused (its options are read on the server)"
+        return f"response file {_show(arg)} is refused (its options are read on the server)"
     if arg in _REFUSED_EXACT or arg.startswith(_REFUSED_PREFIX):
-        return f"option {arg!r} is refused (it runs, loads or reads what the client names)"
+        return f"option {_show(arg)} is refused (it runs, loads or reads what the client names)"
     if arg.startswith("--"):
         name = arg.partition("=")[0]
         if any(long.startswith(name) or name.startswith(long) for long in _REFUSED_LONG):
-            return f"option {arg!r} is refused (it runs, loads or reads what the client names)"
+            return f"option {_show(arg)} is refused (it runs, loads or reads what the client names)"
     if arg.startswith("-fuse-ld=") and "/" in arg:
-        return f"option {arg!r} is refused (a linker path)"
+        return f"option {_show(arg)} is refused (a linker path)"
     for joined in _PASS_JOINED:
         if arg.startswith(joined):
             for piece in arg[len(joined):].split(","):
                 if _subtool_refused(piece):
-                    return f"option {arg!r} hands {piece!r} to a sub-tool, refused"
+                    return f"option {_show(arg)} hands {_show(piece)} to a sub-tool, refused"
     if arg.startswith("-X") and arg not in _PASS_NEXT:
         # -Xarch_*, -Xopenmp-target, -Xcuda-*, -Xoffload-linker ...: forward an
         # argument this check would have to model per target; refused.
-        return f"option {arg!r} is refused (it forwards arguments unchecked)"
+        return f"option {_show(arg)} is refused (it forwards arguments unchecked)"
     return None
+
+
+def _show(arg: str) -> str:
+    """An argument quoted for a log line: repr-escaped, and bounded."""
+    return repr(arg[:80]) + ("..." if len(arg) > 80 else "")
 
 
 def _subtool_refused(arg: str) -> bool:
