@@ -41,6 +41,7 @@ from gatekeeper.config import (
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_REQUEST_IDLE_TIMEOUT,
     DISTCC_PORT,
+    LOOPBACK_ONLY,
     Config,
     InetdIo,
 )
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", metavar="ADDR",
                    help="answer HAProxy agent-checks here (up/drain/down, free capacity, "
                         "maxconn); a bare PORT means every interface (default: off)")
+    p.add_argument("--metrics-allow", action="append", metavar="CIDR",
+                   help="who may connect to --metrics (repeatable; default: loopback only)")
+    p.add_argument("--agent-allow", action="append", metavar="CIDR",
+                   help="who may connect to --agent (repeatable; default: as --allow)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info: one line per connection)")
@@ -319,6 +324,15 @@ def parse_options(argv: Sequence[str]) -> Options:
     if args.allow_compiler and not identify:
         raise UsageError("--allow-compiler needs --identify distcc: with none, no "
                          "command line is read or checked")
+    try:
+        metrics_allow = (AllowList.parse(args.metrics_allow) if args.metrics_allow
+                         else LOOPBACK_ONLY)
+    except ValueError as e:
+        raise UsageError(f"--metrics-allow {e}") from None
+    try:
+        agent_allow = AllowList.parse(args.agent_allow) if args.agent_allow else allow
+    except ValueError as e:
+        raise UsageError(f"--agent-allow {e}") from None
     metrics = _side_address("--metrics", args.metrics, "127.0.0.1")
     agent = _side_address("--agent", args.agent, None)
     config = Config(
@@ -341,6 +355,8 @@ def parse_options(argv: Sequence[str]) -> Options:
         max_memory_pressure=args.max_memory_pressure,
         metrics=metrics,
         agent=agent,
+        metrics_allow=metrics_allow,
+        agent_allow=agent_allow,
         fair_by=fair_by,
         zero_copy=args.data_path == "splice",
         inetd_io=InetdIo(args.inetd_io),

@@ -53,6 +53,9 @@ DEFAULT_REQUEST_IDLE_TIMEOUT = 30.0
 
 DEFAULT_ARGV_POLICY = ArgvPolicy()
 
+# The metrics port serves /status, which names clients: loopback unless told.
+LOOPBACK_ONLY = AllowList.parse(["127.0.0.0/8", "::1/128"])
+
 # Fair by client address by default: one developer's make -j64 must not make
 # every other client wait behind all 64 of its jobs.
 DEFAULT_FAIR_BY = FairBy("client")
@@ -119,4 +122,8 @@ class Config:
     """Serve /metrics, /status and / over HTTP here (None: off)."""
     agent: Address | None = None
     """Answer HAProxy agent-checks here (None: off)."""
+    metrics_allow: AllowList = LOOPBACK_ONLY
+    """Who may connect to the metrics port (its /status names clients)."""
+    agent_allow: AllowList | None = None
+    """Who may connect to the agent port (None: the same as `allow`)."""
     log_level: str = "info"

@@ -138,7 +138,8 @@ class FootprintBook:
         a footprint file at all. Peaks that cannot be measurements (not a
         whole number, not positive, above `ceiling`, the machine's memory) are
         dropped, with the keys left without one; returns how many were."""
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or type(data.get("format")) is not int \
+                or data.get("format") != FORMAT:
             raise ValueError("not a gatekeeper footprint file of format 1")
         keys, recent = data.get("keys"), data.get("recent")
         if not isinstance(keys, dict) or not isinstance(recent, list):

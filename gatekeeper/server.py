@@ -35,6 +35,7 @@ from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
 from gatekeeper.net.listen import Acceptor, FdPlan, open_all
 from gatekeeper.net.liveness import ClientWatch
 from gatekeeper.net.relay import Relay
+from gatekeeper.net.sideport import SidePort
 from gatekeeper.observe.agent import Agent, BackendCheck
 from gatekeeper.observe.metrics import Observatory
 from gatekeeper.observe.page import page
@@ -116,10 +117,15 @@ class Server:
         async with trio.open_nursery() as root:
             root.start_soon(self.gate.run)
             if web:
-                web_server = StatusWeb(self.observatory, page=page)
-                root.start_soon(trio.serve_listeners, web_server.handle, web)
+                web_port = SidePort("metrics", StatusWeb(self.observatory, page=page).handle,
+                                    self.config.metrics_allow)
+                for listener in web:
+                    root.start_soon(web_port.serve, listener)
             if agent:
-                root.start_soon(trio.serve_listeners, Agent(self.observatory).handle, agent)
+                agent_port = SidePort("agent", Agent(self.observatory).handle,
+                                      self.config.agent_allow or self.config.allow)
+                for listener in agent:
+                    root.start_soon(agent_port.serve, listener)
             root.start_soon(self.watch.run)
             root.start_soon(self.meter.run)
             if self.relay is not None:

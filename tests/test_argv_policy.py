@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatekeeper.distcc.policy import ArgvPolicy
+from gatekeeper.distcc.request import UNREADABLE, encode_request_head, parse_request_head
 
 POLICY = ArgvPolicy()
 COMPILE = ["-c", "x.c", "-o", "x.o"]
@@ -77,6 +78,20 @@ REFUSED_ARGS = {
     "write: dumpdir": ["-dumpdir", "/tmp/"],
     "forward: -Xarch_": ["-Xarch_x86_64", "-wrapper"],
     "forward: long for-assembler": ["--for-assembler=@/x"],
+    # Found by review (issue 16 follow-up):
+    "run: a second compile's driver options": ["-fcompare-debug=-wrapper /bin/sh"],
+    "run: the same, long": ["--compare-debug=-B/tmp"],
+    "load: clang cc1 directly": ["-cc1", "-load", "./evil.so"],
+    "load: clang cl mode": ["--driver-mode=cl", "-clang:-fplugin=./evil.so"],
+    "read: clang config file": ["--config", "/tmp/x.cfg"],
+    "read: clang config dir": ["--config-system-dir=/tmp"],
+    "load: --warn-p, is -Wp,": ["--warn-p,-fplugin=x.so"],
+    "write: --warn-a, is -Wa, with a listing": ["--warn-a,-al=/tmp/listing"],
+    "write: assembler listing": ["-Wa,-ahl=/tmp/listing"],
+    "write: dumpbase": ["-dumpbase", "/tmp/x", "-fdump-tree-original"],
+    "write: dump file": ["-fdump-tree-original=/tmp/x"],
+    "write: opt-info file": ["-fopt-info-vec=/tmp/x"],
+    "write: profile note": ["-fprofile-note=/tmp/x"],
 }
 
 
@@ -110,6 +125,13 @@ def test_real_build_flags_pass(args: list[str]) -> None:
 def test_dangerous_options_are_refused(why: str) -> None:
     for argv in (["gcc", *REFUSED_ARGS[why], *COMPILE], ["clang", *COMPILE, *REFUSED_ARGS[why]]):
         assert POLICY.check(argv) is not None, (why, argv)
+
+
+def test_a_nul_inside_an_argument_is_unreadable() -> None:
+    """distccd makes each ARGV a C string: `-wrapper\\0` would be checked as one
+    option and run as `-wrapper`. Such a head is refused as unreadable."""
+    head = encode_request_head(["gcc", "-wrapper\0", "/bin/sh,-c,id", "-c", "x.c"])
+    assert parse_request_head(head) is UNREADABLE
 
 
 def test_no_argv_is_refused() -> None:

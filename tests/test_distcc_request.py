@@ -76,7 +76,12 @@ def test_never_raises_on_any_bytes(data: bytes) -> None:
     parse_request_head(data)
 
 
-@given(st.lists(st.text(max_size=40), max_size=30), st.integers(0, 2000))
+# A NUL inside an argument makes the head UNREADABLE (tested on its own).
+ARG = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"),
+              max_size=40)
+
+
+@given(st.lists(ARG, max_size=30), st.integers(0, 2000))
 def test_round_trip_and_truncation(argv: list[str], cut: int) -> None:
     data = encode_request_head(argv)
     job = parse_request_head(data)
@@ -103,7 +108,7 @@ def test_reading_in_pieces_agrees_with_reading_at_once(data: bytes, cuts: list[i
     assert result == whole
 
 
-@given(st.lists(st.text(max_size=30), max_size=12), st.integers(1, 50))
+@given(st.lists(ARG, max_size=12), st.integers(1, 50))
 def test_real_heads_read_in_pieces(argv: list[str], step: int) -> None:
     data = encode_request_head(argv)
     reader = HeadReader()

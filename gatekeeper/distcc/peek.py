@@ -146,6 +146,11 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
                 # A departed client's head can no longer grow, nor one that
                 # fills the receive buffer (the client cannot send the rest).
                 if peer_gone(sock, keep_half_closed=False):
+                    # The last bytes may have come with the FIN, after the
+                    # look above: one more look decides, never the FIN alone.
+                    last = _peek(sock, MAX_HEADER)
+                    if last and len(last) > reader.seen:
+                        return reader.feed(last)
                     return INCOMPLETE if reader.seen else NOT_DISTCC
                 if tcp and reader.seen and _buffer_full(sock):
                     return UNREADABLE

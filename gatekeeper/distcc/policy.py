@@ -42,7 +42,14 @@ read server files named by the client
     sent source, which then #includes server files; distcc clients never send
     it: they compile ``-x`` locally);
 write server files the client names
-    ``-aux-info``, ``-dumpdir``.
+    ``-aux-info``, ``-dumpdir``, ``-dumpbase``, ``-fdump-*=``, ``-fopt-info*=``,
+    ``-fcallgraph-info=``, ``-fprofile-note=``;
+or hand the driver options unchecked
+    ``-fcompare-debug=OPTS`` (a second compile with OPTS), clang's ``-cc1``
+    (cc1 options directly: ``-load``), ``--driver-mode`` (cl mode's
+    ``/clang:`` passes options on), ``--config`` (options read from a
+    server file), and any ``--NAME`` that gcc reads as ``-fNAME`` or, for
+    ``--warn-X``, ``-WX`` (gcc.cc's option_map), checked as what it becomes.
 
 What no argv check can stop, and the unit's sandbox must: a compile reads
 what the distccd user can read (``.incbin`` in inline assembly puts a file into
@@ -69,6 +76,13 @@ _REFUSED_EXACT = frozenset({
 # Refused as prefixes of an argument (joined values, families).
 _REFUSED_PREFIX = (
     "-B", "-specs=", "-ccc-", "-gcc-toolchain=", "-isysroot",
+    # gcc: a second compile with driver options of the client's choosing
+    "-fcompare-debug=",
+    # clang: cc1 options directly, another driver (cl: /clang:, -clang:), a
+    # config file of options read on the server
+    "-cc1", "-clang:", "/clang:",
+    # writes where the client says
+    "-dumpbase", "-fprofile-note=",
     "-fplugin=", "-fplugin-arg-", "-iplugindir=", "-fpass-plugin=",
     "-fprofile-use=", "-fauto-profile=", "-fprofile-instr-use=", "-fprofile-sample-use=",
     "-fsanitize-blacklist=", "-fsanitize-ignorelist=", "-x",
@@ -81,7 +95,8 @@ _REFUSED_PREFIX = (
 _REFUSED_LONG = (
     "--prefix", "--specs", "--sysroot", "--gcc-toolchain", "--gcc-install-dir",
     "--ld-path", "--language", "--for-assembler", "--for-linker", "--dumpdir",
-    "--dumpbase", "--wrapper", "--plugin", "--include-prefix",
+    "--dumpbase", "--wrapper", "--plugin", "--include-prefix", "--driver-mode",
+    "--config", "--compare-debug",
 )
 # Options whose next argument goes to a sub-tool (cc1, LLVM, as, cpp, ld)
 # unchecked by the driver. (-Xarch_* and kin, which hand it back to the driver,
@@ -147,6 +162,15 @@ def _option_refused(arg: str) -> str | None:
         name = arg.partition("=")[0]
         if any(long.startswith(name) or name.startswith(long) for long in _REFUSED_LONG):
             return f"option {_show(arg)} is refused (it runs, loads or reads what the client names)"
+    if arg.startswith("--") and len(arg) > 2:
+        # gcc reads an unknown `--NAME` as `-fNAME` and `--warn-X` as `-WX`
+        # (gcc.cc option_map's catch-alls): check what the driver will see.
+        rest = arg[2:]
+        for alias in ("-f" + rest, "-W" + rest[5:] if rest.startswith("warn-") else ""):
+            if alias and _option_refused(alias) is not None:
+                return f"option {_show(arg)} is refused (gcc reads it as {_show(alias)})"
+    if (arg.startswith(("-fdump-", "-fopt-info", "-fcallgraph-info")) and "=" in arg):
+        return f"option {_show(arg)} is refused (it writes where the client names)"
     if arg.startswith("-fuse-ld=") and "/" in arg:
         return f"option {_show(arg)} is refused (a linker path)"
     for joined in _PASS_JOINED:
@@ -168,4 +192,9 @@ def _show(arg: str) -> str:
 
 def _subtool_refused(arg: str) -> bool:
     # `-x` too: `-Xclang -x -Xclang c` would make cc1 preprocess the sent source.
-    return arg.startswith(_SUBTOOL_REFUSED) or arg == "-x"
+    # And what makes a sub-tool write where the client says: another output
+    # (`-o`), a dependency file (`--MD`, `-MD`/`-MF` for cpp), an assembler
+    # listing (`-al=FILE`, `-ahl=FILE`...).
+    return (arg.startswith(_SUBTOOL_REFUSED) or arg in ("-x", "-o")
+            or arg.startswith(("--MD", "-MD", "-MF", "-MMD"))
+            or (arg.startswith("-a") and "=" in arg))

@@ -170,7 +170,13 @@ def _string(data: bytes, pos: int, length: int) -> tuple[str, int]:
     end = pos + length
     if len(data) < end:
         raise _Incomplete
-    return data[pos:end].decode("utf-8", "surrogateescape"), end
+    raw = data[pos:end]
+    if b"\0" in raw:
+        # distccd makes each string a C string: the program sees only what
+        # comes before a NUL, so `-wrapper\0` would be checked as one option
+        # and run as another.
+        raise _Unreadable
+    return raw.decode("utf-8", "surrogateescape"), end
 
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")

@@ -38,18 +38,24 @@ log = logging.getLogger("gatekeeper")
 # Out of fds (or kernel memory) at accept: wait this long before trying again
 # (trio's serve_listeners uses the same 100 ms).
 ACCEPT_RETRY = 0.1
-_ACCEPT_OVERLOAD = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_OVERLOAD = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # Errors accept() reports about the one connection it was taking (Linux passes
 # on errors pending on the new socket; netfilter can refuse with EPERM): skip
 # it and accept the next, as trio's own SocketListener does.
-_ACCEPT_IGNORABLE = {getattr(errno, name) for name in (
+ACCEPT_IGNORABLE = {getattr(errno, name) for name in (
     "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
     "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ETIMEDOUT", "ECONNRESET")
     if hasattr(errno, name)}
 
 # fds kept back for everything that is not a job: listeners, epoll sets,
-# logging, /proc and cgroup files, the state file, a few side-port clients.
+# logging, /proc and cgroup files, the state file (side-port clients are
+# counted on their own: SIDE_CONNECTIONS per port).
 FD_RESERVE = 64
+# Connections open at once per side port (net.sideport): the web server serves
+# 16 at a time (observe.web.MAX_CLIENTS) and lets as many wait; an agent
+# answer takes well under a millisecond, so 32 covers many HAProxies checking
+# every second. Counted in the fd plan: each is one fd.
+SIDE_CONNECTIONS = 32
 # Connections accepted beyond --max-queue + --max-jobs, so that a full queue
 # still answers (refuses with queue-full) instead of leaving the newcomer in
 # the backlog.
@@ -80,7 +86,9 @@ class FdPlan:
             per_job += 2  # our end of the socketpair, and the child's until it exits
         if relay and (not inetd or config.inetd_io is not InetdIo.DIRECT):
             per_job += 4  # a pipe (two fds) per direction
-        fixed = FD_RESERVE + (2 * SPARE_PIPES if relay else 0)
+        side_ports = (config.metrics is not None) + (config.agent is not None)
+        fixed = (FD_RESERVE + (2 * SPARE_PIPES if relay else 0)
+                 + SIDE_CONNECTIONS * side_ports)
         return cls(per_job, fixed)
 
     def needed(self, config: Config) -> int:
@@ -172,9 +180,9 @@ class Acceptor:
                 continue
             except OSError as e:
                 self._budget.release()
-                if e.errno in _ACCEPT_IGNORABLE:
+                if e.errno in ACCEPT_IGNORABLE:
                     continue  # that one connection failed (a firewall, an early reset)
-                if e.errno not in _ACCEPT_OVERLOAD:
+                if e.errno not in ACCEPT_OVERLOAD:
                     raise
                 log.error("accept: %s; retrying in %gs", os.strerror(e.errno or 0),
                           ACCEPT_RETRY)

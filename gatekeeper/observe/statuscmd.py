@@ -40,7 +40,7 @@ def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[st
         sock = socket.create_connection((address.host or "127.0.0.1", address.port),
                                         timeout=timeout)
     with sock:
-        sock.sendall(b"GET /status HTTP/1.0\r\nHost: gatekeeper\r\n\r\n")
+        sock.sendall(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
         chunks: list[bytes] = []
         size = 0
         while size <= MAX_RESPONSE:
