@@ -139,6 +139,7 @@ class Connections:
             job.speaks = speaks(head)
             if isinstance(head, DistccJob):
                 job.key, job.name = head.key, head.output
+                job.request_bytes = head.request_bytes
             if policy is not None:
                 refusal = refusal_of(policy, head)
                 if refusal is not None:

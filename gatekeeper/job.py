@@ -80,6 +80,8 @@ class Job:
     """The compile's identity for learned footprints (distcc jobs)."""
     name: str | None = None
     """The compile's output file, for logs (distcc jobs)."""
+    request_bytes: int | None = None
+    """The distcc request's whole length, when its head said (DOTI)."""
     transfer: Transfer | None = None
     pid: int | None = None
     """inetd mode: the job's child process."""
@@ -331,15 +333,46 @@ class ProxyJobs:
             job.state = State.RUNNING
         transfer = moving.transfer if moving is not None else Transfer()
         job.transfer = transfer
+        stalled: list[int] = []
         try:
-            await move_bytes(
-                stream, backend, transfer, relay=self.relay, moving=moving,
-                speaks=job.speaks, idle_timeout=self.config.idle_timeout,
-                on_complete=functools.partial(self.hand_off, backend.socket.close, ticket,
-                                              job))
+            async with trio.open_nursery() as watching:
+                if job.request_bytes is not None:
+                    watching.start_soon(watch_request, transfer, job.request_bytes,
+                                        self.config.request_idle_timeout, stalled,
+                                        watching.cancel_scope)
+                await move_bytes(
+                    stream, backend, transfer, relay=self.relay, moving=moving,
+                    speaks=job.speaks, idle_timeout=self.config.idle_timeout,
+                    on_complete=functools.partial(self.hand_off, backend.socket.close,
+                                                  ticket, job))
+                watching.cancel_scope.cancel()  # the bytes are done: stop the watch
         finally:
             backend.socket.close()
+        if stalled:
+            job.settle(Verdict(Outcome.IDLE_TIMEOUT, (
+                f"request stalled at {stalled[0]} of {job.request_bytes} bytes for "
+                f"{self.config.request_idle_timeout:g}s")))
+            return
         job.finish_moving(transfer, idle_timeout=self.config.idle_timeout)
+
+
+async def watch_request(transfer: Transfer, total: int, idle_for: float, stalled: list[int],
+                        cut: trio.CancelScope) -> None:
+    """Cut a running distcc job whose request stops arriving: a client that
+    dribbles (issue 16: 1 byte per 100 ms) or stalls mid-request holds a slot
+    with no timeout otherwise (distccd waits for the rest). distcc clients
+    write their whole request at once, so a pause of `idle_for` is a stuck or
+    hostile client. Cuts after between one and two `idle_for` of no progress;
+    ends its watch once the request is all in (then the compile may take as
+    long as it takes)."""
+    last = transfer.to_backend
+    while transfer.to_backend < total:
+        await trio.sleep(idle_for)
+        if transfer.to_backend < total and transfer.to_backend == last:
+            stalled.append(transfer.to_backend)
+            cut.cancel()  # move_bytes resets both ends as it is cancelled
+            return
+        last = transfer.to_backend
 
 
 def tcp_ends(stream: trio.SocketStream) -> tuple[tuple[str, int], tuple[str, int]] | None:

@@ -378,3 +378,51 @@ def test_a_denied_flood_writes_a_bounded_log_with_a_count() -> None:
         assert written < 60, written  # not one line per connection
         assert written + unwritten >= 300  # nothing lost from the count
         assert "Traceback" not in g.log_text
+
+
+async def _hold(stream: trio.SocketStream) -> None:
+    """A backend that reads everything and answers only at EOF (or never)."""
+    async for _ in stream:
+        pass
+
+
+@pytest.mark.parametrize("identify_policy", [None, POLICY])
+async def test_a_dribbling_request_is_cut_and_frees_its_slot(
+        autojump_clock: trio.testing.MockClock, identify_policy: ArgvPolicy | None) -> None:
+    """Issue 16: a client sending its request 1 byte per 100 ms, or stopping
+    mid-request, held a running slot with no timeout."""
+    source = b"x" * 1000
+    request = _doti(["gcc", "-c", "x.c", "-o", "x.o"], source)
+    async with backend(_hold) as be, gatekeeper(
+            config(be.address, max_jobs=1, argv_policy=identify_policy,
+                   request_idle_timeout=30.0)) as gk:
+        c = await gk.connect()
+        await c.send_all(request[:-900])  # head, DOTI and 100 bytes of source
+        begin = trio.current_time()
+        with trio.fail_after(120):
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        assert 30.0 <= trio.current_time() - begin <= 61.0
+        assert gk.server.observatory.completed["idle-timeout"] == 1
+        await c.aclose()
+        # The slot is free: the next job runs.
+        d = await gk.connect()
+        await d.send_all(request)
+        with trio.fail_after(5):
+            await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+        await d.aclose()
+
+
+async def test_a_whole_request_waits_for_a_long_compile_uncut(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The deadline ends once the request is all in: a compile may take as
+    long as it takes."""
+    source = b"int x;\n"
+    async with backend(_hold) as be, gatekeeper(
+            config(be.address, max_jobs=1, argv_policy=POLICY,
+                   request_idle_timeout=30.0)) as gk:
+        c = await gk.connect()
+        await c.send_all(_doti(["gcc", "-c", "x.c", "-o", "x.o"], source))
+        await trio.sleep(600)  # virtual: ten minutes of "compiling"
+        assert gk.server.gate.snapshot().running == 1
+        assert gk.server.observatory.completed["idle-timeout"] == 0
+        await c.aclose()

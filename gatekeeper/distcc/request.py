@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 TOKEN_LEN: Final = 12
@@ -36,6 +36,9 @@ MAX_HEADER: Final = 256 * 1024
 @dataclass(frozen=True, slots=True)
 class DistccJob:
     argv: tuple[str, ...]
+    request_bytes: int | None = field(default=None, compare=False)
+    """The whole request's length, head to the end of the source, when the
+    DOTI token (protocols 1 and 2) was in the same look as the head; else None."""
 
     @property
     def key(self) -> str:
@@ -139,7 +142,15 @@ class HeadReader:
                 raise _Unreadable
             arg, self._pos = _string(data, pos, length)
             self._argv.append(arg)
-        return DistccJob(tuple(self._argv))
+        return DistccJob(tuple(self._argv), request_bytes=self._request_bytes(data))
+
+    def _request_bytes(self, data: bytes) -> int | None:
+        """Head + DOTI token + source, if the DOTI token is already here."""
+        end = self._pos + TOKEN_LEN
+        if len(data) < end or data[self._pos:self._pos + 4] != b"DOTI":
+            return None
+        digits = data[self._pos + 4:end]
+        return end + int(digits, 16) if is_hex8(digits) else None
 
 
 def parse_request_head(data: bytes) -> DistccJob | Unparsed:
