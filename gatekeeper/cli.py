@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", choices=["splice", "copy"], default="splice",
                    help="move bytes in the kernel with splice(2) (Linux), or copy them "
                         "through a buffer (default: splice where available)")
+    p.add_argument("--clear-env", action="store_true",
+                   help="inetd mode: give COMMAND only PATH, LANG, LANGUAGE, LC_*, TZ, TMPDIR "
+                        "and DISTCC_* of gatekeeper's environment (default: all of it, "
+                        "less what a service manager passed to gatekeeper)")
     p.add_argument("--inetd-io", choices=[m.value for m in InetdIo], default="auto",
                    help="inetd mode: give COMMAND the client socket itself (direct), or a "
                         "socket gatekeeper relays (relay: distccd's compile status is read "
@@ -293,6 +297,10 @@ def parse_options(argv: Sequence[str]) -> Options:
             command = Command.resolve(command_argv)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.clear_env:
+            command = command.clearing_env(os.environ)
+    elif args.clear_env:
+        raise UsageError("--clear-env applies to inetd mode: it needs -- COMMAND")
     try:
         listen = tuple(parse_address(a, bare_port_host=None)
                        for a in (args.listen or [str(DISTCC_PORT)]))

@@ -95,7 +95,8 @@ def test_min_free_above_memory_is_valid() -> None:
     ["--backend", "0"], ["--allow", "10.0.0.1/8"], ["--allow", "banana"], ["--bogus"],
     ["--log-level", "loud"], ["--max"], ["--allow-compiler", "/usr/bin/icx"],
     ["--allow-compiler", ""], ["--identify", "none", "--allow-compiler", "icx"],
-    ["--request-idle-timeout", "0"], ["--request-idle-timeout", "nan"],
+    ["--request-idle-timeout", "0"], ["--request-idle-timeout", "nan"], ["--clear-env"],
+    ["--metrics-allow", "banana"], ["--agent-allow", "10.0.0.1/8"],
 ])
 def test_bad_flags_raise_usage_error(argv: list[str]) -> None:
     with pytest.raises(UsageError):

@@ -526,3 +526,26 @@ def test_inetd_mode_with_real_distccd(max_jobs: int, tmp_path: Path, reference: 
     else:
         assert log.max_concurrency > 2, diag
 
+
+
+@pytest.mark.parametrize("clear", [False, True])
+async def test_clear_env_gives_the_child_only_what_distccd_needs(clear: bool) -> None:
+    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+               "LC_ALL": "C", "TMPDIR": "/tmp", "DISTCC_SAVE_TEMPS": "0",
+               "GK_TEST_SECRET": "hunter2", "LD_PRELOAD": ""}
+    command = Command.resolve(["env"])
+    command = command.clearing_env(environ) if clear else command
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GK_TEST_SECRET", "hunter2")
+        async with inetd_gatekeeper(config(UNUSED_BACKEND, max_jobs=1), [],
+                                    command=command) as gk:
+            client = await gk.connect()
+            with trio.fail_after(10):
+                shown = (await receive_all(client)).decode()
+            await client.aclose()
+            await gk.wait_settled(1)
+    names = {line.partition("=")[0] for line in shown.splitlines()}
+    if clear:
+        assert names == {"PATH", "LANG", "LC_ALL", "TMPDIR", "DISTCC_SAVE_TEMPS"}
+    else:
+        assert "GK_TEST_SECRET" in names

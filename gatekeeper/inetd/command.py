@@ -43,12 +43,13 @@ business: reported, never raised.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -59,12 +60,28 @@ import trio
 KILL_GRACE = 5.0
 
 
+# `--clear-env` keeps these: the search path, the locale (compiler messages),
+# where temporary files go, and distccd's own settings (DISTCC_SAVE_TEMPS,
+# DISTCC_TCP_CORK, DISTCC_CMDLIST...). Everything else gatekeeper was started
+# with (credentials in a unit's Environment=, LD_PRELOAD...) stays out.
+KEPT_ENV = frozenset({"PATH", "LANG", "LANGUAGE", "TMPDIR", "TZ"})
+KEPT_ENV_PREFIXES = ("LC_", "DISTCC_")
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """The per-job command line, its program resolved once at start-up."""
 
     argv: tuple[str, ...]
     executable: str
+    env: tuple[tuple[str, str], ...] | None = None
+    """The child's whole environment (`--clear-env`); None: gatekeeper's own."""
+
+    def clearing_env(self, environ: Mapping[str, str]) -> Command:
+        """This command with only what a distccd needs of `environ` (`--clear-env`)."""
+        kept = tuple(sorted((k, v) for k, v in environ.items()
+                            if k in KEPT_ENV or k.startswith(KEPT_ENV_PREFIXES)))
+        return dataclasses.replace(self, env=kept)
 
     @classmethod
     def resolve(cls, argv: Sequence[str], *, path: str | None = None) -> Command:
@@ -146,7 +163,8 @@ class CommandRunner:
                 proc = await trio.lowlevel.open_process(
                     list(self.command.argv), executable=self.command.executable,
                     stdin=fd, stdout=fd, stderr=None, close_fds=True,
-                    start_new_session=True)
+                    start_new_session=True,
+                    env=dict(self.command.env) if self.command.env is not None else None)
             except OSError as e:
                 return Exit(None, None, f"cannot run {self.command.argv[0]}: "
                                         f"{e.strerror or e}")

@@ -117,14 +117,22 @@ async def open_unix_listener(path: str, mode: int = 0o666) -> trio.SocketListene
             raise OSError(errno.EADDRINUSE, f"{path} is in use by a live listener")
         finally:
             probe.close()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(LISTEN_BACKLOG)
+        # Created with its mode, under a umask, never chmod-ed after: a chmod
+        # by path follows whatever was swapped in there since (a symlink to
+        # a file of ours). Synchronous, so no other task runs under this umask.
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            raw.bind(path)
+        finally:
+            os.umask(old_umask)
+        raw.listen(LISTEN_BACKLOG)
+        sock = trio.socket.from_stdlib_socket(raw)
     except BaseException:
-        sock.close()
+        raw.close()
         raise
+    await trio.lowlevel.checkpoint()
     return trio.SocketListener(sock)
 
 
