@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -168,11 +169,9 @@ def _token(data: bytes, pos: int) -> tuple[bytes, int, int]:
         if not _plausible_prefix(part):
             raise _Unreadable
         raise _Incomplete
-    name = data[pos:pos + 4]
-    digits = data[pos + 4:pos + TOKEN_LEN]
-    if not name.isalpha() or not name.isupper() or not is_hex8(digits):
+    if _TOKEN.match(data, pos) is None:
         raise _Unreadable
-    return name, int(digits, 16), pos + TOKEN_LEN
+    return data[pos:pos + 4], int(data[pos + 4:pos + TOKEN_LEN], 16), pos + TOKEN_LEN
 
 
 def _string(data: bytes, pos: int, length: int) -> tuple[str, int]:
@@ -190,17 +189,20 @@ def _string(data: bytes, pos: int, length: int) -> tuple[str, int]:
     return raw.decode("utf-8", "surrogateescape"), end
 
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+# One regex per check instead of a loop over bytes: a 49 KB head of 4,096
+# arguments parsed in 8.7 ms with per-byte checks (issue 16's CPU burn).
+_TOKEN = re.compile(rb"[A-Z]{4}[0-9a-fA-F]{8}")
+_HEX8 = re.compile(rb"[0-9a-fA-F]{8}")
+_TOKEN_PREFIX = re.compile(rb"[A-Z]{0,4}|[A-Z]{4}[0-9a-fA-F]{0,8}")
 
 
 def is_hex8(digits: bytes) -> bool:
     """A token's number field: exactly 8 hex digits."""
-    return len(digits) == 8 and all(c in _HEX for c in digits)
+    return _HEX8.fullmatch(digits) is not None
 
 
 def _plausible_prefix(part: bytes) -> bool:
-    name, digits = part[:4], part[4:]
-    return (all(65 <= c <= 90 for c in name)) and all(c in _HEX for c in digits)
+    return _TOKEN_PREFIX.fullmatch(part) is not None
 
 
 def encode_request_head(argv: list[str], *, version: int = 1) -> bytes:
