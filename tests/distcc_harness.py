@@ -1260,3 +1260,17 @@ class NotifyReceiver:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def exchange(port: int, data: bytes, *, timeout: float = 30.0) -> bytes:
+    """Send `data` to 127.0.0.1:`port` and read until the peer closes (FIN or RST)."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        if data:
+            s.sendall(data)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got

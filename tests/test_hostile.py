@@ -27,9 +27,10 @@ from distcc_harness import (
     DistccServer,
     GatekeeperProcess,
     distcc_client_env,
+    exchange,
     missing_binaries,
 )
-from fakes import backend, config, echo, gatekeeper, receive_until_closed
+from fakes import Running, backend, config, echo, gatekeeper, receive_until_closed
 
 from gatekeeper.distcc import request as request_module
 from gatekeeper.distcc.policy import ArgvPolicy
@@ -46,18 +47,6 @@ POLICY = ArgvPolicy()
 
 def _doti(argv: list[str], source: bytes) -> bytes:
     return encode_request_head(argv) + b"DOTI%08x" % len(source) + source
-
-
-def _exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(data)
-        got = b""
-        try:
-            while chunk := s.recv(65536):
-                got += chunk
-        except ConnectionResetError:
-            pass
-        return got
 
 
 @pytest.fixture
@@ -87,20 +76,20 @@ def test_wrapper_request_runs_a_shell_without_the_policy_and_nothing_with_it(
     with DistccServer(jobs=2, hold_s=0) as d:
         with GatekeeperProcess(["--listen", "127.0.0.1:0", "--backend", d.address,
                                 "--identify", "none"]) as open_gate:
-            _exchange(open_gate.port, attack("open"))
+            exchange(open_gate.port, attack("open"))
             assert open_gate.wait_until(lambda lines: any(END.search(x) for x in lines), 30)
         # The attack is real: distccd ran the shell.
         assert (marker_dir / "open").read_text() == "ran\n"
 
         with GatekeeperProcess(["--listen", "127.0.0.1:0", "--backend", d.address]) as g:
             compiles = d.compile_log().count
-            assert _exchange(g.port, attack("gated")) == b""  # closed: compile locally
+            assert exchange(g.port, attack("gated")) == b""  # closed: compile locally
             assert g.wait_until(lambda lines: any(END.search(x) for x in lines), 30)
             line = next(x for x in g.log_lines if END.search(x))
             assert "outcome=argv-policy" in line and "-wrapper" in line, line
             assert "in=0 out=0" in line, line
             # A real compile on the same gatekeeper still runs.
-            reply = _exchange(g.port, _doti(["gcc", "-c", "ok.c", "-o", "ok.o"], source))
+            reply = exchange(g.port, _doti(["gcc", "-c", "ok.c", "-o", "ok.o"], source))
             assert reply.startswith(b"DONE") and b"STAT00000000" in reply, reply[:64]
             assert g.wait_until(lambda ls: sum(1 for x in ls if "outcome=ok" in x) == 1, 30)
             assert "Traceback" not in g.log_text
@@ -137,20 +126,26 @@ def refused(count: int) -> Callable[[Server], bool]:
                       and not s.connections.live)
 
 
+async def _refused_unanswered(gk: Running, payload: bytes) -> None:
+    """Send `payload`; the connection is closed unanswered, counted as argv-policy."""
+    c = await gk.connect()
+    await c.send_all(payload)
+    with trio.fail_after(5):
+        assert await receive_until_closed(c) == b""
+        await gk.wait_for(refused(1))
+    await c.aclose()
+    assert gk.server.observatory.rejected["argv-policy"] == 1
+
+
 # In-process: the head reader under hostile timing. The policy is on here
 # (fakes.config turns it off for the tests that send made-up bytes).
 
 async def test_refused_job_is_counted_and_never_reaches_the_backend() -> None:
     async with backend(echo) as be, gatekeeper(
             config(be.address, argv_policy=POLICY)) as gk:
-        c = await gk.connect()
-        await c.send_all(_doti(["gcc", "-fplugin=/tmp/x.so", "-c", "x.c"], b"int x;\n"))
-        with trio.fail_after(5):
-            assert await receive_until_closed(c) == b""
-            await gk.wait_for(refused(1))
-        await c.aclose()
+        await _refused_unanswered(gk, _doti(["gcc", "-fplugin=/tmp/x.so", "-c", "x.c"],
+                                            b"int x;\n"))
         assert be.connections == 0
-        assert gk.server.observatory.rejected["argv-policy"] == 1
         text = gk.server.observatory.exposition().decode()
         assert 'gatekeeper_rejected_total{reason="argv-policy"} 1' in text
 
@@ -246,14 +241,8 @@ async def test_a_client_that_leaves_mid_head_is_let_go_at_once() -> None:
 ], ids=["argc", "huge-arg", "lax-digits", "gssapi"])
 async def test_what_gatekeeper_cannot_read_is_refused_not_waved_through(payload: bytes) -> None:
     async with backend(echo) as be, gatekeeper(config(be.address, argv_policy=POLICY)) as gk:
-        c = await gk.connect()
-        await c.send_all(payload)
-        with trio.fail_after(5):
-            assert await receive_until_closed(c) == b""
-            await gk.wait_for(refused(1))
-        await c.aclose()
+        await _refused_unanswered(gk, payload)
         assert be.connections == 0
-        assert gk.server.observatory.rejected["argv-policy"] == 1
 
 
 async def test_bytes_that_are_not_distcc_still_pass_with_the_policy_on() -> None:
@@ -305,7 +294,7 @@ def test_a_poisoned_state_file_neither_crashes_nor_hangs_nor_holds(
              "--state-dir", str(state), "--min-free-mb", "0"], startup_timeout=10) as g:
         # Served at once: no crash at the first estimate, no job held by an
         # absurd learned peak.
-        assert _exchange(g.port, b"ping") == b"gnip"
+        assert exchange(g.port, b"ping") == b"gnip"
         assert g.wait_until(lambda ls: any("outcome=ok" in x for x in ls), 10), g.log_text
         assert g.is_running()
         assert "Traceback" not in g.log_text
@@ -348,7 +337,7 @@ def test_an_output_name_cannot_forge_log_lines() -> None:
     source = b"int f(void) { return 1; }\n"
     with DistccServer(jobs=2, hold_s=0) as d, GatekeeperProcess(
             ["--listen", "127.0.0.1:0", "--backend", d.address]) as g:
-        _exchange(g.port, _doti(["gcc", "-c", "x.c", "-o", forged], source))
+        exchange(g.port, _doti(["gcc", "-c", "x.c", "-o", forged], source))
         assert g.wait_until(lambda lines: any(END.search(x) for x in lines), 30), g.log_text
         ends = [x for x in g.log_lines if "end peer=" in x]
         assert len(ends) == 1, g.log_text

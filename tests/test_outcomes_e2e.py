@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from distcc_harness import DistccServer, GatekeeperProcess, missing_binaries
+from distcc_harness import DistccServer, GatekeeperProcess, exchange, missing_binaries
 
 from gatekeeper.distcc.request import encode_request_head
 
@@ -42,19 +42,6 @@ def one_more_end(g: GatekeeperProcess, before: int) -> str:
     return ends(g)[before]
 
 
-def send_and_read(g: GatekeeperProcess, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", g.port), timeout=30) as s:
-        if data:
-            s.sendall(data)
-        got = b""
-        try:
-            while chunk := s.recv(65536):
-                got += chunk
-        except ConnectionResetError:
-            pass
-        return got
-
-
 def test_connect_then_close_is_client_gone(gk: tuple[DistccServer, GatekeeperProcess]) -> None:
     _, g = gk
     before = len(ends(g))
@@ -71,7 +58,7 @@ def test_bytes_that_are_not_distcc_are_the_clients_error(
         gk: tuple[DistccServer, GatekeeperProcess], payload: bytes) -> None:
     _, g = gk
     before = len(ends(g))
-    assert send_and_read(g, payload) == b""
+    assert exchange(g.port, payload) == b""
     line = one_more_end(g, before)
     assert "outcome=client-error" in line and "not a distcc request" in line, line
 
