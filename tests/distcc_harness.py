@@ -512,6 +512,11 @@ class _Daemon:
         return f"{LOOPBACK}:{self.port}"
 
     @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
+    @property
     def log_lines(self) -> list[str]:
         return self._output.lines if self._output else []
 

@@ -17,9 +17,10 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 import trio.testing
@@ -415,3 +416,47 @@ async def test_a_whole_request_waits_for_a_long_compile_uncut(
         assert gk.server.gate.snapshot().running == 1
         assert gk.server.observatory.completed["idle-timeout"] == 0
         await c.aclose()
+
+
+@needs_distcc
+@pytest.mark.e2e
+def test_after_every_attack_real_jobs_run_and_rss_and_fds_are_back() -> None:
+    """The attacks above in one run against one real gatekeeper and distccd:
+    legitimate compiles before and after succeed, nothing is left held, the
+    fd count returns to its baseline and RSS stays within a few MiB."""
+    source = b"int f(void) { return 1; }\n"
+    good = _doti(["gcc", "-O2", "-c", "ok.c", "-o", "ok.o"], source)
+    argv = ["gcc", *(f"-DN{i}" for i in range(4095))]
+    attacks = [
+        _doti(["gcc", "-wrapper", "/bin/sh,-c,id", "-c", "x.c", "-o", "x.o"], source),
+        _doti(["gcc", "-c", "x.c", "-o", "x.o\ngatekeeper: INFO: forged"], source),
+        b"DIST   +0x1ARGC00000001ARGV00000003gcc",
+        b"*\x00\x00\x00\x10GSSAPI",
+        encode_request_head(argv)[:49_000],        # never completes; the client leaves
+        b"GET / HTTP/1.0\r\n\r\n",
+    ]
+    with DistccServer(jobs=2, hold_s=0) as d, GatekeeperProcess(
+            ["--listen", "127.0.0.1:0", "--backend", d.address]) as g:
+        proc = psutil.Process(g.pid)
+
+        assert exchange(g.port, good).startswith(b"DONE")
+        assert g.wait_until(lambda ls: ends_in(ls) == 1, 30)
+        fds, rss = proc.num_fds(), proc.memory_info().rss
+        for _round in range(20):
+            for payload in attacks:
+                with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+                    s.sendall(payload)
+        assert g.wait_until(lambda ls: ends_in(ls) == 1 + 20 * len(attacks), 30), g.log_text
+        assert exchange(g.port, good).startswith(b"DONE")
+        assert g.wait_until(lambda ls: ends_in(ls) == 2 + 20 * len(attacks), 30)
+        assert proc.num_fds() == fds
+        grown = (proc.memory_info().rss - rss) / 2**20
+        print(f"after {20 * len(attacks)} hostile connections: RSS {grown:+.1f} MiB, "
+              f"fds {proc.num_fds() - fds:+d}")
+        assert grown < 8
+        assert g.is_running() and "Traceback" not in g.log_text
+        assert sum(1 for x in g.log_lines if "outcome=ok" in x) == 2
+
+
+def ends_in(lines: Sequence[str]) -> int:
+    return sum(1 for x in lines if "end peer=" in x)
