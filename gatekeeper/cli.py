@@ -495,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"gatekeeper: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # Until the signal receiver is up (and after it is gone), these would kill
+    # the server silently by default: ignore them instead.
+    for quiet in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+        signal.signal(quiet, signal.SIG_IGN)
     config = options.config
     setup_logging(config.log_level, options.log_format)
     # Read (and unset, so inetd-mode children never see them) what a service

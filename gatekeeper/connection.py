@@ -82,7 +82,8 @@ class Connections:
         self.book = book
         self.oom = oom
         self.on_end = on_end
-        self.denied_lines = LogBudget()
+        self.repeatable_lines = {Outcome.DENIED: LogBudget(), Outcome.ARGV_POLICY: LogBudget()}
+        """End lines any peer can cause at will, each kind rate-limited."""
         self.live: dict[int, Job] = {}
         """Live connections (by id), so /status can name the peers queued."""
 
@@ -115,14 +116,16 @@ class Connections:
             stream.socket.close()  # no checkpoint: nothing after it to lose
 
     def _log_end(self, job: Job) -> None:
-        if job.outcome is Outcome.DENIED:  # a peer can repeat these at will
-            unwritten = self.denied_lines.admit(trio.current_time())
+        budget = self.repeatable_lines.get(job.outcome) if job.outcome else None
+        if budget is not None:  # a peer can repeat these at will
+            unwritten = budget.admit(trio.current_time())
             if unwritten is None:
                 return
             if unwritten:
-                log.info("%d denied connections were not logged (more than %d a second; "
+                assert job.outcome is not None
+                log.info("%d %s connections were not logged (more than %d a second; "
                          "gatekeeper_rejected_total counts them all)", unwritten,
-                         self.denied_lines.burst)
+                         job.outcome.value, budget.burst)
         log.info("%s", job.line(), extra={"fields": job.fields()})
 
     async def _handle(self, stream: trio.SocketStream, host: str | None, job: Job) -> None:
@@ -143,9 +146,8 @@ class Connections:
             if policy is not None:
                 refusal = refusal_of(policy, head)
                 if refusal is not None:
+                    # (Its end line says why, rate-limited like a denied peer's.)
                     job.outcome, job.detail = Outcome.ARGV_POLICY, refusal
-                    log.warning("refused %s from %s: %s", printable(job.name or "a job"),
-                                job.peer, refusal)
                     return
         job.estimate = self.book.estimate(job.key)
         key = self.config.fair_by.key(host)

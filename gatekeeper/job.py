@@ -44,11 +44,17 @@ from gatekeeper.net.addresses import connect, connected_now, finish_connect, sta
 from gatekeeper.net.copy import Transfer, abort
 from gatekeeper.net.datapath import move_bytes, open_on_relay
 from gatekeeper.net.relay import Relay, RelayJob
+from gatekeeper.net.sockqueue import send_queue
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.units import format_mib
 from gatekeeper.outcome import Exited, Outcome, Verdict, classify
 
 log = logging.getLogger("gatekeeper")
+
+# The slowest a running job's request may arrive, overall, before it is cut
+# (on top of --request-idle-timeout): 64 KiB/s is a 512 kbit/s link, far below
+# any build farm's, and a 10 MB preprocessed source still has 160 s.
+MIN_REQUEST_RATE = 64 * 1024
 
 # A reason can quote the client (the argv policy names the refused option);
 # repr() escapes it, and this bounds it.
@@ -333,13 +339,13 @@ class ProxyJobs:
             job.state = State.RUNNING
         transfer = moving.transfer if moving is not None else Transfer()
         job.transfer = transfer
-        stalled: list[int] = []
+        stalled: list[str] = []
         try:
             async with trio.open_nursery() as watching:
                 if job.request_bytes is not None:
                     watching.start_soon(watch_request, transfer, job.request_bytes,
-                                        self.config.request_idle_timeout, stalled,
-                                        watching.cancel_scope)
+                                        self.config.request_idle_timeout, backend.socket,
+                                        stalled, watching.cancel_scope)
                 await move_bytes(
                     stream, backend, transfer, relay=self.relay, moving=moving,
                     speaks=job.speaks, idle_timeout=self.config.idle_timeout,
@@ -349,30 +355,53 @@ class ProxyJobs:
         finally:
             backend.socket.close()
         if stalled:
-            job.settle(Verdict(Outcome.IDLE_TIMEOUT, (
-                f"request stalled at {stalled[0]} of {job.request_bytes} bytes for "
-                f"{self.config.request_idle_timeout:g}s")))
+            job.settle(Verdict(Outcome.IDLE_TIMEOUT, stalled[0]))
             return
         job.finish_moving(transfer, idle_timeout=self.config.idle_timeout)
 
 
-async def watch_request(transfer: Transfer, total: int, idle_for: float, stalled: list[int],
-                        cut: trio.CancelScope) -> None:
-    """Cut a running distcc job whose request stops arriving: a client that
-    dribbles (issue 16: 1 byte per 100 ms) or stalls mid-request holds a slot
-    with no timeout otherwise (distccd waits for the rest). distcc clients
-    write their whole request at once, so a pause of `idle_for` is a stuck or
-    hostile client. Cuts after between one and two `idle_for` of no progress;
-    ends its watch once the request is all in (then the compile may take as
-    long as it takes)."""
-    last = transfer.to_backend
-    while transfer.to_backend < total:
-        await trio.sleep(idle_for)
-        if transfer.to_backend < total and transfer.to_backend == last:
-            stalled.append(transfer.to_backend)
+async def watch_request(transfer: Transfer, total: int, idle_for: float,
+                        backend: socket.socket | trio.socket.SocketType,
+                        stalled: list[str], cut: trio.CancelScope) -> None:
+    """Cut a running distcc job whose request stops arriving or dribbles: such
+    a client holds a slot with no timeout otherwise (distccd waits for the
+    rest). distcc clients write their whole request at once, so `idle_for`
+    without progress, or a request slower than MIN_REQUEST_RATE overall
+    (issue 16: 1 byte per 100 ms), is a stuck or hostile client. The client is
+    only blamed while nothing it sent is waiting on the backend (our send
+    queue to the backend is empty): a
+    distccd that is slow to read (its --jobs lower than ours, a shared box) is
+    not the client's doing. The watch ends once the request is all in or
+    distccd has answered; the compile may then take as long as it takes."""
+    begin = trio.current_time()
+    deadline = begin + idle_for + total / MIN_REQUEST_RATE
+    last, last_change = transfer.to_backend, begin
+    while transfer.to_backend < total and transfer.to_client == 0:
+        await trio.sleep(min(idle_for, max(0.0, deadline - trio.current_time())) or idle_for)
+        now = trio.current_time()
+        if transfer.to_backend >= total or transfer.to_client > 0:
+            return
+        try:
+            # Bytes the backend has not taken: it is slow, not the client. (While
+            # the backend takes nothing, our send queue to it stays full: the
+            # relay's pipe only drains into it.)
+            backend_slow = send_queue(backend.fileno()) > 0
+        except OSError:
+            return  # a socket is gone: the job is ending on its own
+        if transfer.to_backend != last or backend_slow:
+            if backend_slow:
+                deadline += now - last_change  # the backend's time, not the client's
+            last, last_change = transfer.to_backend, now
+        elif now - last_change >= idle_for:
+            stalled.append(f"request stalled at {transfer.to_backend} of {total} bytes "
+                           f"for {idle_for:g}s")
             cut.cancel()  # move_bytes resets both ends as it is cancelled
             return
-        last = transfer.to_backend
+        if now >= deadline:
+            stalled.append(f"request too slow: {transfer.to_backend} of {total} bytes in "
+                           f"{now - begin:.0f}s (under {MIN_REQUEST_RATE // 1024} KiB/s)")
+            cut.cancel()
+            return
 
 
 def tcp_ends(stream: trio.SocketStream) -> tuple[tuple[str, int], tuple[str, int]] | None:

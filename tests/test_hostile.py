@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from fakes import Running, backend, config, echo, gatekeeper, receive_until_clos
 from gatekeeper.distcc import request as request_module
 from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.distcc.request import encode_request_head
+from gatekeeper.net.relay import SPARE_PIPES
 from gatekeeper.server import Server
 
 MISSING = missing_binaries()
@@ -402,6 +404,52 @@ async def test_a_dribbling_request_is_cut_and_frees_its_slot(
         await d.aclose()
 
 
+async def test_a_request_dribbled_a_byte_at_a_time_is_cut(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Never idle for the whole timeout, but far too slow: cut by the overall
+    request deadline (--request-idle-timeout + size / 64 KiB/s)."""
+    request = _doti(["gcc", "-c", "x.c", "-o", "x.o"], b"x" * 1000)
+    async with backend(_hold) as be, gatekeeper(
+            config(be.address, max_jobs=1, request_idle_timeout=30.0)) as gk:
+        c = await gk.connect()
+        await c.send_all(request[:-900])
+        begin = trio.current_time()
+        with contextlib.suppress(trio.BrokenResourceError):
+            for byte in request[-900:-1]:
+                if gk.server.gate.snapshot().finished_total:
+                    break
+                await c.send_all(bytes([byte]))
+                await trio.sleep(5)  # virtual: one byte every 5 s, never 30 s idle
+        with trio.fail_after(120):
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        assert trio.current_time() - begin <= 70.0
+        assert gk.server.observatory.completed["idle-timeout"] == 1
+        await c.aclose()
+
+
+async def test_a_backend_slow_to_read_is_not_blamed_on_the_client(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """distccd busy (its --jobs lower than ours): the client sent everything,
+    the bytes wait on the backend. The request deadline must not cut that."""
+    async def slow_reader(stream: trio.SocketStream) -> None:
+        await trio.sleep(120)  # virtual: busy for two minutes, then reads
+        await _hold(stream)
+
+    request = _doti(["gcc", "-c", "x.c", "-o", "x.o"], b"x" * (16 * 2**20))
+    async with backend(slow_reader) as be, gatekeeper(
+            config(be.address, max_jobs=1, request_idle_timeout=30.0)) as gk:
+        c = await gk.connect()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.send_all, request)
+            with trio.fail_after(600):
+                await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
+                await trio.sleep(300)  # virtual: well past the backend's two minutes
+            assert gk.server.observatory.completed["idle-timeout"] == 0
+            assert gk.server.gate.snapshot().running == 1
+            nursery.cancel_scope.cancel()
+        await c.aclose()
+
+
 async def test_a_whole_request_waits_for_a_long_compile_uncut(
         autojump_clock: trio.testing.MockClock) -> None:
     """The deadline ends once the request is all in: a compile may take as
@@ -446,10 +494,17 @@ def test_after_every_attack_real_jobs_run_and_rss_and_fds_are_back() -> None:
             for payload in attacks:
                 with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
                     s.sendall(payload)
-        assert g.wait_until(lambda ls: ends_in(ls) == 1 + 20 * len(attacks), 30), g.log_text
         assert exchange(g.port, good).startswith(b"DONE")
-        assert g.wait_until(lambda ls: ends_in(ls) == 2 + 20 * len(attacks), 30)
-        assert proc.num_fds() == fds
+        assert g.wait_until(lambda ls: sum(1 for x in ls if "outcome=ok" in x) == 2, 30)
+        # (End lines of refused heads are rate-limited, so they cannot be
+        # counted to know all 120 are done: the fd count returning is the sign.)
+        # The relay keeps up to SPARE_PIPES empty pipes for the next jobs: a
+        # bounded cache, not a leak.
+        for _ in range(100):  # bounded: 10 s
+            if proc.num_fds() <= fds + 2 * SPARE_PIPES:
+                break
+            time.sleep(0.1)
+        assert proc.num_fds() <= fds + 2 * SPARE_PIPES
         grown = (proc.memory_info().rss - rss) / 2**20
         print(f"after {20 * len(attacks)} hostile connections: RSS {grown:+.1f} MiB, "
               f"fds {proc.num_fds() - fds:+d}")

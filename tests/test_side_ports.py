@@ -109,7 +109,8 @@ async def test_status_refuses_a_rebound_host_name() -> None:
 
 @pytest.mark.parametrize(("host", "allowed"), [
     (None, True), ("127.0.0.1", True), ("127.0.0.1:3634", True), ("[::1]:3634", True),
-    ("10.1.2.3", True), ("localhost", True), ("LOCALHOST:3634", True), ("buildbox", True),
+    ("10.1.2.3", True), ("localhost", True), ("localhost.", True), ("LOCALHOST:3634", True),
+    ("buildbox", True),
     ("evil.example", False), ("127.0.0.1.nip.io", False), ("localhost.evil", False),
     ("", False), ("[::1", False),
 ])

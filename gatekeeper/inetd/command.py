@@ -60,12 +60,13 @@ import trio
 KILL_GRACE = 5.0
 
 
-# `--clear-env` keeps these: the search path, the locale (compiler messages),
-# where temporary files go, and distccd's own settings (DISTCC_SAVE_TEMPS,
-# DISTCC_TCP_CORK, DISTCC_CMDLIST...). Everything else gatekeeper was started
+# `--clear-env` keeps these: the search path, HOME (ccache finds its cache
+# there), the locale (compiler messages), where temporary files go, and
+# distccd's and ccache's own settings (DISTCC_SAVE_TEMPS, DISTCC_CMDLIST,
+# CCACHE_DIR...). Everything else gatekeeper was started
 # with (credentials in a unit's Environment=, LD_PRELOAD...) stays out.
-KEPT_ENV = frozenset({"PATH", "LANG", "LANGUAGE", "TMPDIR", "TZ"})
-KEPT_ENV_PREFIXES = ("LC_", "DISTCC_")
+KEPT_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "TZ"})
+KEPT_ENV_PREFIXES = ("LC_", "DISTCC_", "CCACHE_")
 
 
 @dataclass(frozen=True, slots=True)

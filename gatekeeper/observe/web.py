@@ -111,6 +111,7 @@ def host_allowed(host: str | None, names: frozenset[str]) -> bool:
             return False
     elif name.count(":") == 1:
         name = name.partition(":")[0]
+    name = name.rstrip(".")  # "localhost." is localhost
     try:
         ipaddress.ip_address(name)
         return True
