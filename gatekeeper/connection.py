@@ -138,7 +138,8 @@ class Connections:
             # the policy refuses never takes a place.
             policy = self.config.argv_policy
             head = await identify(stream.socket, IDENTIFY_GRACE if policy is None
-                                  else self.config.request_idle_timeout)
+                                  else self.config.request_idle_timeout,
+                                  want_doti=policy is not None)
             job.speaks = speaks(head)
             if isinstance(head, DistccJob):
                 job.key, job.name = head.key, head.output

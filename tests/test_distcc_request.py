@@ -124,3 +124,18 @@ def test_what_starts_with_dist_is_never_waved_through(tail: bytes) -> None:
     (it checks the first four bytes are DIST) is never NOT_DISTCC."""
     assert parse_request_head(b"DIST" + tail) is not NOT_DISTCC
     assert parse_request_head(b"*" + tail) is UNREADABLE
+
+
+def test_with_want_doti_the_head_ends_at_the_doti_token() -> None:
+    """Under the argv policy the request's length must be known (its deadline
+    needs it): protocols 1 and 2 wait for the DOTI token, refuse anything else."""
+    head = encode_request_head(ARGV)
+    for cut in range(len(head), len(head) + 12):
+        data = (head + b"DOTI00000010")[:cut]
+        assert HeadReader(want_doti=True).feed(data) is INCOMPLETE, cut
+    job = HeadReader(want_doti=True).feed(head + b"DOTI00000010")
+    assert isinstance(job, DistccJob) and job.request_bytes == len(head) + 12 + 16
+    assert HeadReader(want_doti=True).feed(head + b"NFIL00000001") is UNREADABLE
+    assert HeadReader(want_doti=True).feed(head + b"DOTI 0000010") is UNREADABLE
+    # Without it (the policy off), the head ends at the last argument, as before.
+    assert isinstance(HeadReader().feed(head), DistccJob)

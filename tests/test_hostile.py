@@ -404,6 +404,26 @@ async def test_a_dribbling_request_is_cut_and_frees_its_slot(
         await d.aclose()
 
 
+async def test_a_doti_token_sent_late_does_not_escape_the_request_deadline(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Found by review: a head whose DOTI token came in a later segment had no
+    known length, so the job was never watched. Under the policy the head
+    now ends at the DOTI token."""
+    request = _doti(["gcc", "-c", "x.c", "-o", "x.o"], b"x" * 1000)
+    head_end = request.index(b"DOTI")
+    async with backend(_hold) as be, gatekeeper(
+            config(be.address, max_jobs=1, argv_policy=POLICY,
+                   request_idle_timeout=30.0)) as gk:
+        c = await gk.connect()
+        await c.send_all(request[:head_end])
+        await trio.testing.wait_all_tasks_blocked()
+        await c.send_all(request[head_end:-900])  # DOTI and 100 bytes, then silence
+        with trio.fail_after(120):
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+        assert gk.server.observatory.completed["idle-timeout"] == 1
+        await c.aclose()
+
+
 async def test_a_request_dribbled_a_byte_at_a_time_is_cut(
         autojump_clock: trio.testing.MockClock) -> None:
     """Never idle for the whole timeout, but far too slow: cut by the overall

@@ -144,7 +144,8 @@ def test_sigterm_with_one_running_and_three_queued(notify: NotifyReceiver) -> No
         queued = []
         for _ in range(3):
             q = socket.create_connection(("127.0.0.1", port))
-            q.sendall(encode_request_head(["gcc", "-c", "x.c", "-o", "x.o"]))
+            q.sendall(encode_request_head(["gcc", "-c", "x.c", "-o", "x.o"])
+                      + b"DOTI00000000")
             queued.append(q)
         notify.wait_for(lambda m: "1/1 running, 3 queued" in m.fields.get("STATUS", ""))
 

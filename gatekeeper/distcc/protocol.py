@@ -59,13 +59,13 @@ def speaks(head: DistccJob | Unparsed) -> Speaks:
     return OPAQUE if head is INCOMPLETE else NOT_DISTCC_BYTES
 
 
-async def identify(sock: trio.socket.SocketType, patience: float = IDENTIFY_GRACE,
-                   ) -> DistccJob | Unparsed:
+async def identify(sock: trio.socket.SocketType, patience: float = IDENTIFY_GRACE, *,
+                   want_doti: bool = False) -> DistccJob | Unparsed:
     """Read the job's request head without consuming it: at once if it is there
     (the usual case), else within `patience` seconds. INCOMPLETE if it did not
     come in time (or the client left mid-head), NOT_DISTCC for other bytes or
     a client that closed, UNREADABLE for a head gatekeeper cannot read."""
-    reader = HeadReader()
+    reader = HeadReader(want_doti=want_doti)
     head = peek_distcc_job_now(sock, reader)
     if head is not INCOMPLETE:
         return head

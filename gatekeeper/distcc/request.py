@@ -94,12 +94,18 @@ class HeadReader:
     once in all, not once per look (issue 16: a 49 KB head re-parsed every 5 ms
     cost 128 ms of CPU per connection)."""
 
-    __slots__ = ("_argc", "_argv", "_pos", "_stage", "seen")
+    __slots__ = ("_argc", "_argv", "_pos", "_stage", "_version", "seen", "want_doti")
 
     # What the next token is: the version, CDIR-or-ARGC, or the ARGVs.
     _DIST, _COUNT, _ARGS = 0, 1, 2
 
-    def __init__(self) -> None:
+    def __init__(self, *, want_doti: bool = False) -> None:
+        self.want_doti = want_doti
+        """Protocols 1 and 2: the head is complete only with the DOTI token
+        after the arguments, so the request's length is known (the argv
+        policy's request deadline needs it; a client must not be able to
+        escape it by sending the token later)."""
+        self._version = 0
         self._stage = self._DIST
         self._pos = 0
         self._argc = 0
@@ -128,7 +134,7 @@ class HeadReader:
             name, version, pos = _token(data, 0)
             if name != b"DIST" or not 1 <= version <= 3:
                 raise _Unreadable
-            self._stage, self._pos = self._COUNT, pos
+            self._stage, self._pos, self._version = self._COUNT, pos, version
         if self._stage == self._COUNT:
             name, value, pos = _token(data, self._pos)
             if name == b"CDIR":  # protocol 3 (pump mode) sends the working directory first
@@ -143,7 +149,12 @@ class HeadReader:
                 raise _Unreadable
             arg, self._pos = _string(data, pos, length)
             self._argv.append(arg)
-        return DistccJob(tuple(self._argv), request_bytes=self._request_bytes(data))
+        request_bytes = self._request_bytes(data)
+        if request_bytes is None and self.want_doti and self._version in (1, 2):
+            # Raises _Incomplete until the token is in, _Unreadable if something else is.
+            _token(data, self._pos)
+            raise _Unreadable
+        return DistccJob(tuple(self._argv), request_bytes=request_bytes)
 
     def _request_bytes(self, data: bytes) -> int | None:
         """Head + DOTI token + source, if the DOTI token is already here."""
