@@ -549,3 +549,24 @@ async def test_clear_env_gives_the_child_only_what_distccd_needs(clear: bool) ->
         assert names == {"PATH", "LANG", "LC_ALL", "TMPDIR", "DISTCC_SAVE_TEMPS"}
     else:
         assert "GK_TEST_SECRET" in names
+
+
+async def test_relayed_inetd_job_whose_request_stalls_is_cut(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The request deadline holds in relayed inetd mode too: the child is
+    told its client hung up, the slot comes back."""
+    source = b"x" * 1000
+    request = (encode_request_head(["gcc", "-c", "x.c", "-o", "x.o"])
+               + b"DOTI%08x" % len(source) + source)
+    async with inetd_gatekeeper(
+            config(UNUSED_BACKEND, max_jobs=1, inetd_io=InetdIo.RELAY,
+                   request_idle_timeout=30.0),
+            ["sh", "-c", "cat > /dev/null"]) as gk:
+        client = await gk.connect()
+        await client.send_all(request[:-900])  # and then nothing more
+        with trio.fail_after(600):
+            await gk.wait_for(lambda s: s.gate.snapshot().finished_total == 1)
+            await gk.wait_for(lambda s: not s.connections.live)
+        assert gk.server.observatory.completed["idle-timeout"] == 1
+        assert runner_of(gk).children == {}
+        await client.aclose()

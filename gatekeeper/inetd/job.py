@@ -21,7 +21,7 @@ from gatekeeper.config import Config, InetdIo
 from gatekeeper.distcc.inetd_wake import Waker, hang_up, oob_available
 from gatekeeper.gate import Ticket
 from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
-from gatekeeper.job import Job, ProxyStart, State
+from gatekeeper.job import Job, ProxyStart, State, watch_request
 from gatekeeper.net.copy import Transfer
 from gatekeeper.net.datapath import move_bytes
 from gatekeeper.net.relay import Relay
@@ -140,12 +140,21 @@ class InetdJobs:
         theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
         backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         transfer = job.transfer = Transfer()
+        stalled: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
                 async def relay() -> None:
-                    await move_bytes(stream, backend, transfer, relay=self.relay,
-                                     speaks=job.speaks, idle_timeout=self.config.idle_timeout)
-                    if transfer.failed is not None or transfer.idle:
+                    async with trio.open_nursery() as watching:
+                        if job.request_bytes is not None:  # as for a proxied job
+                            watching.start_soon(
+                                watch_request, transfer, job.request_bytes,
+                                self.config.request_idle_timeout, ours, stalled,
+                                watching.cancel_scope)
+                        await move_bytes(stream, backend, transfer, relay=self.relay,
+                                         speaks=job.speaks,
+                                         idle_timeout=self.config.idle_timeout)
+                        watching.cancel_scope.cancel()
+                    if transfer.failed is not None or transfer.idle or stalled:
                         with contextlib.suppress(OSError):  # the child: its client is gone
                             ours.shutdown(socket.SHUT_RDWR)
 
@@ -162,6 +171,9 @@ class InetdJobs:
                     # never started: the client falls back
                     job.settle(Verdict(Outcome.COMMAND_ERROR, result.describe()))
                     return
+            if stalled:
+                job.settle(Verdict(Outcome.IDLE_TIMEOUT, stalled[0]))
+                return
             job.finish_moving(transfer, idle_timeout=self.config.idle_timeout,
                               exited=_exited(result))
         finally:
