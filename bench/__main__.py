@@ -21,6 +21,7 @@ BENCHES = {
     "small_jobs": "short connections from 16 clients: conn/s and added latency",
     "handoff": "with -j 1 binding: a job's end to the next job's first byte at the backend",
     "held": "10,000 queued clients: RSS, kernel TCP memory, idle CPU, FIFO release",
+    "hostile": "issue 16's CPU-burn attack: gatekeeper CPU and legitimate jobs' latency",
 }
 # 10,000 x 256 KiB held needs ~2.6 GiB of kernel TCP memory, more than a default
 # tcp_mem allows on a 24 GiB box: raised for that run only (and put back).
