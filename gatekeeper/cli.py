@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "maxconn); a bare PORT means every interface (default: off)")
     p.add_argument("--metrics-allow", action="append", metavar="CIDR",
                    help="who may connect to --metrics (repeatable; default: loopback only)")
+    p.add_argument("--metrics-host", action="append", metavar="NAME",
+                   help="also answer /status and / to a Host header of NAME (repeatable; IP "
+                        "literals, localhost and this machine's host name always work)")
     p.add_argument("--agent-allow", action="append", metavar="CIDR",
                    help="who may connect to --agent (repeatable; default: as --allow)")
     p.add_argument("--log-level", default="info",
@@ -364,6 +367,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         metrics=metrics,
         agent=agent,
         metrics_allow=metrics_allow,
+        metrics_hosts=tuple(args.metrics_host or ()),
         agent_allow=agent_allow,
         fair_by=fair_by,
         zero_copy=args.data_path == "splice",

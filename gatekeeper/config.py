@@ -122,6 +122,9 @@ class Config:
     """Serve /metrics, /status and / over HTTP here (None: off)."""
     agent: Address | None = None
     """Answer HAProxy agent-checks here (None: off)."""
+    metrics_hosts: tuple[str, ...] = ()
+    """Host names, besides IP literals and this machine's own, that /status and
+    / answer to (`--metrics-host`: the box's FQDN, a DNS alias)."""
     metrics_allow: AllowList = LOOPBACK_ONLY
     """Who may connect to the metrics port (its /status names clients)."""
     agent_allow: AllowList | None = None

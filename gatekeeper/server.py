@@ -117,8 +117,9 @@ class Server:
         async with trio.open_nursery() as root:
             root.start_soon(self.gate.run)
             if web:
-                web_port = SidePort("metrics", StatusWeb(self.observatory, page=page).handle,
-                                    self.config.metrics_allow)
+                pages = StatusWeb(self.observatory, page=page,
+                                  host_names=self.config.metrics_hosts)
+                web_port = SidePort("metrics", pages.handle, self.config.metrics_allow)
                 for listener in web:
                     root.start_soon(web_port.serve, listener)
             if agent:

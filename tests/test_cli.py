@@ -80,6 +80,8 @@ def test_argv_policy_flags() -> None:
     assert cfg.argv_policy is not None
     assert cfg.argv_policy.check(["icx", "-c", "x.c"]) is None
     assert cfg.request_idle_timeout == 5.0
+    assert parse_config(["--metrics-host", "b1.example", "--metrics-host", "b1"]).metrics_hosts \
+        == ("b1.example", "b1")
     # Nothing is read with --identify none, so nothing can be checked: the README says so.
     assert parse_config(["--identify", "none"]).argv_policy is None
 

@@ -118,6 +118,16 @@ def test_host_allowed(host: str | None, allowed: bool) -> None:
     assert host_allowed(host, NAMES) is allowed
 
 
+async def test_metrics_host_names_an_extra_host() -> None:
+    """The box's FQDN when gethostname() is short: named with --metrics-host."""
+    async with backend(echo) as be, gatekeeper(config(
+            be.address, metrics=LOOPBACK, metrics_hosts=("build1.corp.example",))) as gk:
+        address = gk.server.metrics_addresses[0]
+        with trio.fail_after(10):
+            assert await _get(address, "/status", "build1.corp.example:3634") == 200
+            assert await _get(address, "/status", "build1.evil.example") == 403
+
+
 def test_side_ports_are_inside_the_fd_budget() -> None:
     plain = FdPlan.of(config(LOOPBACK), inetd=False)
     both = FdPlan.of(config(LOOPBACK, metrics=LOOPBACK, agent=LOOPBACK), inetd=False)

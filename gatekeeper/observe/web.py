@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -140,11 +140,12 @@ class StatusWeb:
     """Routes: /metrics (Prometheus), /status (JSON), / (HTML page, if any)."""
 
     def __init__(self, observatory: Observatory, *,
-                 page: Callable[[], bytes] | None = None) -> None:
+                 page: Callable[[], bytes] | None = None,
+                 host_names: Iterable[str] = ()) -> None:
         self.observatory = observatory
         self.page = page
         self._limiter = trio.CapacityLimiter(MAX_CLIENTS)
-        self.names = local_names()
+        self.names = local_names() | {n.lower().rstrip(".") for n in host_names}
 
     async def respond(self, method: str, path: str, host: str | None = None) -> Response:
         if method not in ("GET", "HEAD"):
