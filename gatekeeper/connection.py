@@ -30,7 +30,7 @@ from gatekeeper.distcc.request import INCOMPLETE, UNREADABLE, DistccJob, Unparse
 from gatekeeper.footprints import FootprintBook
 from gatekeeper.gate import Gate, Ticket, Verdict
 from gatekeeper.job import Job, ProxyStart, State
-from gatekeeper.learning import Lesson, lesson, needs_oom_check
+from gatekeeper.learning import Lesson, Observation, carried_work, lesson, needs_oom_check
 from gatekeeper.memory.meter import Meter, SocketFinder, backend_process
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.net.liveness import ClientWatch
@@ -197,21 +197,25 @@ class Connections:
                     if job.state is State.HANDED_OFF:  # done before its task got here
                         usage.stop()
                     await self.runner.run(stream, job, ticket, start)
-                if usage.samples:
+                if usage.samples or usage.exact:
                     job.peak = usage.peak
-                    self._learn(job, usage.peak)
+                    self._learn(job, Observation(usage.peak, usage.samples, usage.exact))
             finally:
                 self.runner.drop(start)
 
-    def _learn(self, job: Job, peak: int) -> None:
+    def _learn(self, job: Job, seen: Observation) -> None:
         """Learn from a job that ran to its end (see `learning`)."""
         outcome = job.outcome
         assert outcome is not None
+        carried = carried_work(identified=(job.key is not None) if self.config.identify
+                               else None, bytes_in=job.bytes_in, bytes_out=job.bytes_out)
+        peak = seen.peak
         if needs_oom_check(outcome, job.compile):
             before = job.oom_kills
             after = self.oom.count() if before is not None else None
             job.oom_seen = before is not None and after is not None and after > before
-        teaching = lesson(outcome, job.compile, oom_struck=job.oom_seen)
+        teaching = lesson(outcome, job.compile, oom_struck=job.oom_seen, carried=carried,
+                          observed=seen.observed)
         if teaching.lesson is Lesson.CUT_SHORT:
             self.book.learn_cut_short(job.key, peak)
             log.warning("job %s was cut short at %s (%s); it needs more than that",

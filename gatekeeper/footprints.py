@@ -31,8 +31,20 @@ log = logging.getLogger("gatekeeper")
 # The last three peaks of a key: enough to ride out run-to-run jitter, few
 # enough that a file that got lighter is believed after three builds.
 PEAKS_PER_KEY = 3
-# Run-to-run jitter of a compiler's peak is a few percent; 10 % on top of the
-# largest recent peak keeps an exact repeat on the safe side.
+# A key's margin on top of its largest recent peak comes from the spread of
+# its own peaks (`margin`): (largest - smallest) / largest, within these bounds.
+# MIN_MARGIN: g++ -O2 on one C++ file, five runs, each in its own memory cgroup,
+# peaked within 0.35 % of each other (200.8-201.5 MiB); 2 % covers that and the
+# meter's own error (sampled private memory was 1.1 % under the cgroup's peak).
+# FIRST_MARGIN: one peak shows no spread yet; 10 %, the old flat margin, until
+# a second run says more. MAX_MARGIN: a key whose peaks differ by more than half
+# is not one compile (a generated file, a -D that changed): half again covers
+# it until its old peaks age out.
+MIN_MARGIN = 0.02
+FIRST_MARGIN = 0.10
+MAX_MARGIN = 0.50
+# The unknown-job estimate's margin over its percentile: not one compile's
+# jitter but a guess about a file never seen, so the old 10 %.
 MARGIN = 0.10
 # 20,000 compile identities cover a large tree (LLVM has about 7,000 files)
 # in well under 10 MB of memory and state file.
@@ -83,7 +95,7 @@ class FootprintBook:
             peaks = self._peaks.get(key)
             if peaks:
                 self._peaks.move_to_end(key)
-                return int(max(peaks) * (1 + MARGIN))
+                return int(max(peaks) * (1 + margin(peaks)))
         return self.unknown_estimate()
 
     def knows(self, key: str | None) -> bool:
@@ -204,6 +216,15 @@ class FootprintBook:
             raise
         self.dirty = False
 
+
+
+def margin(peaks: list[int]) -> float:
+    """How much above its largest recent peak a key is expected to go: the
+    spread of those peaks, within MIN_MARGIN..MAX_MARGIN (FIRST_MARGIN with one)."""
+    if len(peaks) < 2:
+        return FIRST_MARGIN
+    top = max(peaks)
+    return min(MAX_MARGIN, max(MIN_MARGIN, (top - min(peaks)) / top))
 
 
 def read_state_file(path: Path) -> bytes:

@@ -16,6 +16,17 @@ needed. So:
   (`Lesson.CUT_SHORT`: `FootprintBook.learn_cut_short`);
 - any other failure (a compile error, a broken connection) says nothing about
   what it needs (`Lesson.NOTHING`).
+
+And only a real measurement of a real compile teaches (issue 17: ten port-scanner
+connections, each "learned" at 2 MiB, once made the unknown-job estimate 3 MiB
+and the next real compiles peaked at 815 and 936 MiB):
+
+- a connection that carried no compile (no distcc request was read, or with
+  `--identify none` no bytes went both ways) teaches nothing (`carried_work`);
+- a peak is a measurement when it is the job's own cgroup's (the kernel counted
+  every page charged to it) or when its process tree was sampled at least
+  `MIN_SAMPLES` times; a job shorter than that was seen at its start (distccd's
+  child before the compiler) or not at all (`Observation.observed`).
 """
 
 from __future__ import annotations
@@ -25,6 +36,36 @@ from dataclasses import dataclass
 
 from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.outcome import Outcome
+
+# A sampled peak is believed from this many readings of the job's process tree
+# up: at 0.2 s apart the tree has run for 0.4 s between the first and the last,
+# so the compiler, not distccd's child waiting for its request, was seen. In
+# the sqlite build of issue 17, jobs seen once or twice logged 2-9 MiB peaks.
+MIN_SAMPLES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the meter saw of a job's memory."""
+
+    peak: int
+    samples: int
+    """Readings of its process tree (0 where its cgroup was read instead)."""
+    exact: bool = False
+    """`peak` is the job's own cgroup's: what the kernel charged, sampled or not."""
+
+    @property
+    def observed(self) -> bool:
+        return self.peak > 0 and (self.exact or self.samples >= MIN_SAMPLES)
+
+
+def carried_work(*, identified: bool | None, bytes_in: int, bytes_out: int) -> bool:
+    """Whether the connection carried a job at all. `identified`: the request
+    head read as a distcc request (None: `--identify none`, nothing is read,
+    so it must at least have moved bytes both ways)."""
+    if identified is not None:
+        return identified and bytes_in > 0
+    return bytes_in > 0 and bytes_out > 0
 
 
 class Lesson(enum.Enum):
@@ -50,10 +91,17 @@ def needs_oom_check(outcome: Outcome, status: CompileStatus | None) -> bool:
     return not _completed(outcome, status) or status is None
 
 
-def lesson(outcome: Outcome, status: CompileStatus | None, *, oom_struck: bool) -> Teaching:
-    """What to learn from a measured job that ended with `outcome` and, for a
-    distcc job, distccd's `status`; `oom_struck`: the box's OOM-kill count
-    rose while it ran (only read where `needs_oom_check`)."""
+def lesson(outcome: Outcome, status: CompileStatus | None, *, oom_struck: bool,
+           carried: bool, observed: bool) -> Teaching:
+    """What to learn from a job that ended with `outcome` and, for a distcc
+    job, distccd's `status`; `oom_struck`: the box's OOM-kill count rose while
+    it ran (only read where `needs_oom_check`); `carried`: it carried a job
+    (`carried_work`); `observed`: its peak is a measurement
+    (`Observation.observed`). Without both, nothing is learned."""
+    if not carried:
+        return Teaching(Lesson.NOTHING, "it carried no compile")
+    if not observed:
+        return Teaching(Lesson.NOTHING, "its peak was not observed")
     completed = _completed(outcome, status)
     if status is not None and status.signal is not None:
         return Teaching(Lesson.CUT_SHORT, f"signal {status.signal}")

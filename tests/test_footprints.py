@@ -13,13 +13,17 @@ from hypothesis import strategies as st
 
 from gatekeeper.footprints import (
     CUT_SHORT_GROWTH,
+    FIRST_MARGIN,
     MARGIN,
     MAX_KEYS,
+    MAX_MARGIN,
     MAX_STATE_BYTES,
+    MIN_MARGIN,
     MIN_SAMPLES,
     PEAKS_PER_KEY,
     STATE_FILE,
     FootprintBook,
+    margin,
 )
 
 MiB = 2**20
@@ -49,11 +53,32 @@ def test_known_key_uses_its_own_peaks_and_adapts() -> None:
     book = FootprintBook(seed=256 * MiB)
     book.learn("heavy", 900 * MiB)
     book.learn("light", 40 * MiB)
-    assert book.estimate("heavy") == int(900 * MiB * (1 + MARGIN))
-    assert book.estimate("light") == int(40 * MiB * (1 + MARGIN))
+    assert book.estimate("heavy") == int(900 * MiB * (1 + FIRST_MARGIN))
+    assert book.estimate("light") == int(40 * MiB * (1 + FIRST_MARGIN))
     for _ in range(3):  # the file got lighter: believed after three builds
         book.learn("heavy", 100 * MiB)
-    assert book.estimate("heavy") == int(100 * MiB * (1 + MARGIN))
+    assert book.estimate("heavy") == int(100 * MiB * (1 + MIN_MARGIN))
+
+
+def test_a_keys_margin_is_the_spread_of_its_own_peaks() -> None:
+    book = FootprintBook(seed=1)
+    book.learn("steady", 200 * MiB)
+    assert book.estimate("steady") == int(200 * MiB * (1 + FIRST_MARGIN))  # no spread yet
+    book.learn("steady", 201 * MiB)  # 0.5 % apart: the floor
+    assert book.estimate("steady") == int(201 * MiB * (1 + MIN_MARGIN))
+    for peak in (80, 100):  # 20 % apart
+        book.learn("jumpy", peak * MiB)
+    assert book.estimate("jumpy") == int(100 * MiB * 1.2)
+    for peak in (10, 100):  # not one compile: capped
+        book.learn("wild", peak * MiB)
+    assert book.estimate("wild") == int(100 * MiB * (1 + MAX_MARGIN))
+
+
+@given(st.lists(st.integers(1, 2**40), min_size=1, max_size=PEAKS_PER_KEY))
+def test_margin_bounds(peaks: list[int]) -> None:
+    m = margin(peaks)
+    assert MIN_MARGIN <= m <= MAX_MARGIN
+    assert max(peaks) * (1 + m) >= max(peaks) + (max(peaks) - min(peaks)) * (m < MAX_MARGIN)
 
 
 def test_bounded_by_least_recently_used() -> None:
@@ -132,7 +157,7 @@ def test_a_cut_short_job_is_remembered_as_needing_more() -> None:
     # Completed runs replace the guess within PEAKS_PER_KEY runs.
     for _ in range(PEAKS_PER_KEY):
         book.learn("heavy", 250)
-    assert book.estimate("heavy") == int(250 * (1 + MARGIN))
+    assert book.estimate("heavy") == int(250 * (1 + MIN_MARGIN))
     before = book.unknown_estimate()
     book.learn_cut_short(None, 500)  # unidentified: nothing to remember it by
     assert book.unknown_estimate() == before

@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 from gatekeeper.distcc.reply import encode_reply_head, parse_reply_status
 from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.footprints import CUT_SHORT_GROWTH, STATE_FILE, FootprintBook
+from gatekeeper.learning import MIN_SAMPLES
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.net.addresses import TcpAddress
 
@@ -49,7 +50,7 @@ while True:
         block = bytearray(mib * 2**20)
         for i in range(0, len(block), 4096):
             block[i] = 1
-        time.sleep(0.8)
+        time.sleep(float(data.split(b"HOLD=")[1][:5]) if b"HOLD=" in data else 0.8)
         conn.sendall(head + b"done %d" % mib)
         conn.close()
         os._exit(0)
@@ -77,10 +78,13 @@ def forking_backend() -> Iterator[TcpAddress]:
         proc.wait()
 
 
-def request(output: str, mib: int, stat: int | None = None) -> bytes:
+def request(output: str, mib: int, stat: int | None = None, hold: float | None = None) -> bytes:
     """A distcc head for `output` whose compile touches `mib`; with `stat`, the
-    backend answers as distccd would for a compiler that ended with that status."""
+    backend answers as distccd would for a compiler that ended with that status;
+    with `hold`, the compile lasts that many seconds (else 0.8)."""
     argv = ["g++", "-O2", "-c", output.replace(".o", ".cc"), "-o", output]
+    if hold is not None:
+        argv.append(f"HOLD={hold:05.3f}")
     if stat is not None:
         argv.append(f"STAT={stat:08x}")
     argv.append(f"MIB={mib}")
@@ -92,8 +96,8 @@ def reply(mib: int, stat: int = 0) -> bytes:
     return encode_reply_head(stat) + b"done %d" % mib
 
 
-def key_of(output: str, mib: int, stat: int | None = None) -> str:
-    job = parse_request_head(request(output, mib, stat))
+def key_of(output: str, mib: int, stat: int | None = None, hold: float | None = None) -> str:
+    job = parse_request_head(request(output, mib, stat, hold))
     assert isinstance(job, DistccJob)
     return job.key
 
@@ -198,3 +202,44 @@ async def test_what_is_learned_follows_how_the_compile_ended(
         assert any("cut short" in r.getMessage() for r in caplog.records)
     else:
         assert not book.knows(key) and peak == 0
+
+
+@pytest.mark.parametrize("identify", [True, False])
+async def test_connections_that_carry_no_compile_teach_nothing(
+        forking_backend: TcpAddress, caplog: pytest.LogCaptureFixture, identify: bool) -> None:
+    """Issue 17: ten connections that sent nothing (a port scanner, a director's
+    TCP check) were each learned at ~2 MiB, the unknown-job estimate fell from
+    256 MiB to 3 MiB, and the next real compiles were admitted at 3 MiB."""
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    seed = 256 * MiB
+    cfg = config(forking_backend, max_jobs=16, job_mem_bytes=seed, identify=identify)
+    async with gatekeeper(cfg) as gk:
+        idle = [await gk.connect() for _ in range(10)]
+        # Each is admitted, reaches the backend's child, and is measured for real.
+        await gk.wait_for(lambda s: sum(
+            1 for j in s.connections.live.values()
+            if j.usage is not None and j.usage.samples >= MIN_SAMPLES) == 10)
+        for client in idle:
+            await client.aclose()
+        await gk.wait_settled(10)
+        assert gk.server.book.unknown_estimate() == seed and not gk.server.book._recent
+        client = await gk.connect()
+        assert await run_job(client, request("heavy.o", 60)) == reply(60)
+        await gk.wait_settled(11)
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("end ")]
+    assert len(ends) == 11 and f"est={seed // MiB}MiB" in ends[-1]
+    assert all(f"est={seed // MiB}MiB" in line for line in ends)
+
+
+async def test_a_compile_too_short_to_sample_is_not_learned(
+        forking_backend: TcpAddress) -> None:
+    """Sampling every 0.2 s sees a 50 ms compile once at most, maybe before its
+    allocation: that is not a measurement (without a job cgroup it is not
+    learned at all; a job cgroup's peak is exact, see test_job_cgroups)."""
+    async with gatekeeper(config(forking_backend, max_jobs=4)) as gk:
+        for n in range(3):
+            client = await gk.connect()
+            assert await run_job(client, request("short.o", 40, hold=0.05)) == reply(40)
+            await gk.wait_settled(n + 1)
+        assert not gk.server.book.knows(key_of("short.o", 40, hold=0.05))
+        assert not gk.server.book._recent
