@@ -77,6 +77,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hungry import CXXFLAGS, Project, Spec, generate
+from bench.schedule import Job, area_bound, list_schedule, makespan
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -1012,7 +1013,7 @@ def machine() -> dict[str, str]:
                   if line.startswith("MemTotal:")), 0)
     swaps = Path("/proc/swaps").read_text().strip().splitlines()[1:]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": str(os.cpu_count()),
         "ram": f"{total / 2**30:.1f} GiB",
         "swap": "none" if not swaps else f"{len(swaps)} device(s)",
@@ -1022,6 +1023,25 @@ def machine() -> dict[str, str]:
         "distcc": first_line(["distcc", "--version"]),
         "python": platform.python_version(),
     }
+
+
+def oracle_lines(bench: Bench) -> list[str]:
+    """The yardstick (bench/schedule.py): the calibrated jobs scheduled by an oracle
+    that knows each one's charge and duration, on the bench's CPUs and limit."""
+    cal = bench.calibration
+    assert cal is not None
+    jobs = ([Job(f"heavy{i}", cal.heavy_charge, cal.heavy_seconds)
+             for i in range(bench.spec.heavy)]
+            + [Job(f"light{i}", cal.light_charge, cal.light_seconds)
+               for i in range(bench.spec.light)])
+    memory = bench.limit - bench.args.min_free_mb * MiB
+    oracle = makespan(list_schedule(jobs, slots=bench.cpus, memory=memory))
+    bound = area_bound(jobs, slots=bench.cpus, memory=memory)
+    serial = sum(j.seconds for j in jobs)
+    return [f"- oracle (`bench/schedule.py`: every job's calibrated charge and duration "
+            f"known in advance, longest first, {bench.cpus} slots, {memory / MiB:.0f} MiB): "
+            f"{oracle:.1f} s; no schedule beats {bound:.1f} s; one at a time {serial:.1f} s "
+            f"(so {oracle / serial:.2f}x of one at a time is the best to hope for).", ""]
 
 
 def report(bench: Bench, runtime: float) -> str:
@@ -1061,6 +1081,7 @@ def report(bench: Bench, runtime: float) -> str:
         f"`--jobs {bench.args.make_jobs}` inside); inetd mode runs gatekeeper in the cgroup "
         f"(auto-detected) with `-- distccd --inetd`. Warm = restarted on the same state dir.",
         "",
+        *oracle_lines(bench),
         "## Results",
         "",
         *table(bench.results),

@@ -119,7 +119,7 @@ def _client_main(port: int, clients: int, seconds: float, conn: Connection) -> N
                                                             "127.0.0.1", port)
                 got = await asyncio.wait_for(done, 10)
                 transport.close()
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 errors[0] += 1
                 continue
             if got != REPLY:

@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "short, but distccd sees a unix-domain client, which its --allow "
                         "refuses); auto: relay distcc jobs unless COMMAND has --allow "
                         "(default: auto)")
+    p.add_argument("--job-cgroups", choices=["auto", "off"], default="auto",
+                   help="inetd mode: start each job in a memory cgroup of its own below "
+                        "gatekeeper's (v1: and a freezer cgroup), so its footprint is the "
+                        "kernel's own count, short jobs included; auto: where gatekeeper "
+                        "may make them (root, or Delegate=yes), else sample process trees "
+                        "and say so once (default: auto)")
     p.add_argument("--queue-timeout", type=_positive_number, default=DEFAULT_QUEUE_TIMEOUT,
                    metavar="SECONDS",
                    help="close a job that waited this long (default: "
@@ -372,6 +378,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         fair_by=fair_by,
         zero_copy=args.data_path == "splice",
         inetd_io=InetdIo(args.inetd_io),
+        job_cgroups=args.job_cgroups == "auto",
         idle_timeout=args.idle_timeout,
         max_per_client=args.max_per_client,
         priorities=priorities,

@@ -116,6 +116,9 @@ class Config:
     """Move bytes with os.splice where the platform has it (else a buffer copy)."""
     inetd_io: InetdIo = InetdIo.AUTO
     """inetd mode: what COMMAND gets as stdin/stdout (see InetdIo)."""
+    job_cgroups: bool = True
+    """inetd mode: start each job in a cgroup of its own where gatekeeper may
+    make one (memory/job_cgroup.py); else, or False, sample its process tree."""
     max_memory_pressure: float | None = None
     """Hold jobs while PSI memory `some avg10` exceeds this percentage."""
     metrics: Address | None = None

@@ -27,6 +27,7 @@ from gatekeeper.gate import Gate
 from gatekeeper.inetd.command import Command
 from gatekeeper.inetd.job import InetdJobs
 from gatekeeper.job import ProxyJobs
+from gatekeeper.memory.job_cgroup import CgroupError, JobCgroups
 from gatekeeper.memory.meter import Meter
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.memory.sources import MemorySource
@@ -62,6 +63,28 @@ def limits_from(config: Config) -> Limits:
     )
 
 
+def job_cgroups(config: Config) -> JobCgroups | None:
+    """Where inetd jobs get cgroups of their own; said once, either way."""
+    if not config.job_cgroups:
+        return None
+    try:
+        cgroups = JobCgroups.find()
+    except CgroupError as e:
+        log.warning("no per-job cgroups (%s): measuring each job's process tree by "
+                    "sampling, which misses jobs shorter than 0.6 s", e)
+        return None
+    log.info("each job runs in a cgroup of its own under %s", cgroups.describe())
+    return cgroups
+
+
+def measuring(inetd: InetdJobs | None) -> str:
+    if inetd is None:
+        return "process-tree sampling (proxy mode)"
+    if inetd.cgroups is None:
+        return "process-tree sampling (no per-job cgroups)"
+    return f"per-job cgroups: {inetd.cgroups.describe()}"
+
+
 class Server:
     def __init__(self, config: Config, memory: MemorySource, *,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -80,7 +103,8 @@ class Server:
         self.oom = OomKills()
         # The zero-copy data path (Linux): one epoll set for every running job.
         self.relay = Relay() if config.zero_copy and ZERO_COPY_AVAILABLE else None
-        self.inetd = InetdJobs(config, command, self.relay) if command is not None else None
+        self.inetd = (InetdJobs(config, command, self.relay, job_cgroups(config))
+                      if command is not None else None)
         self.proxy = ProxyJobs(config, self.gate, self.relay, self.watch.is_gone,
                                lambda job: self.connections.mark_admitted(job))
         self.runner = self.inetd.runner if self.inetd is not None else None
@@ -91,6 +115,7 @@ class Server:
             queue_peers=lambda: self.connections.queue_peers(),
             stopping=lambda: self.stopping,
             backend=BackendCheck(None if command is not None else config.backend))
+        self.observatory.measuring = measuring(self.inetd)
         self.connections = Connections(
             config, self.gate, self.inetd or self.proxy, watch=self.watch, meter=self.meter,
             book=self.book, oom=self.oom, on_end=self.observatory.connection_ended)

@@ -182,6 +182,21 @@ def test_units_agree_with_each_other_and_with_the_cli() -> None:
         assert service["KillMode"] == "mixed"
         assert float(service["TimeoutStopSec"].rstrip("s")) > proxy_options.drain_timeout
         assert "ExecReload" not in service  # SIGHUP is documented as unsupported
+        # Learned footprints survive restarts (issue 17).
+        assert service["StateDirectory"] == "gatekeeper"
+        argv = exec_start(UNITS / name)
+        assert argv[argv.index("--state-dir") + 1] == "/var/lib/gatekeeper"
+    # Proxy mode measures jobs through distccd's processes: same user, /proc
+    # visible, real uids (DynamicUser + ProtectProc=invisible measured nothing).
+    proxy_service = read_unit(UNITS / "gatekeeper.service")["Service"]
+    dropin = read_unit(UNITS / "distcc.service.d" / "gatekeeper-backend.conf")["Service"]
+    assert proxy_service["User"] == dropin["User"] == "distccd"
+    for hidden in ("DynamicUser", "ProtectProc", "PrivateUsers"):
+        assert hidden not in proxy_service, hidden
+    # inetd mode may make job cgroups where the kernel delegates memory (v2).
+    inetd_service = read_unit(UNITS / "gatekeeper-inetd.service")["Service"]
+    assert inetd_service["Delegate"] == "yes"
+    assert "ProtectControlGroups" not in inetd_service  # it makes /sys/fs/cgroup read-only
 
 
 # -- under the real systemd-socket-activate ----------------------------------------------

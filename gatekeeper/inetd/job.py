@@ -12,6 +12,8 @@ status is read, and a distcc job's distccd is woken when its compiler is done
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import socket
 import struct
 
@@ -22,11 +24,14 @@ from gatekeeper.distcc.inetd_wake import Waker, hang_up, oob_available
 from gatekeeper.gate import Ticket
 from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
 from gatekeeper.job import Job, ProxyStart, State, watch_request
+from gatekeeper.memory.job_cgroup import CgroupError, JobCgroup, JobCgroups
 from gatekeeper.net.copy import Transfer
 from gatekeeper.net.datapath import move_bytes
 from gatekeeper.net.relay import Relay
 from gatekeeper.net.sockqueue import send_queue
 from gatekeeper.outcome import Exited, Outcome, Verdict
+
+log = logging.getLogger("gatekeeper")
 
 # struct tcp_info (linux/tcp.h): tcpi_state is its first byte; tcpi_bytes_acked
 # (what the client has of the reply) and tcpi_bytes_received (what it sent) are
@@ -74,8 +79,12 @@ def kernel_byte_counts(sock: socket.socket | trio.socket.SocketType) -> tuple[in
 class InetdJobs:
     """Runs each admitted job as `command`, on the client or on a relayed pair."""
 
-    def __init__(self, config: Config, command: Command, relay: Relay | None) -> None:
+    def __init__(self, config: Config, command: Command, relay: Relay | None,
+                 cgroups: JobCgroups | None = None) -> None:
         self.config = config
+        self.cgroups = cgroups
+        """Where each job gets its own cgroup (None: jobs are sampled)."""
+        self._cgroup_warned = -math.inf
         self.runner = CommandRunner(command)
         self.relay = relay
         # auto relays distcc jobs unless the command checks client addresses
@@ -102,14 +111,54 @@ class InetdJobs:
         """The job is the child's lifetime; settles its outcome. The caller
         closes the client."""
         job.state = State.RUNNING
-        if self.relays(job):
-            await self._run_relayed(stream, job)
-            return
+        cgroup = self._job_cgroup(job)
+        try:
+            if self.relays(job):
+                await self._run_relayed(stream, job, cgroup)
+            else:
+                await self._run_direct(stream, job, cgroup)
+        finally:
+            if cgroup is not None:
+                self._done_with(job, cgroup)
 
+    def _job_cgroup(self, job: Job) -> JobCgroup | None:
+        """The job's own cgroup, where gatekeeper makes them (else the meter
+        samples its process tree); the meter reads its usage from now on."""
+        if self.cgroups is None:
+            return None
+        try:
+            cgroup = self.cgroups.create()
+        except CgroupError as e:
+            # Every job would say the same: once a minute is enough.
+            now = trio.current_time()
+            if now >= self._cgroup_warned + 60:
+                self._cgroup_warned = now
+                log.warning("job measured by sampling: %s", e)
+            return None
+        if job.usage is not None:
+            job.usage.cgroup_usage = cgroup.usage_file
+        return cgroup
+
+    def _done_with(self, job: Job, cgroup: JobCgroup) -> None:
+        """The job's processes are gone: its cgroup's peak is its footprint,
+        exactly (0: the child never got in, and nothing is learned)."""
+        usage = job.usage
+        if usage is not None:
+            usage.stop()
+            peak = cgroup.peak()
+            if peak:
+                usage.peak, usage.exact = peak, True
+        try:
+            cgroup.remove()
+        except CgroupError as e:
+            log.warning("%s", e)
+
+    async def _run_direct(self, stream: trio.SocketStream, job: Job,
+                          cgroup: JobCgroup | None) -> None:
         def started(pid: int) -> None:
             job.pid = pid
 
-        result = await self.runner.run(stream.socket, started=started)
+        result = await self.runner.run(stream.socket, started=started, cgroup=cgroup)
         counts = kernel_byte_counts(stream.socket)
         if counts is not None:
             job.transfer = Transfer(to_backend=counts[0], to_client=counts[1])
@@ -122,7 +171,8 @@ class InetdJobs:
         if not result.ok:
             job.detail = result.describe()
 
-    async def _run_relayed(self, stream: trio.SocketStream, job: Job) -> None:
+    async def _run_relayed(self, stream: trio.SocketStream, job: Job,
+                           cgroup: JobCgroup | None) -> None:
         """The child gets one end of a socketpair, the job's bytes are relayed
         through the other like a backend connection's. When the child exits,
         gatekeeper hangs up its end (`hang_up`): the relay sees EOF after the
@@ -165,7 +215,8 @@ class InetdJobs:
                 with contextlib.ExitStack() as waking:
                     if wake and self.waker is not None:
                         waking.enter_context(self.waker.waking(ours))
-                    result = await self.runner.run(theirs, blocking=False, started=started)
+                    result = await self.runner.run(theirs, blocking=False, started=started,
+                                                   cgroup=cgroup)
                 hang_up(theirs)  # no checkpoint since the exit: no nudge in between
                 if result.error is not None:
                     # never started: the client falls back

@@ -1,10 +1,25 @@
-"""A cgroup of its own for one job, to measure the job's peak memory exactly.
+"""A cgroup of its own for each job, to measure the job's peak memory exactly.
 
-Why: in inetd mode gatekeeper starts each job itself; putting the job's process in a
-fresh child cgroup makes the kernel track its peak (v2 `memory.peak`, v1
-`memory.max_usage_in_bytes`) including every process it forks, with no sampling.
-Not wired in yet: footprints still come from the meter's RSS samples; issue 17
-(exact per-job memory) puts each job in one of these and learns from its peak.
+Why: sampling a process tree five times a second misses a short compile and
+guesses what a cgroup will charge; a job's own cgroup makes the kernel count
+every page charged to it (v2 `memory.peak`, v1 `memory.max_usage_in_bytes`),
+every process it forks included, however short it is. The freezer (v1) or
+`cgroup.freeze` (v2) of the same cgroup is what pausing a job needs.
+
+Lifecycle of one `JobCgroup`:
+
+    CREATED   mkdir'ed under `JobCgroups.parent` (and the v1 freezer's), its
+              cgroup.procs files open
+    JOINED    the job's first process wrote itself in (`enter`, between fork
+              and exec: nothing it allocates is charged elsewhere); its
+              children are born inside
+    EMPTIED   the job's processes have exited; its peak is read
+    REMOVED   rmdir'ed (`remove`); a process left behind is moved to the parent
+              first, so no cgroup is leaked
+
+`JobCgroups.find` decides once, at start, whether gatekeeper may make them
+(write access to its own memory cgroup: root, or a v2 subtree delegated with
+`Delegate=yes`); where not, it raises and the caller measures by sampling.
 
 Every failure is a `CgroupError` whose message is one line saying what was refused
 and why, so the caller can log it and fall back to measuring without a cgroup.
@@ -12,10 +27,31 @@ and why, so the caller can log it and fall back to measuring without a cgroup.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
+import logging
 import os
+from collections.abc import Sequence
 
-from gatekeeper.memory.cgroups import CgroupDir, memory_reader
+from gatekeeper.memory.cgroups import (
+    CgroupDir,
+    CgroupEntry,
+    CgroupMount,
+    locate,
+    memory_reader,
+    parse_proc_cgroup,
+    read_mounts,
+)
+
+log = logging.getLogger("gatekeeper")
+
+# Job cgroups are named `job-<gatekeeper's pid>-<n>`: two gatekeepers in one cgroup
+# never collide, and one that crashed leaves names the next start recognises.
+PREFIX = "job-"
+# (v2) Where gatekeeper moves itself so its cgroup can have children with the
+# memory controller: the no-internal-processes rule.
+SUPERVISOR = "supervisor"
 
 
 class CgroupError(Exception):
@@ -125,3 +161,233 @@ class ChildCgroup:
             inside = f" (pids still inside: {self.pids()})" if exc.errno == errno.EBUSY else ""
             raise CgroupError(f"cannot remove cgroup {self.path}: {exc.strerror}"
                               f"{inside}") from exc
+
+
+def _cgroup_procs_fd(path: str) -> int:
+    try:
+        return os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CgroupError(f"cannot open {path}/cgroup.procs: {exc.strerror}") from exc
+
+
+class JobCgroup:
+    """One job's cgroup (memory, and the v1 freezer's where mounted); see the
+    module docstring for its states."""
+
+    def __init__(self, memory: ChildCgroup, freezer: str | None) -> None:
+        self.memory = memory
+        self.freezer = freezer
+        """The v1 freezer cgroup's directory (None on v2: `cgroup.freeze` is in
+        the memory cgroup itself; or where no freezer is mounted)."""
+        self._fds: list[int] = []
+        try:
+            self._fds.append(_cgroup_procs_fd(memory.path))
+            if freezer is not None:
+                self._fds.append(_cgroup_procs_fd(freezer))
+        except CgroupError:
+            self.remove()
+            raise
+
+    @property
+    def path(self) -> str:
+        return self.memory.path
+
+    def enter(self) -> None:
+        """Move the calling process in: run in the job's child between fork and
+        exec (Popen's preexec_fn). Async-signal-safe in spirit: one write(2)
+        per cgroup on an fd opened beforehand, no allocation worth the name.
+        "0" means the writer itself (v1 and v2). A refusal leaves the child
+        where it was: it runs unmeasured (its cgroup's peak stays 0, which is
+        never learned) rather than not at all."""
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"0")
+
+    def close_fds(self) -> None:
+        """The parent's copies, once the child is started."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    @property
+    def usage_file(self) -> str:
+        """The file that holds its usage now (the meter reads it by name: the
+        cgroup may be removed under it)."""
+        return os.path.join(self.path, self.memory.memory.USAGE_FILE)
+
+    def usage(self) -> int | None:
+        return self.memory.memory.usage()
+
+    def peak(self) -> int | None:
+        return self.memory.peak()
+
+    def remove(self) -> None:
+        """Remove both cgroups. Processes still inside (a compiler that outlived
+        its distccd) are moved to the parent first: they go on, unmeasured, and
+        no cgroup is leaked. Raises CgroupError if that fails."""
+        self.close_fds()
+        errors = []
+        for path, parent in ((self.freezer, None), (self.memory.path, self.memory.parent.path)):
+            if path is None:
+                continue
+            try:
+                _remove_dir(path, parent or os.path.dirname(path))
+            except CgroupError as exc:
+                errors.append(str(exc))
+        self.memory.memory.close()
+        if errors:
+            raise CgroupError("; ".join(errors))
+
+
+def _pids_of(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _remove_dir(path: str, parent: str) -> None:
+    for _ in range(3):  # a process forking as it is moved: try again
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+        left = _pids_of(path)
+        log.warning("job cgroup %s still has processes %s: moving them to %s",
+                    path, left[:10], parent)
+        for pid in left:
+            try:
+                _write(os.path.join(parent, "cgroup.procs"), str(pid), f"move pid {pid} out")
+            except CgroupError:
+                continue
+    raise CgroupError(f"cannot remove cgroup {path}: processes keep appearing in it")
+
+
+class JobCgroups:
+    """Where this gatekeeper makes its jobs' cgroups: found once (`find`)."""
+
+    def __init__(self, parent: CgroupDir, freezer: str | None) -> None:
+        self.parent = parent
+        self.freezer = freezer
+        self._names = (f"{PREFIX}{os.getpid()}-{n}" for n in itertools.count(1))
+
+    @classmethod
+    def find(cls, *, proc: str = "/proc",
+             mounts: Sequence[CgroupMount] | None = None) -> JobCgroups:
+        """gatekeeper's own memory cgroup, if it may make children there; the v1
+        freezer's too, where mounted and writable. On v2 gatekeeper first moves
+        itself into a `supervisor` child (a cgroup whose children get the memory
+        controller may hold no processes), as systemd's `Delegate=yes` allows.
+        Raises CgroupError saying why not, in one line."""
+        try:
+            with open(f"{proc}/self/cgroup", encoding="utf-8") as f:
+                entries = parse_proc_cgroup(f.read())
+            if mounts is None:
+                mounts = read_mounts(f"{proc}/self/mountinfo")
+        except (OSError, ValueError) as exc:
+            raise CgroupError(f"cannot read gatekeeper's own cgroups: {exc}") from exc
+        found = [d for d in locate(entries, mounts) if d.memory]
+        if not found:
+            raise CgroupError("no memory cgroup hierarchy is mounted")
+        # v1 first: where memory is on v1, v2 has no memory controller anyway.
+        parent = min(found, key=lambda d: d.version)
+        if parent.version == 2:
+            parent = _leave_v2_cgroup(parent)
+        if not os.access(parent.path, os.W_OK):
+            raise CgroupError(f"no write access to {parent.path} (needs root, or a "
+                              f"delegated subtree: Delegate=yes)")
+        freezer = None
+        if parent.version == 1:
+            freezer = _v1_freezer(entries, mounts)
+        place = cls(parent, freezer)
+        place.sweep()
+        probe = place.create()  # proves mkdir, the memory files and rmdir work
+        probe.remove()
+        return place
+
+    def create(self) -> JobCgroup:
+        """A new job's cgroup. Raises CgroupError."""
+        name = next(self._names)
+        memory = ChildCgroup(self.parent, name)
+        freezer = None
+        if self.freezer is not None:
+            freezer = os.path.join(self.freezer, name)
+            try:
+                os.mkdir(freezer)
+            except OSError as exc:
+                memory.remove()
+                raise CgroupError(f"cannot create cgroup {freezer}: {exc.strerror}") from exc
+        return JobCgroup(memory, freezer)
+
+    def sweep(self) -> None:
+        """Remove what an earlier gatekeeper here left behind (it crashed): empty
+        `job-*` cgroups whose gatekeeper is gone."""
+        for base in (self.parent.path, self.freezer):
+            if base is None:
+                continue
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                if not name.startswith(PREFIX):
+                    continue
+                owner = name[len(PREFIX):].split("-", 1)[0]
+                if owner.isdigit() and int(owner) != os.getpid() \
+                        and os.path.exists(f"/proc/{owner}"):
+                    continue  # another live gatekeeper's
+                with contextlib.suppress(OSError):  # not empty: a process runs there
+                    os.rmdir(os.path.join(base, name))
+
+    def describe(self) -> str:
+        freezer = f", freezer {self.freezer}" if self.freezer else ""
+        return f"cgroup v{self.parent.version} memory {self.parent.path}{freezer}"
+
+
+def _v1_freezer(entries: Sequence[CgroupEntry], mounts: Sequence[CgroupMount]) -> str | None:
+    for entry in entries:
+        if "freezer" not in entry.controllers:
+            continue
+        for mount in mounts:
+            if mount.version == 1 and "freezer" in mount.controllers:
+                root = mount.root.rstrip("/")
+                path = entry.path
+                if path != root and not path.startswith(root + "/"):
+                    continue
+                directory = os.path.normpath(mount.mount_point + path[len(root):])
+                if os.path.isdir(directory) and os.access(directory, os.W_OK):
+                    return directory
+    return None
+
+
+def _leave_v2_cgroup(own: CgroupDir) -> CgroupDir:
+    """Make `own` (gatekeeper's v2 cgroup) able to have job children with the
+    memory controller: move gatekeeper into `own/supervisor` unless `own` is
+    already that, and enable memory for `own`'s children."""
+    path = own.path
+    if os.path.basename(path) == SUPERVISOR:  # a restart: already moved
+        path = os.path.dirname(path)
+    procs = _pids_of(path)
+    others = [p for p in procs if p != os.getpid()]
+    if others:
+        raise CgroupError(f"cgroup v2 {path} holds other processes {others[:5]} besides "
+                          f"gatekeeper: give gatekeeper a delegated cgroup of its own")
+    if procs:
+        supervisor = os.path.join(path, SUPERVISOR)
+        try:
+            os.mkdir(supervisor)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise CgroupError(f"cannot create cgroup {supervisor}: {exc.strerror} "
+                              f"(needs a delegated subtree: Delegate=yes)") from exc
+        _write(os.path.join(supervisor, "cgroup.procs"), "0",
+               f"move gatekeeper into {supervisor}")
+    parent = CgroupDir(own.version, path, own.top, own.top_is_root, own.memory)
+    ChildCgroup._enable_v2_memory(path)
+    return parent

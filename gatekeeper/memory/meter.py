@@ -271,6 +271,8 @@ class Usage:
     samples: int = 0
     exact: bool = False
     """`peak` is the job's own cgroup's peak, not the largest sample."""
+    cgroup_usage: str | None = None
+    """The job's own cgroup's usage file: read instead of its process tree."""
     stopped: bool = False
     """No more samples: the job's backend part is over (its process may already
     serve another job), though its handler still runs."""
@@ -372,6 +374,15 @@ def _sample_all(jobs: list[Usage], hints: list[int], finder: SocketFinder) -> No
 
 def _sample_one(usage: Usage, hints: list[int], finder: SocketFinder) -> None:
     if usage.stopped:
+        return
+    if usage.cgroup_usage is not None:
+        try:
+            charged = int(_read(usage.cgroup_usage))
+        except (OSError, ValueError):
+            return  # removed: the job is over
+        usage.previous, usage.current = usage.current, charged
+        usage.peak = max(usage.peak, charged)
+        usage.samples += 1
         return
     if usage.pid is None:
         usage.pid = usage.locate(hints, finder)

@@ -53,6 +53,8 @@ class StatusPicture(TypedDict, total=False):
     reserved_bytes: int
     next_job_bytes: int | None
     job_footprint_bytes: int
+    measuring: str
+    """How running jobs are measured: their own cgroups, or sampling and why."""
     memory_pressure: float | None
     admitted_total: int
     completed_total: dict[str, int]
@@ -70,7 +72,8 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
             peers: Mapping[JobId, str], available: int | None, stopping: bool,
             unknown_footprint: int, pressure: float | None, completed: Mapping[str, int],
             rejected: Mapping[str, int], backend: BackendView,
-            health: Callable[[StatusPicture], HealthView]) -> StatusPicture:
+            health: Callable[[StatusPicture], HealthView],
+            measuring: str = "process-tree sampling") -> StatusPicture:
     """The whole picture from the gate's snapshot and the counters."""
     entries: list[QueueEntry] = [
         {"peer": peers.get(job, "?"), "waiting_seconds": round(now - arrived, 3)}
@@ -88,6 +91,7 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
         "reserved_bytes": s.reserved,
         "next_job_bytes": s.head_footprint,
         "job_footprint_bytes": unknown_footprint,
+        "measuring": measuring,
         "memory_pressure": pressure,
         "admitted_total": s.admitted_total,
         "completed_total": dict(completed),

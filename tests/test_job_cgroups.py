@@ -1,0 +1,257 @@
+"""Per-job cgroups for real (issue 17): each inetd job starts inside a memory
+cgroup of its own (and the v1 freezer's), its footprint is that cgroup's peak,
+short jobs included, and nothing is left behind.
+
+Needs root and a writable memory cgroup hierarchy (CI runs as root); elsewhere
+each test skips with the reason `JobCgroups.find` gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from fakes import config, receive_all
+from test_inetd import UNUSED_BACKEND, inetd_gatekeeper
+
+from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
+from gatekeeper.inetd.command import Command, CommandRunner
+from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 2**20
+
+
+def find_place() -> JobCgroups:
+    try:
+        return JobCgroups.find()
+    except CgroupError as e:
+        print(f"SKIP: no per-job cgroups on this machine: {e}")
+        pytest.skip(f"no per-job cgroups on this machine: {e}")
+
+
+@pytest.fixture
+def place() -> JobCgroups:
+    return find_place()
+
+
+# A job like a compile: reads its request (a distcc head whose last argument
+# says how many MiB), touches that much, holds it HOLD seconds, then reports the
+# peak of the memory cgroup it finds itself in and exits.
+JOB = r"""
+import os, sys, time
+data = b""
+while not data.endswith(b"END"):
+    chunk = os.read(0, 65536)
+    if not chunk:
+        sys.exit(1)
+    data += chunk
+mib = int(data[:-3].rsplit(b"MIB=", 1)[1])
+hold = float(data.split(b"HOLD=")[1][:5])
+block = bytearray(mib * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+time.sleep(hold)
+path = next(line.split(":", 2)[2] for line in open("/proc/self/cgroup").read().splitlines()
+            if line.split(":")[1] in ("memory", ""))
+for base in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        try:
+            peak = int(open(base + path + "/" + name).read())
+        except OSError:
+            continue
+        os.write(1, b"cgroup=%s peak=%d" % (path.encode(), peak))
+        sys.exit(0)
+os.write(1, b"cgroup=%s peak=0" % path.encode())
+"""
+
+
+def request(output: str, mib: int, hold: float) -> bytes:
+    argv = ["g++", "-c", output.replace(".o", ".cc"), "-o", output, f"HOLD={hold:05.3f}",
+            f"MIB={mib}"]
+    return encode_request_head(argv) + b"END"
+
+
+def key_of(output: str, mib: int, hold: float) -> str:
+    job = parse_request_head(request(output, mib, hold))
+    assert isinstance(job, DistccJob)
+    return job.key
+
+
+def test_a_child_is_born_in_its_cgroup_and_its_peak_is_exact(place: JobCgroups) -> None:
+    """Its first allocation is charged to its cgroup (it joins before exec), a
+    50 ms job's peak is there after it exited, and the cgroup is removed."""
+    async def main() -> tuple[int | None, bytes, str]:
+        runner = CommandRunner(Command((sys.executable, "-c", JOB), sys.executable))
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            cgroup = place.create()
+            await trio.to_thread.run_sync(ours.sendall, request("a.o", 64, 0.05))
+            result = await runner.run(theirs, cgroup=cgroup)
+            assert result.ok, result.describe()
+            said = ours.recv(4096)
+            peak = cgroup.peak()
+            path = cgroup.path
+            cgroup.remove()
+            return peak, said, path
+
+    peak, said, path = trio.run(main)
+    assert not os.path.exists(path)
+    assert path.endswith(said.split(b" ")[0].split(b"/")[-1].decode())  # it was inside
+    reported = int(said.split(b"peak=")[1])
+    assert peak is not None and peak >= reported >= 64 * MiB
+    assert peak <= reported * 1.05  # what it saw at its end is what the kernel kept
+
+
+def test_a_process_left_behind_is_moved_out_and_no_cgroup_leaks(place: JobCgroups) -> None:
+    cgroup = place.create()
+    proc = subprocess.Popen(["sleep", "30"], preexec_fn=cgroup.enter)
+    cgroup.close_fds()
+    try:
+        with open(os.path.join(cgroup.path, "cgroup.procs")) as f:
+            assert f.read().split() == [str(proc.pid)]
+        cgroup.remove()  # the job is over but `sleep` is not
+        assert not os.path.exists(cgroup.path)
+        if cgroup.freezer is not None:
+            assert not os.path.exists(cgroup.freezer)
+        with open(os.path.join(place.parent.path, "cgroup.procs")) as f:
+            assert str(proc.pid) in f.read().split()  # it goes on, in the parent
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sweep_removes_what_a_crashed_gatekeeper_left(place: JobCgroups) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no gatekeeper has now
+    stale = [os.path.join(base, f"{PREFIX}{dead.pid}-7")
+             for base in (place.parent.path, place.freezer) if base is not None]
+    mine = os.path.join(place.parent.path, f"{PREFIX}{os.getpid()}-999999")
+    for path in [*stale, mine]:
+        os.mkdir(path)
+    try:
+        place.sweep()
+        assert not any(os.path.exists(path) for path in stale)
+        assert not os.path.exists(mine)  # ours and empty: a leftover too
+    finally:
+        for path in [*stale, mine]:
+            if os.path.exists(path):
+                os.rmdir(path)
+
+
+async def test_a_short_inetd_job_is_learned_at_its_true_peak(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Sampling every 0.2 s never sees a 50 ms job (test_learning): in its own
+    cgroup it is learned at the peak the kernel counted, within 5 % of what the
+    job itself read from its cgroup before it exited."""
+    find_place()
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    cfg = config(UNUSED_BACKEND, max_jobs=2)
+    async with inetd_gatekeeper(cfg, [sys.executable, "-c", JOB]) as gk:
+        assert gk.server.inetd is not None and gk.server.inetd.cgroups is not None
+        assert "per-job cgroups" in gk.server.observatory.status()["measuring"]
+        client = await gk.connect()
+        await client.send_all(request("short.o", 80, 0.05))
+        said = await receive_all(client)
+        await client.aclose()
+        await gk.wait_settled(1)
+        reported = int(said.split(b"peak=")[1])
+        assert b"/" + PREFIX.encode() in said  # it ran in a job cgroup
+        book = gk.server.book
+        key = key_of("short.o", 80, 0.05)
+        assert book.knows(key), [r.getMessage() for r in caplog.records]
+        learned = book._peaks[key][-1]
+        assert reported >= 80 * MiB
+        assert reported <= learned <= reported * 1.05
+    end = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("end "))
+    assert " peak=" in end
+    leftovers = [n for n in os.listdir(gk.server.inetd.cgroups.parent.path)
+                 if n.startswith(f"{PREFIX}{os.getpid()}-")]
+    assert leftovers == []
+
+
+async def test_without_job_cgroups_it_says_so_and_samples(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    cfg = config(UNUSED_BACKEND, max_jobs=2, job_cgroups=False)
+    async with inetd_gatekeeper(cfg, ["cat"]) as gk:
+        assert gk.server.inetd is not None and gk.server.inetd.cgroups is None
+        assert gk.server.observatory.status()["measuring"] == \
+            "process-tree sampling (no per-job cgroups)"
+
+
+# -- a real compile: the kernel's count, and how close sampling comes to it -----------
+
+HEAVY = r"""
+#include <map>
+#include <regex>
+#include <string>
+#include <vector>
+template <int N> struct F {
+  static constexpr long v = F<N - 1>::v + N;
+  std::map<std::string, std::vector<int>> m;
+};
+template <> struct F<0> { static constexpr long v = 0; };
+long f() { std::regex r("a+b*"); return F<300>::v + std::regex_match("aab", r); }
+"""
+
+
+def _missing_toolchain() -> str | None:
+    missing = [b for b in ("distcc", "distccd", "g++") if shutil.which(b) is None]
+    return f"needs {', '.join(missing)} (apt-get install -y distcc g++)" if missing else None
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(_missing_toolchain() is not None, reason=str(_missing_toolchain()))
+@pytest.mark.skipif(os.geteuid() != 0, reason="distccd --inetd as root needs --user")
+async def test_a_real_compile_is_measured_within_5_percent_of_its_cgroup(
+        tmp_path: Path) -> None:
+    """The same g++ compile through the stock distcc client and distccd --inetd:
+    in its own cgroup its footprint is the kernel's count; sampled (no job
+    cgroups), private + shared memory of its process tree comes within 5 % of it."""
+    find_place()
+    source = tmp_path / "heavy.cc"
+    source.write_text(HEAVY)
+    peaks: dict[bool, int] = {}
+    for cgroups in (True, False):
+        cfg = config(UNUSED_BACKEND, max_jobs=1, job_cgroups=cgroups)
+        argv = [shutil.which("distccd") or "distccd", "--inetd", "--user", "nobody",
+                "--allow", "127.0.0.1", "--log-stderr", "--log-level", "error"]
+        async with inetd_gatekeeper(cfg, argv) as gk:
+            (tmp_path / ".distcc").mkdir(exist_ok=True)
+            env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                   "DISTCC_HOSTS": f"127.0.0.1:{gk.address.port}/1",
+                   "DISTCC_DIR": str(tmp_path / ".distcc"), "DISTCC_FALLBACK": "0"}
+            done = await trio.run_process(
+                ["distcc", "g++", "-O2", "-c", str(source), "-o", str(tmp_path / "heavy.o")],
+                env=env, cwd=tmp_path, capture_stderr=True, check=False)
+            assert done.returncode == 0, done.stderr.decode(errors="replace")
+            await gk.wait_settled(1)
+            book = gk.server.book
+            assert len(book) == 1, "the compile was learned"
+            peaks[cgroups] = next(iter(book._peaks.values()))[-1]
+    exact, sampled = peaks[True], peaks[False]
+    print(f"\nreal g++ -O2 compile: job cgroup peak {exact / MiB:.1f} MiB, sampled "
+          f"{sampled / MiB:.1f} MiB ({sampled / exact:.3f}x)")
+    assert exact > 50 * MiB
+    assert abs(sampled - exact) <= 0.05 * exact
+
+
+def test_signals_reach_a_job_in_its_cgroup(place: JobCgroups) -> None:
+    """A job in its own cgroup is still its own process group: the drain's
+    SIGTERM reaches it (CommandRunner._stop), nothing about it changes."""
+    cgroup = place.create()
+    proc = subprocess.Popen(["sleep", "30"], preexec_fn=cgroup.enter, start_new_session=True)
+    cgroup.close_fds()
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=10) == -signal.SIGTERM
+    cgroup.remove()
