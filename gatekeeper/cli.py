@@ -206,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "refuses); auto: relay distcc jobs unless COMMAND has --allow "
                         "(default: auto)")
     p.add_argument("--job-cgroups", choices=["auto", "off"], default="auto",
-                   help="inetd mode: start each job in a memory cgroup of its own below "
-                        "gatekeeper's (v1: and a freezer cgroup), so its footprint is the "
-                        "kernel's own count, short jobs included; auto: where gatekeeper "
+                   help="give each job a memory cgroup of its own (v1: and a freezer "
+                        "cgroup), so its footprint is the kernel's own count, short jobs "
+                        "included: inetd mode starts the child in one below gatekeeper's, "
+                        "proxy mode moves the distccd child serving the job into one below "
+                        "distccd's for the job; auto: where gatekeeper "
                         "may make them (root, or Delegate=yes), else sample process trees "
                         "and say so once (default: auto)")
     p.add_argument("--queue-timeout", type=_positive_number, default=DEFAULT_QUEUE_TIMEOUT,

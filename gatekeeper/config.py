@@ -117,8 +117,9 @@ class Config:
     inetd_io: InetdIo = InetdIo.AUTO
     """inetd mode: what COMMAND gets as stdin/stdout (see InetdIo)."""
     job_cgroups: bool = True
-    """inetd mode: start each job in a cgroup of its own where gatekeeper may
-    make one (memory/job_cgroup.py); else, or False, sample its process tree."""
+    """Give each job a cgroup of its own where gatekeeper may make one (inetd:
+    memory/job_cgroup.py; proxy: memory/adopt.py); else, or False, sample its
+    process tree."""
     max_memory_pressure: float | None = None
     """Hold jobs while PSI memory `some avg10` exceeds this percentage."""
     metrics: Address | None = None

@@ -36,12 +36,13 @@ PEAKS_PER_KEY = 3
 # MIN_MARGIN: g++ -O2 on one C++ file, five runs, each in its own memory cgroup,
 # peaked within 0.35 % of each other (200.8-201.5 MiB); 2 % covers that and the
 # meter's own error (sampled private memory was 1.1 % under the cgroup's peak).
-# FIRST_MARGIN: one peak shows no spread yet; 10 %, the old flat margin, until
-# a second run says more. MAX_MARGIN: a key whose peaks differ by more than half
-# is not one compile (a generated file, a -D that changed): half again covers
-# it until its old peaks age out.
+# FIRST_MARGIN: one peak shows no spread yet: 5 %, twice the worst error seen
+# (a sampled peak 2.6 % under its cgroup's, test_job_cgroups; cgroup peaks
+# repeat within 0.35 %), until a second run says more. MAX_MARGIN: a key whose
+# peaks differ by more than half is not one compile (a generated file, a -D
+# that changed): half again covers it until its old peaks age out.
 MIN_MARGIN = 0.02
-FIRST_MARGIN = 0.10
+FIRST_MARGIN = 0.05
 MAX_MARGIN = 0.50
 # The unknown-job estimate's margin over its percentile: not one compile's
 # jitter but a guess about a file never seen, so the old 10 %.

@@ -39,6 +39,7 @@ from gatekeeper.config import Config
 from gatekeeper.distcc.protocol import OPAQUE, Speaks
 from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.gate import Gate, Ticket
+from gatekeeper.memory.adopt import Adopter
 from gatekeeper.memory.meter import Usage
 from gatekeeper.net.addresses import connect, connected_now, finish_connect, start_connect
 from gatekeeper.net.copy import Transfer, abort
@@ -236,10 +237,12 @@ class ProxyJobs:
 
     def __init__(self, config: Config, gate: Gate, relay: Relay | None,
                  is_gone: Callable[[socket.socket | trio.socket.SocketType], bool],
-                 mark_admitted: Callable[[Job], None]) -> None:
+                 mark_admitted: Callable[[Job], None], adopter: Adopter | None = None) -> None:
         self.config = config
         self.gate = gate
         self.relay = relay
+        self.adopter = adopter
+        """Gives each job's distccd child a cgroup of its own (memory/adopt.py)."""
         self.is_gone = is_gone
         self.mark_admitted = mark_admitted
 
@@ -248,7 +251,9 @@ class ProxyJobs:
         """The job's start; for a queued job on the zero-copy path, armed to run
         at the very moment it is admitted (not when its task next gets to run)."""
         start = ProxyStart()
-        if waited and self.relay is not None:
+        # (Not with an adopter: the request must wait until the backend's
+        # process is in the job's cgroup, which takes a lookup in a thread.)
+        if waited and self.relay is not None and self.adopter is None:
             start.jobs, start.stream, start.job, start.ticket = self, stream, job, ticket
             ticket.on_admit = start
         return start
@@ -340,7 +345,13 @@ class ProxyJobs:
         transfer = moving.transfer if moving is not None else Transfer()
         job.transfer = transfer
         stalled: list[str] = []
+        adoption = None
         try:
+            if self.adopter is not None and moving is None and job.backend_ends is not None:
+                # Before a byte of the request reaches it (see memory/adopt.py).
+                adoption = await self.adopter.adopt(job.backend_ends)
+                if adoption is not None and job.usage is not None:
+                    job.usage.cgroup_usage = adoption.cgroup.usage_file
             async with trio.open_nursery() as watching:
                 if job.request_bytes is not None:
                     watching.start_soon(watch_request, transfer, job.request_bytes,
@@ -354,6 +365,13 @@ class ProxyJobs:
                 watching.cancel_scope.cancel()  # the bytes are done: stop the watch
         finally:
             backend.socket.close()
+            if adoption is not None:
+                assert self.adopter is not None
+                peak = self.adopter.release(adoption)
+                if job.usage is not None:
+                    job.usage.stop()
+                    if peak:
+                        job.usage.peak, job.usage.exact = peak, True
         if stalled:
             job.settle(Verdict(Outcome.IDLE_TIMEOUT, stalled[0]))
             return

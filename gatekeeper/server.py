@@ -13,9 +13,11 @@ job's part of it `job.ProxyJobs` (a backend per job) or `inetd.job.InetdJobs`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import resource
+from collections.abc import Callable
 
 import trio
 
@@ -27,11 +29,12 @@ from gatekeeper.gate import Gate
 from gatekeeper.inetd.command import Command
 from gatekeeper.inetd.job import InetdJobs
 from gatekeeper.job import ProxyJobs
+from gatekeeper.memory.adopt import Adopter
 from gatekeeper.memory.job_cgroup import CgroupError, JobCgroups
 from gatekeeper.memory.meter import Meter
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.memory.sources import MemorySource
-from gatekeeper.net.addresses import listener_address
+from gatekeeper.net.addresses import TcpAddress, listener_address
 from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
 from gatekeeper.net.listen import Acceptor, FdPlan, open_all
 from gatekeeper.net.liveness import ClientWatch
@@ -77,12 +80,41 @@ def job_cgroups(config: Config) -> JobCgroups | None:
     return cgroups
 
 
-def measuring(inetd: InetdJobs | None) -> str:
-    if inetd is None:
-        return "process-tree sampling (proxy mode)"
-    if inetd.cgroups is None:
-        return "process-tree sampling (no per-job cgroups)"
-    return f"per-job cgroups: {inetd.cgroups.describe()}"
+def adoptable(config: Config) -> bool:
+    """Whether proxy-mode jobs' backend processes may be given job cgroups: a
+    backend on this box (loopback), and root (moving distccd's processes
+    between its cgroups, reading their /proc/PID/fd)."""
+    backend = config.backend
+    if not config.job_cgroups or not isinstance(backend, TcpAddress) or os.geteuid() != 0:
+        return False
+    if backend.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address((backend.host or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def measuring(inetd: InetdJobs | None, adopter: Adopter | None) -> str:
+    """How jobs are measured, for /status."""
+    if inetd is not None:
+        if inetd.cgroups is None:
+            return "process-tree sampling (no per-job cgroups)"
+        return f"per-job cgroups: {inetd.cgroups.describe()}"
+    if adopter is None:
+        return "process-tree sampling (no per-job cgroups: needs root and a loopback backend)"
+    if adopter.failure is not None:
+        return f"process-tree sampling (no per-job cgroups: {adopter.failure})"
+    return f"per-job cgroups below the backend's ({adopter.adopted} jobs so far)"
+
+
+async def _closing_at_end(close: Callable[[], None]) -> None:
+    """Owns something the handlers use until the server's end (its root nursery
+    is cancelled only after every handler is done)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        close()
 
 
 class Server:
@@ -105,8 +137,10 @@ class Server:
         self.relay = Relay() if config.zero_copy and ZERO_COPY_AVAILABLE else None
         self.inetd = (InetdJobs(config, command, self.relay, job_cgroups(config))
                       if command is not None else None)
+        self.adopter = Adopter() if command is None and adoptable(config) else None
         self.proxy = ProxyJobs(config, self.gate, self.relay, self.watch.is_gone,
-                               lambda job: self.connections.mark_admitted(job))
+                               lambda job: self.connections.mark_admitted(job),
+                               adopter=self.adopter)
         self.runner = self.inetd.runner if self.inetd is not None else None
         self.waker = self.inetd.waker if self.inetd is not None else None
         self._stop = trio.Event()
@@ -115,7 +149,7 @@ class Server:
             queue_peers=lambda: self.connections.queue_peers(),
             stopping=lambda: self.stopping,
             backend=BackendCheck(None if command is not None else config.backend))
-        self.observatory.measuring = measuring(self.inetd)
+        self.observatory.measuring = lambda: measuring(self.inetd, self.adopter)
         self.connections = Connections(
             config, self.gate, self.inetd or self.proxy, watch=self.watch, meter=self.meter,
             book=self.book, oom=self.oom, on_end=self.observatory.connection_ended)
@@ -154,6 +188,10 @@ class Server:
                     root.start_soon(agent_port.serve, listener)
             root.start_soon(self.watch.run)
             root.start_soon(self.meter.run)
+            if self.adopter is not None:
+                root.start_soon(_closing_at_end, self.adopter.close)
+            if self.inetd is not None and self.inetd.cgroups is not None:
+                root.start_soon(_closing_at_end, self.inetd.cgroups.leftovers.retry)
             if self.relay is not None:
                 root.start_soon(self.relay.run)
             if self.waker is not None:

@@ -135,6 +135,11 @@ def config(backend: TcpAddress, **overrides: object) -> Config:
         # backends; the argv policy is tested on its own (test_hostile,
         # test_argv_policy) and, on by default, by every CLI-started gatekeeper.
         "argv_policy": None,
+        # In-process fake backends live in the test's own process (which the
+        # adopter never moves) or fork per connection: per-job cgroups are
+        # tested where a real process serves the job (test_job_cgroups) and,
+        # on by default, by every CLI-started gatekeeper run as root.
+        "job_cgroups": False,
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]

@@ -50,21 +50,27 @@ class Cgroup:
         raise AssertionError("memory.oom_control has no oom_kill line on this kernel")
 
     def remove(self) -> None:
-        """Kill what is left in it (the test started all of it) and remove it."""
-        for pid in (self.path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
+        """Kill what is left in it and below it (the test started all of it) and
+        remove it, job cgroups gatekeeper could not remove yet (a zombie of the
+        forking backend kept them busy) first."""
+        below = sorted((d for d in self.path.rglob("*") if d.is_dir()),
+                       key=lambda d: len(d.parts), reverse=True)
+        for directory in [*below, self.path]:
+            for pid in (directory / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
         # Killed tasks leave the cgroup asynchronously; cleanup (not synchronisation)
         # retries rmdir for a bounded while.
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.path.rmdir()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        for directory in [*below, self.path]:
+            while True:
+                try:
+                    directory.rmdir()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
 
 
 def _cgroup_or_skip() -> Path:

@@ -78,7 +78,10 @@ def test_a_keys_margin_is_the_spread_of_its_own_peaks() -> None:
 def test_margin_bounds(peaks: list[int]) -> None:
     m = margin(peaks)
     assert MIN_MARGIN <= m <= MAX_MARGIN
-    assert max(peaks) * (1 + m) >= max(peaks) + (max(peaks) - min(peaks)) * (m < MAX_MARGIN)
+    if len(peaks) > 1 and m < MAX_MARGIN:
+        # the estimate reaches as far above the largest peak as the peaks spread
+        top, spread = max(peaks), max(peaks) - min(peaks)
+        assert top * (1 + m) >= top + spread - 1e-6 * top
 
 
 def test_bounded_by_least_recently_used() -> None:

@@ -19,12 +19,21 @@ from pathlib import Path
 
 import pytest
 import trio
-from fakes import config, receive_all
+import trio.testing
+from distcc_harness import DistccServer, children_of
+from fakes import config, gatekeeper, receive_all
 from test_inetd import UNUSED_BACKEND, inetd_gatekeeper
+from test_learning import forking_backend, reply, run_job
+from test_learning import key_of as proxy_key_of
+from test_learning import request as proxy_request
 
 from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.inetd.command import Command, CommandRunner
+from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter
 from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
+from gatekeeper.net.addresses import TcpAddress
+
+__all__ = ["forking_backend"]  # a fixture, used by name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,7 +164,7 @@ async def test_a_short_inetd_job_is_learned_at_its_true_peak(
     job itself read from its cgroup before it exited."""
     find_place()
     caplog.set_level(logging.INFO, logger="gatekeeper")
-    cfg = config(UNUSED_BACKEND, max_jobs=2)
+    cfg = config(UNUSED_BACKEND, max_jobs=2, job_cgroups=True)
     async with inetd_gatekeeper(cfg, [sys.executable, "-c", JOB]) as gk:
         assert gk.server.inetd is not None and gk.server.inetd.cgroups is not None
         assert "per-job cgroups" in gk.server.observatory.status()["measuring"]
@@ -255,3 +264,98 @@ def test_signals_reach_a_job_in_its_cgroup(place: JobCgroups) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=10) == -signal.SIGTERM
     cgroup.remove()
+
+
+# -- proxy mode: the backend's process is adopted for the job -------------------------
+
+
+async def test_a_short_proxied_job_is_learned_at_its_true_peak(
+        forking_backend: TcpAddress) -> None:
+    """The process serving the job is moved into a job cgroup before its request
+    reaches it: a 50 ms job (never seen by sampling) is learned exactly."""
+    find_place()
+    async with gatekeeper(config(forking_backend, max_jobs=2, job_cgroups=True)) as gk:
+        client = await gk.connect()
+        assert await run_job(client, proxy_request("s.o", 60, hold=0.05)) == reply(60)
+        await gk.wait_settled(1)
+        book = gk.server.book
+        key = proxy_key_of("s.o", 60, hold=0.05)
+        assert book.knows(key)
+        assert 60 * MiB <= book._peaks[key][-1] <= 80 * MiB
+        assert gk.server.observatory.status()["measuring"] == \
+            "per-job cgroups below the backend's (1 jobs so far)"
+
+
+def cgroup_text(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return f.read()
+
+
+def _proxy_compile(port: int, tmp_path: Path, source: Path) -> None:
+    (tmp_path / ".distcc").mkdir(exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+           "DISTCC_HOSTS": f"127.0.0.1:{port}/1", "DISTCC_DIR": str(tmp_path / ".distcc"),
+           "DISTCC_FALLBACK": "0"}
+    done = subprocess.run(["distcc", "g++", "-O2", "-c", str(source), "-o",
+                           str(tmp_path / "heavy.o")], env=env, cwd=tmp_path,
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(_missing_toolchain() is not None, reason=str(_missing_toolchain()))
+async def test_proxy_mode_gives_distccds_child_a_cgroup_for_the_job(tmp_path: Path) -> None:
+    """The stock distccd daemon behind gatekeeper: its pre-forked child is moved
+    into a job cgroup for the compile and back after it, the footprint is that
+    cgroup's peak, within 5 % of sampling's view of the same compile, and no
+    job cgroup is left."""
+    find_place()
+    source = tmp_path / "heavy.cc"
+    source.write_text(HEAVY)
+    peaks: dict[bool, int] = {}
+    with DistccServer(jobs=2, hold_s=0) as distccd:
+        for cgroups in (True, False):
+            cfg = config(TcpAddress("127.0.0.1", distccd.port), max_jobs=1,
+                         job_cgroups=cgroups)
+            async with gatekeeper(cfg) as gk:
+                await trio.to_thread.run_sync(_proxy_compile, gk.address.port, tmp_path,
+                                              source)
+                await gk.wait_settled(1)
+                book = gk.server.book
+                assert len(book) == 1, "the compile was learned"
+                peaks[cgroups] = next(iter(book._peaks.values()))[-1]
+                measuring = gk.server.observatory.status()["measuring"]
+                assert ("per-job cgroups below" in measuring) == cgroups, measuring
+                place = gk.server.adopter._places if gk.server.adopter else {}
+                parents = {p.parent.path for p in place.values()}
+        # Every distccd child is back home, and nothing is left behind.
+        for pid, _state in children_of(distccd.pid):
+            assert f"/{PREFIX}" not in cgroup_text(pid)
+        for parent in parents:
+            assert not [n for n in os.listdir(parent) if n.startswith(f"{PREFIX}{os.getpid()}-")]
+    exact, sampled = peaks[True], peaks[False]
+    print(f"\nproxy mode, real g++ -O2 compile: job cgroup peak {exact / MiB:.1f} MiB, "
+          f"sampled {sampled / MiB:.1f} MiB ({sampled / exact:.3f}x)")
+    assert exact > 50 * MiB
+    assert abs(sampled - exact) <= 0.05 * exact
+
+
+async def test_adoption_gives_up_when_no_backend_process_can_be_found(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    """Where distccd's processes cannot be found (no permission, another
+    namespace), three jobs wait ADOPT_WAIT each, then adoption stops for good:
+    no later job waits for nothing, and it is said once."""
+    adopter = Adopter()
+    nobody = (("127.0.0.1", 9), ("127.0.0.1", 1))  # no such connection
+    try:
+        for _ in range(GIVE_UP_AFTER):
+            start = trio.current_time()
+            assert await adopter.adopt(nobody) is None
+            assert trio.current_time() - start >= ADOPT_WAIT - 0.03
+        assert adopter.failure is not None and "not found" in adopter.failure
+        start = trio.current_time()
+        assert await adopter.adopt(nobody) is None
+        assert trio.current_time() == start  # not even looked for
+    finally:
+        adopter.close()
+    assert sum("measured by sampling" in r.getMessage() for r in caplog.records) == 1

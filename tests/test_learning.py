@@ -236,7 +236,7 @@ async def test_a_compile_too_short_to_sample_is_not_learned(
     """Sampling every 0.2 s sees a 50 ms compile once at most, maybe before its
     allocation: that is not a measurement (without a job cgroup it is not
     learned at all; a job cgroup's peak is exact, see test_job_cgroups)."""
-    async with gatekeeper(config(forking_backend, max_jobs=4)) as gk:
+    async with gatekeeper(config(forking_backend, max_jobs=4, job_cgroups=False)) as gk:
         for n in range(3):
             client = await gk.connect()
             assert await run_job(client, request("short.o", 40, hold=0.05)) == reply(40)

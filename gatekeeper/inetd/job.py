@@ -149,7 +149,8 @@ class InetdJobs:
             if peak:
                 usage.peak, usage.exact = peak, True
         try:
-            cgroup.remove()
+            if not cgroup.remove() and self.cgroups is not None:
+                self.cgroups.leftovers.keep(cgroup)  # a zombie in it: removed later
         except CgroupError as e:
             log.warning("%s", e)
 

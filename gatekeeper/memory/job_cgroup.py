@@ -13,9 +13,10 @@ Lifecycle of one `JobCgroup`:
     JOINED    the job's first process wrote itself in (`enter`, between fork
               and exec: nothing it allocates is charged elsewhere); its
               children are born inside
-    EMPTIED   the job's processes have exited; its peak is read
+     EMPTIED   the job's processes have exited; its peak is read
     REMOVED   rmdir'ed (`remove`); a process left behind is moved to the parent
-              first, so no cgroup is leaked
+              first, so no cgroup is leaked; one kept busy by a zombie (exited,
+              not yet reaped) waits in `Leftovers` and is removed at a later job
 
 `JobCgroups.find` decides once, at start, whether gatekeeper may make them
 (write access to its own memory cgroup: root, or a v2 subtree delegated with
@@ -28,6 +29,7 @@ and why, so the caller can log it and fall back to measuring without a cgroup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -221,22 +223,59 @@ class JobCgroup:
     def peak(self) -> int | None:
         return self.memory.peak()
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
         """Remove both cgroups. Processes still inside (a compiler that outlived
         its distccd) are moved to the parent first: they go on, unmeasured, and
-        no cgroup is leaked. Raises CgroupError if that fails."""
+        no cgroup is leaked. A zombie cannot be moved and keeps its cgroup busy
+        until its parent reaps it: then this returns False, and the caller
+        tries again later (`Leftovers`). Raises CgroupError for anything else."""
         self.close_fds()
+        self.memory.memory.close()
         errors = []
+        removed = True
         for path, parent in ((self.freezer, None), (self.memory.path, self.memory.parent.path)):
             if path is None:
                 continue
             try:
-                _remove_dir(path, parent or os.path.dirname(path))
+                removed = _remove_dir(path, parent or os.path.dirname(path)) and removed
             except CgroupError as exc:
                 errors.append(str(exc))
-        self.memory.memory.close()
         if errors:
             raise CgroupError("; ".join(errors))
+        return removed
+
+
+class Leftovers:
+    """Job cgroups whose removal waits for zombies to be reaped (a forking
+    backend's child that exited, not yet waited for): tried again at each new
+    job, bounded."""
+
+    # A busy box reaps within milliseconds; this many waiting means something
+    # never reaps, and more are not worth keeping track of.
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._waiting: list[JobCgroup] = []
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def keep(self, cgroup: JobCgroup) -> None:
+        if len(self._waiting) >= self.LIMIT:
+            log.warning("job cgroup %s left behind: %d others already wait for their "
+                        "zombies to be reaped", cgroup.path, self.LIMIT)
+            return
+        self._waiting.append(cgroup)
+
+    def retry(self) -> None:
+        still = []
+        for cgroup in self._waiting:
+            try:
+                if not cgroup.remove():
+                    still.append(cgroup)
+            except CgroupError as e:
+                log.warning("%s", e)
+        self._waiting = still
 
 
 def _pids_of(path: str) -> list[int]:
@@ -247,25 +286,38 @@ def _pids_of(path: str) -> list[int]:
         return []
 
 
-def _remove_dir(path: str, parent: str) -> None:
+def _remove_dir(path: str, parent: str) -> bool:
+    """rmdir, moving live processes out first; False if only zombies keep it."""
     for _ in range(3):  # a process forking as it is moved: try again
         try:
             os.rmdir(path)
-            return
+            return True
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
-        left = _pids_of(path)
+        live = [pid for pid in _pids_of(path) if not _zombie(pid)]
+        if not live:
+            return False
         log.warning("job cgroup %s still has processes %s: moving them to %s",
-                    path, left[:10], parent)
-        for pid in left:
+                    path, live[:10], parent)
+        for pid in live:
             try:
                 _write(os.path.join(parent, "cgroup.procs"), str(pid), f"move pid {pid} out")
             except CgroupError:
                 continue
     raise CgroupError(f"cannot remove cgroup {path}: processes keep appearing in it")
+
+
+def _zombie(pid: int) -> bool:
+    """Exited, not yet reaped (or gone meanwhile): cannot be moved."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
 class JobCgroups:
@@ -275,6 +327,7 @@ class JobCgroups:
         self.parent = parent
         self.freezer = freezer
         self._names = (f"{PREFIX}{os.getpid()}-{n}" for n in itertools.count(1))
+        self.leftovers = Leftovers()
 
     @classmethod
     def find(cls, *, proc: str = "/proc",
@@ -284,19 +337,35 @@ class JobCgroups:
         itself into a `supervisor` child (a cgroup whose children get the memory
         controller may hold no processes), as systemd's `Delegate=yes` allows.
         Raises CgroupError saying why not, in one line."""
+        return cls._of("self", proc=proc, mounts=mounts, leave_v2=True)
+
+    @classmethod
+    def of_process(cls, pid: int, *, proc: str = "/proc",
+                   mounts: Sequence[CgroupMount] | None = None) -> JobCgroups:
+        """Job cgroups below another process's memory cgroup (distccd's, in proxy
+        mode; a job cgroup it was left in counts as its parent). On v2 the kernel
+        refuses memory-controlled children of a cgroup that holds processes, and
+        this raises saying so. Raises CgroupError."""
+        return cls._of(str(pid), proc=proc, mounts=mounts, leave_v2=False)
+
+    @classmethod
+    def _of(cls, pid: str, *, proc: str, mounts: Sequence[CgroupMount] | None,
+            leave_v2: bool) -> JobCgroups:
         try:
-            with open(f"{proc}/self/cgroup", encoding="utf-8") as f:
-                entries = parse_proc_cgroup(f.read())
+            with open(f"{proc}/{pid}/cgroup", encoding="utf-8") as f:
+                entries = [dataclasses.replace(e, path=_outside_jobs(e.path))
+                           for e in parse_proc_cgroup(f.read())]
             if mounts is None:
                 mounts = read_mounts(f"{proc}/self/mountinfo")
         except (OSError, ValueError) as exc:
-            raise CgroupError(f"cannot read gatekeeper's own cgroups: {exc}") from exc
+            who = "gatekeeper's own" if pid == "self" else f"pid {pid}'s"
+            raise CgroupError(f"cannot read {who} cgroups: {exc}") from exc
         found = [d for d in locate(entries, mounts) if d.memory]
         if not found:
             raise CgroupError("no memory cgroup hierarchy is mounted")
         # v1 first: where memory is on v1, v2 has no memory controller anyway.
         parent = min(found, key=lambda d: d.version)
-        if parent.version == 2:
+        if parent.version == 2 and leave_v2:
             parent = _leave_v2_cgroup(parent)
         if not os.access(parent.path, os.W_OK):
             raise CgroupError(f"no write access to {parent.path} (needs root, or a "
@@ -312,6 +381,8 @@ class JobCgroups:
 
     def create(self) -> JobCgroup:
         """A new job's cgroup. Raises CgroupError."""
+        if self.leftovers:
+            self.leftovers.retry()
         name = next(self._names)
         memory = ChildCgroup(self.parent, name)
         freezer = None
@@ -347,6 +418,14 @@ class JobCgroups:
     def describe(self) -> str:
         freezer = f", freezer {self.freezer}" if self.freezer else ""
         return f"cgroup v{self.parent.version} memory {self.parent.path}{freezer}"
+
+
+def _outside_jobs(path: str) -> str:
+    """A cgroup path with any trailing job cgroup taken off (a process a failed
+    release left in one belongs to the cgroup above)."""
+    while os.path.basename(path).startswith(PREFIX):
+        path = os.path.dirname(path)
+    return path
 
 
 def _v1_freezer(entries: Sequence[CgroupEntry], mounts: Sequence[CgroupMount]) -> str | None:

@@ -82,7 +82,7 @@ class Observatory:
         self.queue_peers = queue_peers
         self.stopping = stopping
         self.backend = backend
-        self.measuring = "process-tree sampling"
+        self.measuring: Callable[[], str] = lambda: "process-tree sampling"
         """How jobs are measured, for /status (set by the server at start)."""
         self.registry = CollectorRegistry()
         self.completed: dict[str, int] = dict.fromkeys(COMPLETED_OUTCOMES, 0)
@@ -154,7 +154,7 @@ class Observatory:
             available=self.gate.available_now(), stopping=self.stopping(),
             unknown_footprint=self.unknown_footprint(), pressure=self.gate.pressure,
             completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
-            health=health_view, measuring=self.measuring)
+            health=health_view, measuring=self.measuring())
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()

@@ -1,0 +1,229 @@
+"""Proxy mode's per-job cgroups: the distccd child serving a job is moved into a
+cgroup of its own below distccd's, for exactly that job, and back.
+
+Why: in proxy mode gatekeeper does not start the job's processes, distccd's
+pre-forked children do, each serving job after job. Sampling their trees misses
+short compiles and guesses the charge; a job cgroup makes the kernel count it.
+The child is moved in before the job's request reaches it (the job's task
+holds the request in the client's socket until then), so everything it and its
+compiler allocate for the job is charged there; memory it had before (its own
+baseline) stays with distccd's cgroup (neither v1 nor v2 moves old charges).
+
+One adoption, in the job's task (`ProxyJobs.run`):
+
+    FIND      our backend connection's other end -> its inode (sock_diag) ->
+              the distccd child holding it (/proc/PID/fd; pids that served
+              earlier jobs first). distccd's child accepts at once when one is
+              idle; it is looked for for up to ADOPT_WAIT, else the job is
+              sampled like before.
+    ADOPTED   a job cgroup made below the child's own cgroup, the child moved in
+    RELEASED  at the job's end: the child moved back to its cgroup if it is
+              still in the job's (it may already serve the next job, which moved
+              it on), the peak read, the job cgroup removed
+
+Moves are cgroup.procs writes, done in the trio thread with no checkpoint
+between checking where the child is and moving it, so two jobs that the same
+child serves one after the other never move it in the wrong order (measured:
+41 us per move, v1, median of 40; the first after a while took 14.6 ms).
+
+Where gatekeeper may not make cgroups below distccd's (not root; cgroup v2,
+where distccd's own cgroup holding processes forbids memory-controlled
+children), the first failure is logged once with its reason, and `/status`
+says jobs are sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import deque
+from collections.abc import Sequence
+
+import trio
+
+from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroup, JobCgroups
+from gatekeeper.memory.meter import SocketFinder, backend_process
+
+log = logging.getLogger("gatekeeper")
+
+# How long a job's start waits for distccd to accept its connection so its
+# child can be adopted: an idle pre-forked child accepts within a millisecond;
+# a busy distccd (all --jobs children at work) keeps it in its backlog, and the
+# job is then sampled instead of waiting longer.
+ADOPT_WAIT = 0.25
+# Until one job's process has been found, this many jobs in a row whose
+# process is not found mean it cannot be (no permission to read distccd's
+# /proc/PID/fd, a backend in another network namespace): adoption stops, and
+# no later job waits ADOPT_WAIT for nothing.
+GIVE_UP_AFTER = 3
+# Lookups back off from 1 ms to this between tries.
+MAX_PAUSE = 0.02
+# Distinct /proc/PID/cgroup texts remembered: one per cgroup distccd's
+# children live in (one, usually); bounded all the same.
+MAX_PLACES = 16
+_JOB_CGROUP = re.compile(rb"/" + PREFIX.encode() + rb"\d+-\d+(?=/|\n|$)")
+
+Ends = tuple[tuple[str, int], tuple[str, int]]
+
+
+class Adoption:
+    """One job's adopted backend process and its cgroup."""
+
+    def __init__(self, pid: int, cgroup: JobCgroup, place: JobCgroups, home: str,
+                 freezer_home: str | None) -> None:
+        self.pid = pid
+        self.cgroup = cgroup
+        self.place = place
+        self.home = home
+        """The child's own memory cgroup (distccd's), where it goes back."""
+        self.freezer_home = freezer_home
+
+
+class Adopter:
+    """Adopts the backend processes of proxy-mode jobs (see the module docstring).
+    Owned by `job.ProxyJobs`; `close` at the server's end."""
+
+    def __init__(self) -> None:
+        self._finder: SocketFinder | None = None  # opened at the first job
+        self._lookups = trio.CapacityLimiter(1)  # the finder is one netlink socket
+        self._places: dict[bytes, JobCgroups] = {}
+        self._known: deque[int] = deque(maxlen=64)
+        self.failure: str | None = None
+        """Why jobs cannot be adopted (set once, at the first failure)."""
+        self.adopted = 0
+        self._misses = 0
+
+    def close(self) -> None:
+        """At the server's end: the finder, and a last try at job cgroups a zombie
+        kept (what is still left is swept by the next start)."""
+        if self._finder is not None:
+            self._finder.close()
+            self._finder = None
+        for place in self._places.values():
+            place.leftovers.retry()
+
+    async def adopt(self, ends: Ends) -> Adoption | None:
+        """Find the process serving our connection `ends` and move it into a new
+        job cgroup. None if it cannot be (logged once; the job is sampled)."""
+        if self.failure is not None:
+            return None
+        pid = await self._find(ends)
+        if pid is None:
+            self._misses += 1
+            if self.adopted == 0 and self._misses >= GIVE_UP_AFTER:
+                self._fail(f"the backend's process serving a job was not found for "
+                           f"{GIVE_UP_AFTER} jobs in a row")
+            return None
+        try:
+            place, home, freezer_home = self._place_of(pid)
+            cgroup = place.create()
+        except CgroupError as e:
+            self._fail(str(e))
+            return None
+        try:
+            _move(pid, cgroup.path)
+            if cgroup.freezer is not None:
+                _move(pid, cgroup.freezer)
+        except CgroupError as e:
+            self._restore(pid, home, freezer_home)
+            cgroup.close_fds()
+            _quietly_remove(cgroup, place)
+            log.debug("could not adopt pid %d: %s", pid, e)  # gone already: its job ended
+            return None
+        cgroup.close_fds()
+        self.adopted += 1
+        return Adoption(pid, cgroup, place, home, freezer_home)
+
+    def release(self, adoption: Adoption) -> int | None:
+        """The job is over: move its process back home unless it already serves
+        another job, read the job cgroup's peak, remove it. Returns the peak."""
+        cgroup = adoption.cgroup
+        if adoption.pid in _pids(cgroup.path):
+            self._restore(adoption.pid, adoption.home, adoption.freezer_home)
+        peak = cgroup.peak()
+        _quietly_remove(cgroup, adoption.place)
+        return peak
+
+    # -- internals --------------------------------------------------------
+
+    async def _find(self, ends: Ends) -> int | None:
+        ours, theirs = ends
+        if self._finder is None:
+            self._finder = SocketFinder()
+        deadline = trio.current_time() + ADOPT_WAIT
+        pause = 0.001
+        while True:
+            hints = list(self._known)
+            pid = await trio.to_thread.run_sync(
+                backend_process, ours, theirs, hints, self._finder, limiter=self._lookups)
+            if pid is not None:
+                if pid not in self._known:
+                    self._known.append(pid)
+                return pid
+            if trio.current_time() + pause > deadline:
+                return None
+            await trio.sleep(pause)  # distccd has not accepted it yet
+            pause = min(MAX_PAUSE, pause * 2)
+
+    def _place_of(self, pid: int) -> tuple[JobCgroups, str, str | None]:
+        """Where the child's job cgroups go: below its own memory cgroup (the one
+        above, if a failed release left it in a job cgroup), one place per cgroup."""
+        try:
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                # A few hundred bytes, the cache key; a job cgroup the child is
+                # still in (its last job not yet released) counts as its parent.
+                key = _JOB_CGROUP.sub(b"", f.read())
+        except OSError as e:
+            raise CgroupError(f"cannot read pid {pid}'s cgroups: {e.strerror}") from e
+        cached = self._places.get(key)
+        if cached is None:
+            cached = JobCgroups.of_process(pid)  # looked up, swept, probed: once
+            log.info("distccd's jobs each get a cgroup of their own under %s",
+                     cached.describe())
+            if len(self._places) < MAX_PLACES:
+                self._places[key] = cached
+        return cached, cached.parent.path, cached.freezer
+
+    def _restore(self, pid: int, home: str, freezer_home: str | None) -> None:
+        for where in (home, freezer_home):
+            if where is None:
+                continue
+            try:
+                _move(pid, where)
+            except CgroupError as e:
+                log.debug("could not move pid %d back: %s", pid, e)  # it exited
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        log.warning("proxy-mode jobs measured by sampling: cannot give distccd's jobs "
+                    "cgroups of their own (%s)", why)
+
+
+def _move(pid: int, path: str) -> None:
+    try:
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CgroupError(f"cannot move pid {pid} into {path}: {exc.strerror}") from exc
+
+
+def _pids(path: str) -> Sequence[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return ()
+
+
+def _quietly_remove(cgroup: JobCgroup, place: JobCgroups) -> None:
+    """Remove it, or leave it to be removed at a later job (a zombie of a
+    forking backend keeps it busy until reaped)."""
+    try:
+        if not cgroup.remove():
+            place.leftovers.keep(cgroup)
+    except CgroupError as e:
+        log.warning("%s", e)
