@@ -39,7 +39,7 @@ from gatekeeper.config import Config
 from gatekeeper.distcc.protocol import OPAQUE, Speaks
 from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.gate import Gate, Ticket
-from gatekeeper.memory.adopt import Adopter
+from gatekeeper.memory.adopt import Adopter, Adoption
 from gatekeeper.memory.meter import Usage
 from gatekeeper.net.addresses import connect, connected_now, finish_connect, start_connect
 from gatekeeper.net.copy import Transfer, abort
@@ -56,6 +56,10 @@ log = logging.getLogger("gatekeeper")
 # (on top of --request-idle-timeout): 64 KiB/s is a 512 kbit/s link, far below
 # any build farm's, and a 10 MB preprocessed source still has 160 s.
 MIN_REQUEST_RATE = 64 * 1024
+
+# What goes ahead of an adoption (`_prime_and_adopt`): one distcc token, less
+# than any request, enough for distccd's TCP_DEFER_ACCEPT to let a child accept.
+PRIME_BYTES = 12
 
 # A reason can quote the client (the argv policy names the refused option);
 # repr() escapes it, and this bounds it.
@@ -347,11 +351,14 @@ class ProxyJobs:
         stalled: list[str] = []
         adoption = None
         try:
-            if self.adopter is not None and moving is None and job.backend_ends is not None:
-                # Before a byte of the request reaches it (see memory/adopt.py).
-                adoption = await self.adopter.adopt(job.backend_ends)
-                if adoption is not None and job.usage is not None:
-                    job.usage.cgroup_usage = adoption.cgroup.usage_file
+            if (self.adopter is not None and moving is None and job.backend_ends is not None
+                    and job.key is not None):
+                # Before the request's last bytes reach it (see memory/adopt.py).
+                adoption, failed = await _prime_and_adopt(self.adopter, stream, backend,
+                                                          transfer, job)
+                if failed is not None:
+                    job.settle(failed)
+                    return
             async with trio.open_nursery() as watching:
                 if job.request_bytes is not None:
                     watching.start_soon(watch_request, transfer, job.request_bytes,
@@ -376,6 +383,35 @@ class ProxyJobs:
             job.settle(Verdict(Outcome.IDLE_TIMEOUT, stalled[0]))
             return
         job.finish_moving(transfer, idle_timeout=self.config.idle_timeout)
+
+
+async def _prime_and_adopt(adopter: Adopter, stream: trio.SocketStream,
+                           backend: trio.SocketStream, transfer: Transfer,
+                           job: Job) -> tuple[Adoption | None, Verdict | None]:
+    """Give the job's distccd child a cgroup of its own before its compile can
+    start. distccd listens with TCP_DEFER_ACCEPT: no child accepts (and none
+    can be found) until request bytes arrive, so the request's first token goes
+    ahead (`PRIME_BYTES`: a distcc request is always longer), then the child is
+    found and moved, then the rest follows through the relay. Returns the
+    adoption (None: the job is sampled) and, if a side failed here, the job's
+    verdict (a client at EOF is left to the relay, which sees it again)."""
+    try:
+        first = await stream.receive_some(PRIME_BYTES)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        return None, Verdict(Outcome.CLIENT_ERROR, f"{type(e).__name__}: {e}")
+    if not first:
+        return None, None
+    try:
+        await backend.send_all(first)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        abort(stream)  # part of its request is gone: it must not see a clean end
+        return None, Verdict(Outcome.BACKEND_FAILED, f"{type(e).__name__}: {e}")
+    transfer.to_backend += len(first)
+    assert job.backend_ends is not None
+    adoption = await adopter.adopt(job.backend_ends)
+    if adoption is not None and job.usage is not None:
+        job.usage.cgroup_usage = adoption.cgroup.usage_file
+    return adoption, None
 
 
 async def watch_request(transfer: Transfer, total: int, idle_for: float,
