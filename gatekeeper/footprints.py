@@ -221,7 +221,10 @@ class FootprintBook:
 
 def margin(peaks: list[int]) -> float:
     """How much above its largest recent peak a key is expected to go: the
-    spread of those peaks, within MIN_MARGIN..MAX_MARGIN (FIRST_MARGIN with one)."""
+    spread of those peaks, within MIN_MARGIN..MAX_MARGIN (FIRST_MARGIN with one).
+    A cut-short guess (1.5x where it died) or a peak from an older way of
+    measuring (RSS, in a state file from before) widens the spread, and so the
+    margin, until it ages out of the last PEAKS_PER_KEY: erring high."""
     if len(peaks) < 2:
         return FIRST_MARGIN
     top = max(peaks)

@@ -111,6 +111,8 @@ class Job:
     backend process that serves the job."""
     usage: Usage | None = None
     """The meter's measurements of the job, while it is measured."""
+    adoption: Adoption | None = None
+    """Proxy mode: its distccd child, while it is in the job's cgroup."""
 
     def settle(self, verdict: Verdict | Outcome) -> None:
         if isinstance(verdict, Outcome):
@@ -255,9 +257,9 @@ class ProxyJobs:
         """The job's start; for a queued job on the zero-copy path, armed to run
         at the very moment it is admitted (not when its task next gets to run)."""
         start = ProxyStart()
-        # (Not with an adopter: the request must wait until the backend's
+        # (Not while adopting: the request must wait until the backend's
         # process is in the job's cgroup, which takes a lookup in a thread.)
-        if waited and self.relay is not None and self.adopter is None:
+        if waited and self.relay is not None and not self.adopting:
             start.jobs, start.stream, start.job, start.ticket = self, stream, job, ticket
             ticket.on_admit = start
         return start
@@ -316,7 +318,27 @@ class ProxyJobs:
         job.state = State.HANDED_OFF
         if job.usage is not None:
             job.usage.stop()
+        # Before the slot goes on: the next job may be served by the same
+        # distccd child, which must not compile it in this job's cgroup.
+        self._release(job)
         self.gate.release(ticket)
+
+    @property
+    def adopting(self) -> bool:
+        """Whether jobs' distccd children get job cgroups (an adopter that has not
+        given up: then jobs need not wait for it, nor be primed)."""
+        return self.adopter is not None and self.adopter.failure is None
+
+    def _release(self, job: Job) -> None:
+        """The job's distccd child goes home and its cgroup's peak is its footprint."""
+        adoption, job.adoption = job.adoption, None
+        if adoption is None or self.adopter is None:
+            return
+        peak = self.adopter.release(adoption)
+        if job.usage is not None:
+            job.usage.stop()
+            if peak:
+                job.usage.peak, job.usage.exact = peak, True
 
     async def run(self, stream: trio.SocketStream, job: Job, ticket: Ticket,
                   start: ProxyStart | None) -> None:
@@ -349,13 +371,13 @@ class ProxyJobs:
         transfer = moving.transfer if moving is not None else Transfer()
         job.transfer = transfer
         stalled: list[str] = []
-        adoption = None
         try:
-            if (self.adopter is not None and moving is None and job.backend_ends is not None
+            if (self.adopting and moving is None and job.backend_ends is not None
                     and job.key is not None):
+                assert self.adopter is not None
                 # Before the request's last bytes reach it (see memory/adopt.py).
-                adoption, failed = await _prime_and_adopt(self.adopter, stream, backend,
-                                                          transfer, job)
+                job.adoption, failed = await _prime_and_adopt(self.adopter, stream, backend,
+                                                              transfer, job)
                 if failed is not None:
                     job.settle(failed)
                     return
@@ -372,13 +394,7 @@ class ProxyJobs:
                 watching.cancel_scope.cancel()  # the bytes are done: stop the watch
         finally:
             backend.socket.close()
-            if adoption is not None:
-                assert self.adopter is not None
-                peak = self.adopter.release(adoption)
-                if job.usage is not None:
-                    job.usage.stop()
-                    if peak:
-                        job.usage.peak, job.usage.exact = peak, True
+            self._release(job)  # unless the hand-off did
         if stalled:
             job.settle(Verdict(Outcome.IDLE_TIMEOUT, stalled[0]))
             return
@@ -408,7 +424,14 @@ async def _prime_and_adopt(adopter: Adopter, stream: trio.SocketStream,
         return None, Verdict(Outcome.BACKEND_FAILED, f"{type(e).__name__}: {e}")
     transfer.to_backend += len(first)
     assert job.backend_ends is not None
-    adoption = await adopter.adopt(job.backend_ends)
+    try:
+        adoption = await adopter.adopt(job.backend_ends)
+    except BaseException:
+        # Cancelled (the drain deadline) with part of the request gone: both
+        # ends must see a reset, never a clean end.
+        abort(stream)
+        abort(backend)
+        raise
     if adoption is not None and job.usage is not None:
         job.usage.cgroup_usage = adoption.cgroup.usage_file
     return adoption, None

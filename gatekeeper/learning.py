@@ -50,7 +50,7 @@ class Observation:
 
     peak: int
     samples: int
-    """Readings of its process tree (0 where its cgroup was read instead)."""
+    """Readings taken while it ran (of its process tree, or of its cgroup's usage)."""
     exact: bool = False
     """`peak` is the job's own cgroup's: what the kernel charged, sampled or not."""
 

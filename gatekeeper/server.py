@@ -95,8 +95,10 @@ def adoptable(config: Config) -> bool:
         return False
 
 
-def measuring(inetd: InetdJobs | None, adopter: Adopter | None) -> str:
+def measuring(config: Config, inetd: InetdJobs | None, adopter: Adopter | None) -> str:
     """How jobs are measured, for /status."""
+    if not config.job_cgroups:
+        return "process-tree sampling (--job-cgroups off)"
     if inetd is not None:
         if inetd.cgroups is None:
             return "process-tree sampling (no per-job cgroups)"
@@ -138,6 +140,9 @@ class Server:
         self.inetd = (InetdJobs(config, command, self.relay, job_cgroups(config))
                       if command is not None else None)
         self.adopter = Adopter() if command is None and adoptable(config) else None
+        if command is None and config.job_cgroups and self.adopter is None:
+            log.info("proxy-mode jobs measured by sampling: per-job cgroups need root and "
+                     "a backend on loopback")
         self.proxy = ProxyJobs(config, self.gate, self.relay, self.watch.is_gone,
                                lambda job: self.connections.mark_admitted(job),
                                adopter=self.adopter)
@@ -149,7 +154,7 @@ class Server:
             queue_peers=lambda: self.connections.queue_peers(),
             stopping=lambda: self.stopping,
             backend=BackendCheck(None if command is not None else config.backend))
-        self.observatory.measuring = lambda: measuring(self.inetd, self.adopter)
+        self.observatory.measuring = lambda: measuring(config, self.inetd, self.adopter)
         self.connections = Connections(
             config, self.gate, self.inetd or self.proxy, watch=self.watch, meter=self.meter,
             book=self.book, oom=self.oom, on_end=self.observatory.connection_ended)

@@ -194,7 +194,7 @@ async def test_without_job_cgroups_it_says_so_and_samples(
     async with inetd_gatekeeper(cfg, ["cat"]) as gk:
         assert gk.server.inetd is not None and gk.server.inetd.cgroups is None
         assert gk.server.observatory.status()["measuring"] == \
-            "process-tree sampling (no per-job cgroups)"
+            "process-tree sampling (--job-cgroups off)"
 
 
 # -- a real compile: the kernel's count, and how close sampling comes to it -----------
@@ -324,6 +324,11 @@ async def test_a_short_proxied_job_is_learned_at_its_true_peak(
             client = await gk.connect()
             assert await run_job(client, proxy_request("s.o", 60, hold=0.05)) == reply(60)
             await gk.wait_settled(n)
+            adopter = gk.server.adopter
+            assert adopter is not None
+            if adopter.failure is not None:  # e.g. cgroup v2: see memory/adopt.py
+                print(f"SKIP: the backend's processes cannot be adopted: {adopter.failure}")
+                pytest.skip(f"the backend's processes cannot be adopted: {adopter.failure}")
         book = gk.server.book
         key = proxy_key_of("s.o", 60, hold=0.05)
         assert book.knows(key)
@@ -332,6 +337,11 @@ async def test_a_short_proxied_job_is_learned_at_its_true_peak(
         assert all(60 * MiB <= peak <= 80 * MiB for peak in book._peaks[key])
         assert gk.server.observatory.status()["measuring"] == \
             "per-job cgroups below the backend's (3 jobs so far)"
+        # Both children went home, and no job cgroup is left.
+        assert gk.server.adopter is not None
+        places = list(gk.server.adopter._places.values())
+        assert places and not [n for place in places for n in os.listdir(place.parent.path)
+                               if n.startswith(f"{PREFIX}{os.getpid()}-")]
 
 
 def cgroup_text(pid: int) -> str:
@@ -375,8 +385,10 @@ async def test_proxy_mode_gives_distccds_child_a_cgroup_for_the_job(tmp_path: Pa
                 measuring = gk.server.observatory.status()["measuring"]
                 # adopted for real (distccd's TCP_DEFER_ACCEPT: only once bytes came)
                 assert ("(1 jobs so far)" in measuring) == cgroups, measuring
-                place = gk.server.adopter._places if gk.server.adopter else {}
-                parents = {p.parent.path for p in place.values()}
+                if cgroups:
+                    assert gk.server.adopter is not None
+                    parents = {p.parent.path for p in gk.server.adopter._places.values()}
+                    assert parents
         # Every distccd child is back home, and nothing is left behind.
         for pid, _state in children_of(distccd.pid):
             assert f"/{PREFIX}" not in cgroup_text(pid)

@@ -42,7 +42,13 @@ from collections.abc import Sequence
 
 import trio
 
-from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroup, JobCgroups
+from gatekeeper.memory.job_cgroup import (
+    PREFIX,
+    CgroupError,
+    JobCgroup,
+    JobCgroups,
+    transient,
+)
 from gatekeeper.memory.meter import SocketFinder, backend_process
 
 log = logging.getLogger("gatekeeper")
@@ -115,11 +121,16 @@ class Adopter:
                 self._fail(f"the backend's process serving a job was not found for "
                            f"{GIVE_UP_AFTER} jobs in a row")
             return None
+        if pid == os.getpid():
+            return None  # never ourselves (a backend in gatekeeper's own process)
         try:
             place, home, freezer_home = self._place_of(pid)
-            cgroup = place.create()
+            cgroup = place.create(for_child=False)
         except CgroupError as e:
-            self._fail(str(e))
+            if transient(e):
+                log.warning("job measured by sampling: %s", e)
+            else:
+                self._fail(str(e))
             return None
         try:
             _move(pid, cgroup.path)
@@ -181,8 +192,9 @@ class Adopter:
             cached = JobCgroups.of_process(pid)  # looked up, swept, probed: once
             log.info("distccd's jobs each get a cgroup of their own under %s",
                      cached.describe())
-            if len(self._places) < MAX_PLACES:
-                self._places[key] = cached
+            if len(self._places) >= MAX_PLACES:
+                del self._places[next(iter(self._places))]  # the oldest
+            self._places[key] = cached
         return cached, cached.parent.path, cached.freezer
 
     def _restore(self, pid: int, home: str, freezer_home: str | None) -> None:

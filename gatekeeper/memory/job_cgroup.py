@@ -165,6 +165,22 @@ class ChildCgroup:
                               f"{inside}") from exc
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def transient(error: CgroupError) -> bool:
+    """A failure of this one attempt (out of fds or memory), not a sign that job
+    cgroups cannot be made here."""
+    cause = error.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE,
+                                                          errno.ENOMEM)
+
+
 def _cgroup_procs_fd(path: str) -> int:
     try:
         return os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
@@ -176,12 +192,20 @@ class JobCgroup:
     """One job's cgroup (memory, and the v1 freezer's where mounted); see the
     module docstring for its states."""
 
-    def __init__(self, memory: ChildCgroup, freezer: str | None) -> None:
+    def __init__(self, memory: ChildCgroup, freezer: str | None, *,
+                 for_child: bool = True, home: str | None = None) -> None:
         self.memory = memory
+        self.home = home or memory.parent.path
+        """Where processes left behind go (v2: the supervisor cgroup, since its
+        parent, having memory-controlled children, may hold none)."""
+        # Read by name when needed (`usage`, `peak`): no fd per running job.
+        memory.memory.close()
         self.freezer = freezer
         """The v1 freezer cgroup's directory (None on v2: `cgroup.freeze` is in
         the memory cgroup itself; or where no freezer is mounted)."""
         self._fds: list[int] = []
+        if not for_child:
+            return  # (adopted processes are moved by pid: memory/adopt.py)
         try:
             self._fds.append(_cgroup_procs_fd(memory.path))
             if freezer is not None:
@@ -218,10 +242,12 @@ class JobCgroup:
         return os.path.join(self.path, self.memory.memory.USAGE_FILE)
 
     def usage(self) -> int | None:
-        return self.memory.memory.usage()
+        return _read_int(self.usage_file)
 
     def peak(self) -> int | None:
-        return self.memory.peak()
+        """The highest charge since it was made; None where the kernel has no
+        peak file (v2 before Linux 5.19: `JobCgroups.find` refuses those)."""
+        return _read_int(os.path.join(self.path, self.memory.memory.PEAK_FILE))
 
     def remove(self) -> bool:
         """Remove both cgroups. Processes still inside (a compiler that outlived
@@ -233,7 +259,7 @@ class JobCgroup:
         self.memory.memory.close()
         errors = []
         removed = True
-        for path, parent in ((self.freezer, None), (self.memory.path, self.memory.parent.path)):
+        for path, parent in ((self.freezer, None), (self.memory.path, self.home)):
             if path is None:
                 continue
             try:
@@ -307,7 +333,7 @@ def _remove_dir(path: str, parent: str) -> bool:
                 _write(os.path.join(parent, "cgroup.procs"), str(pid), f"move pid {pid} out")
             except CgroupError:
                 continue
-    raise CgroupError(f"cannot remove cgroup {path}: processes keep appearing in it")
+    return False  # still busy: tried again at later jobs (`Leftovers`)
 
 
 def _zombie(pid: int) -> bool:
@@ -328,6 +354,8 @@ class JobCgroups:
         self.freezer = freezer
         self._names = (f"{PREFIX}{os.getpid()}-{n}" for n in itertools.count(1))
         self.leftovers = Leftovers()
+        self.home: str | None = None
+        """Where a job's leftover processes go, if not `parent` (v2)."""
 
     @classmethod
     def find(cls, *, proc: str = "/proc",
@@ -365,8 +393,10 @@ class JobCgroups:
             raise CgroupError("no memory cgroup hierarchy is mounted")
         # v1 first: where memory is on v1, v2 has no memory controller anyway.
         parent = min(found, key=lambda d: d.version)
+        home = None
         if parent.version == 2 and leave_v2:
             parent = _leave_v2_cgroup(parent)
+            home = os.path.join(parent.path, SUPERVISOR)
         if not os.access(parent.path, os.W_OK):
             raise CgroupError(f"no write access to {parent.path} (needs root, or a "
                               f"delegated subtree: Delegate=yes)")
@@ -374,13 +404,19 @@ class JobCgroups:
         if parent.version == 1:
             freezer = _v1_freezer(entries, mounts)
         place = cls(parent, freezer)
-        place.sweep()
+        place.home = home
+        place.sweep(own=leave_v2)
         probe = place.create()  # proves mkdir, the memory files and rmdir work
+        peak = probe.peak()
         probe.remove()
+        if peak is None:
+            raise CgroupError(f"{parent.path}: no {probe.memory.memory.PEAK_FILE} (cgroup v2 "
+                              f"has it from Linux 5.19): a job's peak cannot be read")
         return place
 
-    def create(self) -> JobCgroup:
-        """A new job's cgroup. Raises CgroupError."""
+    def create(self, *, for_child: bool = True) -> JobCgroup:
+        """A new job's cgroup (`for_child`: ready for a child to `enter`).
+        Raises CgroupError."""
         if self.leftovers:
             self.leftovers.retry()
         name = next(self._names)
@@ -393,11 +429,13 @@ class JobCgroups:
             except OSError as exc:
                 memory.remove()
                 raise CgroupError(f"cannot create cgroup {freezer}: {exc.strerror}") from exc
-        return JobCgroup(memory, freezer)
+        return JobCgroup(memory, freezer, for_child=for_child, home=self.home)
 
-    def sweep(self) -> None:
+    def sweep(self, *, own: bool = True) -> None:
         """Remove what an earlier gatekeeper here left behind (it crashed): empty
-        `job-*` cgroups whose gatekeeper is gone."""
+        `job-*` cgroups whose gatekeeper is gone; with `own`, at start, ours too
+        (a pid can be reused; a running gatekeeper passes False, so a job
+        cgroup it made and has not removed yet is left alone)."""
         for base in (self.parent.path, self.freezer):
             if base is None:
                 continue
@@ -409,8 +447,10 @@ class JobCgroups:
                 if not name.startswith(PREFIX):
                     continue
                 owner = name[len(PREFIX):].split("-", 1)[0]
-                if owner.isdigit() and int(owner) != os.getpid() \
-                        and os.path.exists(f"/proc/{owner}"):
+                if owner.isdigit() and int(owner) == os.getpid():
+                    if not own:
+                        continue
+                elif owner.isdigit() and os.path.exists(f"/proc/{owner}"):
                     continue  # another live gatekeeper's
                 with contextlib.suppress(OSError):  # not empty: a process runs there
                     os.rmdir(os.path.join(base, name))
