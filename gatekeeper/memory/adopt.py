@@ -26,6 +26,12 @@ between checking where the child is and moving it, so two jobs that the same
 child serves one after the other never move it in the wrong order (measured:
 41 us per move, v1, median of 40; the first after a while took 14.6 ms).
 
+Assumes distccd's model, where the process that accepted a connection serves
+it: a backend that accepts in a parent and forks per connection may be found
+as that parent (it holds the socket until it forks), which would then be moved
+for the job, children and all (a distcc request is needed to adopt at all, so
+the backend is a distccd).
+
 Where gatekeeper may not make cgroups below distccd's (not root; cgroup v2,
 where distccd's own cgroup holding processes forbids memory-controlled
 children), the first failure is logged once with its reason, and `/status`
