@@ -131,6 +131,8 @@ class Snapshot:
     expired_total: int
     abandoned_total: int
     refused_total: dict[str, int] = field(default_factory=dict)
+    backfilled_total: int = 0
+    """Of admitted_total, those started ahead of a head waiting for memory."""
     keys: dict[str, tuple[int, int]] = field(default_factory=dict)
     """(queued, running) of the busiest keys (at most TOP_KEYS)."""
 
@@ -474,6 +476,7 @@ class Admission:
             expired_total=self._expired_total,
             abandoned_total=self._abandoned_total,
             refused_total={r.value: n for r, n in self._refused.items()},
+            backfilled_total=self._backfilled_total,
             keys={("-" if k is None else k): (len(self._by_key.get(k, ())),
                                              self._running_by_key[k]) for k in busiest},
         )

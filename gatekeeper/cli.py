@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "short, but distccd sees a unix-domain client, which its --allow "
                         "refuses); auto: relay distcc jobs unless COMMAND has --allow "
                         "(default: auto)")
+    p.add_argument("--backfill", choices=["on", "off"], default="on",
+                   help="while the next job waits for memory, start later jobs that cannot "
+                        "delay it by their learned peak and duration (EASY backfilling; "
+                        "off: strict FIFO per client) (default: on)")
     p.add_argument("--job-cgroups", choices=["auto", "off"], default="auto",
                    help="give each job a memory cgroup of its own (v1: and a freezer "
                         "cgroup), so its footprint is the kernel's own count, short jobs "
@@ -381,6 +385,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         zero_copy=args.data_path == "splice",
         inetd_io=InetdIo(args.inetd_io),
         job_cgroups=args.job_cgroups == "auto",
+        backfill=args.backfill == "on",
         idle_timeout=args.idle_timeout,
         max_per_client=args.max_per_client,
         priorities=priorities,

@@ -116,6 +116,9 @@ class Config:
     """Move bytes with os.splice where the platform has it (else a buffer copy)."""
     inetd_io: InetdIo = InetdIo.AUTO
     """inetd mode: what COMMAND gets as stdin/stdout (see InetdIo)."""
+    backfill: bool = True
+    """While the next job waits for memory, start later jobs that cannot delay
+    it (backfill.py), by learned peaks and durations."""
     job_cgroups: bool = True
     """Give each job a cgroup of its own where gatekeeper may make one (inetd:
     memory/job_cgroup.py; proxy: memory/adopt.py); else, or False, sample its

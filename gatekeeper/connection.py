@@ -153,7 +153,8 @@ class Connections:
         job.estimate = self.book.estimate(job.key)
         key = self.config.fair_by.key(host)
         weight = self.config.priorities.weight(host)
-        async with self.gate.ticket(job.estimate, key=key, weight=weight) as ticket:
+        async with self.gate.ticket(job.estimate, key=key, weight=weight,
+                                    duration=self.book.duration(job.key)) as ticket:
             job.ticket = ticket.job
             if ticket.refused is not None:
                 job.settle(Outcome(ticket.refused.value))
@@ -222,7 +223,9 @@ class Connections:
                         printable(job.name or job.key or job.peer), format_bytes(peak),
                         teaching.why)
         elif teaching.lesson is Lesson.LEARN:
-            self.book.learn(job.key, peak)
+            seconds = (trio.current_time() - job.admitted if job.admitted is not None
+                       else None)
+            self.book.learn(job.key, peak, seconds=seconds)
 
 
 def refusal_of(policy: ArgvPolicy, head: DistccJob | Unparsed) -> str | None:

@@ -66,6 +66,14 @@ MIN_SAMPLES = 8
 # peak by the time it is killed). Too high only costs waiting; too low, a kill.
 CUT_SHORT_GROWTH = 1.5
 
+# A key's expected duration (for backfilling, backfill.py) is its longest recent
+# run plus this: a duration guessed short lets a backfilled job delay the head,
+# one guessed long only backfills less. Run-to-run spread of one compile on a
+# shared 2-core box: a few percent, at times 30 % (issue 18's bench rounds).
+DURATION_MARGIN = 0.25
+# Durations in a state file above a day are not compile times.
+MAX_SECONDS = 86_400.0
+
 STATE_FILE = "footprints.json"
 FORMAT = 1
 # The state file is read whole, so it is capped: a full book (MAX_KEYS keys of
@@ -83,6 +91,8 @@ class FootprintBook:
         self.seed = seed
         self.max_keys = max_keys
         self._peaks: OrderedDict[str, list[int]] = OrderedDict()
+        self._seconds: dict[str, list[float]] = {}
+        """Each key's last few run times (keys of `_peaks` only)."""
         self._recent: deque[int] = deque(maxlen=RECENT)
         self._unknown_cache: int | None = None
         self.dirty = False
@@ -99,6 +109,14 @@ class FootprintBook:
                 return int(max(peaks) * (1 + margin(peaks)))
         return self.unknown_estimate()
 
+    def duration(self, key: str | None) -> float | None:
+        """Expected run time of a job with this identity (None: never seen run
+        to its end)."""
+        if key is None:
+            return None
+        runs = self._seconds.get(key)
+        return max(runs) * (1 + DURATION_MARGIN) if runs else None
+
     def knows(self, key: str | None) -> bool:
         return key is not None and key in self._peaks
 
@@ -112,8 +130,8 @@ class FootprintBook:
                 self._unknown_cache = int(ordered[index] * (1 + MARGIN))
         return self._unknown_cache
 
-    def learn(self, key: str | None, peak: int) -> None:
-        """Record a finished job's measured peak."""
+    def learn(self, key: str | None, peak: int, *, seconds: float | None = None) -> None:
+        """Record a finished job's measured peak (and how long it ran)."""
         if peak <= 0:
             return
         self._recent.append(peak)
@@ -121,13 +139,17 @@ class FootprintBook:
         self.dirty = True
         if key is not None:
             self._remember(key, peak)
+            if seconds is not None and 0 < seconds <= MAX_SECONDS:
+                self._seconds[key] = [*self._seconds.get(key, [])[-(PEAKS_PER_KEY - 1):],
+                                      seconds]
 
     def _remember(self, key: str, peak: int) -> None:
         """Append a peak to the key's last few, most recently used, within bounds."""
         peaks = self._peaks.pop(key, [])
         self._peaks[key] = [*peaks[-(PEAKS_PER_KEY - 1):], peak]
         while len(self._peaks) > self.max_keys:
-            self._peaks.popitem(last=False)
+            old, _ = self._peaks.popitem(last=False)
+            self._seconds.pop(old, None)
 
     def learn_cut_short(self, key: str | None, peak: int) -> None:
         """A job killed before its end (the OOM killer) reached `peak` and needed
@@ -144,7 +166,8 @@ class FootprintBook:
     # -- persistence ---------------------------------------------------
 
     def to_json(self) -> dict[str, object]:
-        return {"format": FORMAT, "keys": dict(self._peaks), "recent": list(self._recent)}
+        return {"format": FORMAT, "keys": dict(self._peaks), "recent": list(self._recent),
+                "seconds": {k: v for k, v in self._seconds.items() if k in self._peaks}}
 
     def load_json(self, data: object, *, ceiling: int) -> int:
         """Replace the learned state with `data`; raises ValueError if it is not
@@ -171,6 +194,17 @@ class FootprintBook:
             peaks[key] = kept
         kept_recent = measured(recent[-RECENT:])
         dropped += min(len(recent), RECENT) - len(kept_recent)
+        # Run times (optional: files from before them have none).
+        times = data.get("seconds")
+        seconds: dict[str, list[float]] = {}
+        if isinstance(times, dict):
+            for key, values in list(times.items())[-self.max_keys:]:
+                if key in peaks and isinstance(values, list):
+                    kept_times = [float(v) for v in values[-PEAKS_PER_KEY:]
+                                  if type(v) in (int, float) and 0 < v <= MAX_SECONDS]
+                    if kept_times:
+                        seconds[key] = kept_times
+        self._seconds = seconds
         self._peaks = peaks
         self._recent = deque(kept_recent, maxlen=RECENT)
         self._unknown_cache = None
@@ -190,7 +224,7 @@ class FootprintBook:
         except (OSError, ValueError, TypeError, RecursionError, MemoryError) as e:
             # JSONDecodeError and int-digit limits are ValueErrors; "[" x 100,000
             # is a RecursionError.
-            self._peaks, self._recent = OrderedDict(), deque(maxlen=RECENT)
+            self._peaks, self._recent, self._seconds = OrderedDict(), deque(maxlen=RECENT), {}
             log.warning("ignoring learned footprints in %s: %s", path,
                         str(e)[:200] or type(e).__name__)
             return

@@ -63,14 +63,17 @@ class TicketScope:
     @asynccontextmanager: one is entered per connection, and the generator
     machinery cost more than the arrival itself."""
 
-    __slots__ = ("_footprint", "_gate", "_key", "_ticket", "_weight")
+    __slots__ = ("_duration", "_footprint", "_gate", "_key", "_ticket", "_weight")
 
-    def __init__(self, gate: Gate, footprint: int | None, key: Key, weight: int) -> None:
+    def __init__(self, gate: Gate, footprint: int | None, key: Key, weight: int,
+                 duration: float | None) -> None:
         self._gate, self._footprint, self._key, self._weight = gate, footprint, key, weight
+        self._duration = duration
         self._ticket: Ticket | None = None
 
     async def __aenter__(self) -> Ticket:
-        self._ticket = self._gate._arrive(self._footprint, self._key, self._weight)
+        self._ticket = self._gate._arrive(self._footprint, self._key, self._weight,
+                                          self._duration)
         return self._ticket
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -96,16 +99,18 @@ class Gate:
         self._watchers = trio.lowlevel.ParkingLot()
 
     def ticket(self, footprint: int | None = None, *, key: Key = None,
-               weight: int = 1) -> TicketScope:
+               weight: int = 1, duration: float | None = None) -> TicketScope:
         """``async with gate.ticket(...) as ticket``: join the queue, expected to
-        need `footprint` bytes (None: the policy's default); the slot or queue
-        place is released on exit, exactly once, however the block ends
-        (including cancellation)."""
-        return TicketScope(self, footprint, key, weight)
+        need `footprint` bytes (None: the policy's default) for `duration`
+        seconds (None: unknown); the slot or queue place is released on exit,
+        exactly once, however the block ends (including cancellation)."""
+        return TicketScope(self, footprint, key, weight, duration)
 
-    def _arrive(self, footprint: int | None, key: Key, weight: int) -> Ticket:
+    def _arrive(self, footprint: int | None, key: Key, weight: int,
+                duration: float | None = None) -> Ticket:
         job = next(self._ids)
-        refused = self.admission.arrive(job, self._clock(), footprint, key=key, weight=weight)
+        refused = self.admission.arrive(job, self._clock(), footprint, key=key, weight=weight,
+                                        duration=duration)
         ticket = Ticket(job, refused)
         if refused is None:
             self._tickets[job] = ticket

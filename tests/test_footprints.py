@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gatekeeper.footprints import (
     CUT_SHORT_GROWTH,
+    DURATION_MARGIN,
     FIRST_MARGIN,
     MARGIN,
     MAX_KEYS,
@@ -243,3 +244,31 @@ def test_state_dirs_are_created_private(tmp_path: Path) -> None:
         os.umask(old)
     for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "state"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_durations_are_learned_kept_and_checked(tmp_path: Path) -> None:
+    book = FootprintBook(seed=1)
+    assert book.duration("c") is None and book.duration(None) is None
+    book.learn("c", 10 * MiB, seconds=2.0)
+    book.learn("c", 10 * MiB, seconds=4.0)
+    assert book.duration("c") == 4.0 * (1 + DURATION_MARGIN)
+    book.learn("c", 10 * MiB)  # no time known: the peak alone
+    assert book.duration("c") == 4.0 * (1 + DURATION_MARGIN)
+    book.save(tmp_path)
+    again = FootprintBook(seed=1)
+    again.load(tmp_path, ceiling=2**40)
+    assert again.duration("c") == book.duration("c")
+    # Hostile or absurd run times are dropped, the peaks stay.
+    data = json.loads((tmp_path / STATE_FILE).read_text())
+    data["seconds"] = {"c": [float("inf"), -1, True, "9", 1e9, 3.0], "ghost": [1.0]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(data))
+    third = FootprintBook(seed=1)
+    third.load(tmp_path, ceiling=2**40)
+    assert third.duration("c") == 3.0 * (1 + DURATION_MARGIN)
+    assert third.duration("ghost") is None  # no peak: not a key
+    # An older file without run times loads as before.
+    del data["seconds"]
+    (tmp_path / STATE_FILE).write_text(json.dumps(data))
+    fourth = FootprintBook(seed=1)
+    fourth.load(tmp_path, ceiling=2**40)
+    assert fourth.knows("c") and fourth.duration("c") is None

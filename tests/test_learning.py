@@ -3,6 +3,7 @@ backend process's memory, learn the peak, hold the next run of the same compile.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from gatekeeper.footprints import CUT_SHORT_GROWTH, STATE_FILE, FootprintBook
 from gatekeeper.learning import MIN_SAMPLES
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.server import Server
 
 MiB = 2**20
 
@@ -243,3 +245,40 @@ async def test_a_compile_too_short_to_sample_is_not_learned(
             await gk.wait_settled(n + 1)
         assert not gk.server.book.knows(key_of("short.o", 40, hold=0.05))
         assert not gk.server.book._recent
+
+
+def holds(jobs: int, server: Server) -> bool:
+    """The gate holds `jobs` jobs, running or queued."""
+    snap = server.gate.snapshot()
+    return snap.running + snap.queued == jobs
+
+
+@pytest.mark.parametrize("backfilling", [True, False])
+async def test_a_short_known_job_backfills_beside_a_head_that_waits_for_memory(
+        forking_backend: TcpAddress, backfilling: bool) -> None:
+    """Issue 18's head-of-line case end to end: heavy A runs, heavy B waits for
+    memory (two do not fit), medium C fits now and is known to end long
+    before A does: it starts beside A at once; strict FIFO holds it behind B."""
+    cfg = config(forking_backend, max_jobs=3, backfill=backfilling)
+    async with gatekeeper(cfg, available=150 * MiB) as gk:
+        book = gk.server.book
+        book.learn(key_of("a.o", 0, hold=1.0), 100 * MiB, seconds=10.0)
+        book.learn(key_of("b.o", 0, hold=1.0), 100 * MiB, seconds=10.0)
+        book.learn(key_of("c.o", 0, hold=0.2), 10 * MiB, seconds=0.5)
+        clients = []
+        for name, hold in (("a.o", 1.0), ("b.o", 1.0), ("c.o", 0.2)):
+            client = await gk.connect()
+            await client.send_all(request(name, 0, hold=hold))
+            clients.append(client)
+            await gk.wait_for(functools.partial(holds, len(clients)))  # decided on arrival
+        snap = gk.server.gate.snapshot()
+        if backfilling:
+            assert (snap.running, snap.queued, snap.backfilled_total) == (2, 1, 1)
+        else:
+            assert (snap.running, snap.queued, snap.backfilled_total) == (1, 2, 0)
+        for client, mib in zip(clients, (0, 0, 0), strict=True):
+            assert await receive_all(client) == reply(mib)
+            await client.aclose()
+        await gk.wait_settled(3)
+        # What the compiles taught includes how long they ran.
+        assert book.duration(key_of("c.o", 0, hold=0.2)) is not None

@@ -224,6 +224,9 @@ class _Picture(Collector):
             hold,
             CounterMetricFamily("gatekeeper_admitted", "Jobs the policy admitted",
                                 value=s.admitted_total),
+            CounterMetricFamily("gatekeeper_backfilled",
+                                "Jobs admitted ahead of a head that waited for memory, "
+                                "without delaying it (backfilling)", value=s.backfilled_total),
             *self._per_client(s),
         ]
         return [m for m in metrics if m is not None]
