@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-PURE = ("admission", "fairness", "footprints", "learning", "outcome", "distcc.policy",
+PURE = ("admission", "backfill", "fairness", "footprints", "learning", "outcome",
+        "distcc.policy",
         "observe.escape", "observe.logbudget",
         "distcc.request")
 FORBIDDEN = ("trio", "socket")
