@@ -36,7 +36,16 @@ Invariants (checked by the property tests after every step):
   earliest deadline is always the head's: expiry never scans the queue.
 
 Every operation is O(1) per job it touches, whatever the queue length,
-except skipping keys that are at their per-key limit: O(keys with queued jobs).
+except skipping keys that are at their per-key limit: O(keys with queued jobs),
+and a backfill attempt while the head waits for memory: O(BACKFILL_WINDOW +
+running log running).
+
+Backfilling (`Limits.backfill`, `backfill.py`): while the head fails the memory
+rule, a later job may start if it cannot delay the head (it ends before the
+head's shadow time by its learned duration, or fits what the head leaves spare
+then) -- the one exception to arrival order within a key. With `max_per_key`,
+a job of the head's own key is backfilled only while a slot of that key stays
+free for the head.
 """
 
 from __future__ import annotations
@@ -188,6 +197,8 @@ class Admission:
         refused, or None if queued."""
         if weight < 1:
             raise ValueError("weight must be at least 1")
+        if duration is not None and not 0 <= duration < float("inf"):
+            raise ValueError("duration must be a finite number of seconds")
         if job in self._arrived or job in self._running:
             raise ValueError(f"job {job} is already known")
         refusal: Refusal | None = None
@@ -375,12 +386,17 @@ class Admission:
         if found is None:
             return
         limit = limits.max_per_key
+        head_key = self._key[head]
         for job in list(itertools.islice(self._queue, BACKFILL_WINDOW + 1)):
             if len(self._running) >= limits.max_jobs:
                 return
-            if job == head or self._queue[job] <= now:
+            if self._queue[job] <= now:
                 continue
-            if limit is not None and self._running_by_key[self._key[job]] >= limit:
+            key = self._key[job]
+            # The head's own client keeps a slot free for the head: a job of
+            # its started ahead must not take the per-client place it needs.
+            room = 1 if key == head_key else 0
+            if limit is not None and self._running_by_key[key] + room >= limit:
                 continue
             footprint = self._footprint[job]
             if not memory_fits(available, self._reserved, footprint, limits.min_free):

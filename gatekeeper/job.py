@@ -320,8 +320,10 @@ class ProxyJobs:
             job.usage.stop()
         # Before the slot goes on: the next job may be served by the same
         # distccd child, which must not compile it in this job's cgroup.
-        self._release(job)
-        self.gate.release(ticket)
+        try:
+            self._release(job)
+        finally:
+            self.gate.release(ticket)
 
     @property
     def adopting(self) -> bool:
@@ -419,13 +421,12 @@ async def _prime_and_adopt(adopter: Adopter, stream: trio.SocketStream,
         return None, None
     try:
         await backend.send_all(first)
+        transfer.to_backend += len(first)
+        assert job.backend_ends is not None
+        adoption = await adopter.adopt(job.backend_ends)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
         abort(stream)  # part of its request is gone: it must not see a clean end
         return None, Verdict(Outcome.BACKEND_FAILED, f"{type(e).__name__}: {e}")
-    transfer.to_backend += len(first)
-    assert job.backend_ends is not None
-    try:
-        adoption = await adopter.adopt(job.backend_ends)
     except BaseException:
         # Cancelled (the drain deadline) with part of the request gone: both
         # ends must see a reset, never a clean end.

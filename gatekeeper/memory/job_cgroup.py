@@ -51,6 +51,9 @@ log = logging.getLogger("gatekeeper")
 # Job cgroups are named `job-<gatekeeper's pid>-<n>`: two gatekeepers in one cgroup
 # never collide, and one that crashed leaves names the next start recognises.
 PREFIX = "job-"
+# Job cgroup numbers, one sequence for the whole process: every place (gatekeeper's
+# own cgroup, distccd's) draws from it, so no two job cgroups share a name.
+_NUMBERS = itertools.count(1)
 # (v2) Where gatekeeper moves itself so its cgroup can have children with the
 # memory controller: the no-internal-processes rule.
 SUPERVISOR = "supervisor"
@@ -174,11 +177,11 @@ def _read_int(path: str) -> int | None:
 
 
 def transient(error: CgroupError) -> bool:
-    """A failure of this one attempt (out of fds or memory), not a sign that job
-    cgroups cannot be made here."""
+    """A failure of this one attempt (out of fds or memory; a process that
+    exited as it was looked at), not a sign that job cgroups cannot be made."""
     cause = error.__cause__
-    return isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE,
-                                                          errno.ENOMEM)
+    return isinstance(cause, OSError) and cause.errno in (
+        errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOENT, errno.ESRCH)
 
 
 def _cgroup_procs_fd(path: str) -> int:
@@ -249,7 +252,7 @@ class JobCgroup:
         peak file (v2 before Linux 5.19: `JobCgroups.find` refuses those)."""
         return _read_int(os.path.join(self.path, self.memory.memory.PEAK_FILE))
 
-    def remove(self) -> bool:
+    def remove(self, *, quiet: bool = False) -> bool:
         """Remove both cgroups. Processes still inside (a compiler that outlived
         its distccd) are moved to the parent first: they go on, unmeasured, and
         no cgroup is leaked. A zombie cannot be moved and keeps its cgroup busy
@@ -263,7 +266,8 @@ class JobCgroup:
             if path is None:
                 continue
             try:
-                removed = _remove_dir(path, parent or os.path.dirname(path)) and removed
+                removed = _remove_dir(path, parent or os.path.dirname(path),
+                                      quiet=quiet) and removed
             except CgroupError as exc:
                 errors.append(str(exc))
         if errors:
@@ -297,7 +301,7 @@ class Leftovers:
         still = []
         for cgroup in self._waiting:
             try:
-                if not cgroup.remove():
+                if not cgroup.remove(quiet=True):  # its warning was logged once
                     still.append(cgroup)
             except CgroupError as e:
                 log.warning("%s", e)
@@ -312,8 +316,9 @@ def _pids_of(path: str) -> list[int]:
         return []
 
 
-def _remove_dir(path: str, parent: str) -> bool:
-    """rmdir, moving live processes out first; False if only zombies keep it."""
+def _remove_dir(path: str, parent: str, *, quiet: bool = False) -> bool:
+    """rmdir, moving live processes out first; False if it is still busy (zombies
+    not yet reaped, or processes that cannot be moved): tried again later."""
     for _ in range(3):  # a process forking as it is moved: try again
         try:
             os.rmdir(path)
@@ -326,8 +331,9 @@ def _remove_dir(path: str, parent: str) -> bool:
         live = [pid for pid in _pids_of(path) if not _zombie(pid)]
         if not live:
             return False
-        log.warning("job cgroup %s still has processes %s: moving them to %s",
-                    path, live[:10], parent)
+        if not quiet:
+            log.warning("job cgroup %s still has processes %s: moving them to %s",
+                        path, live[:10], parent)
         for pid in live:
             try:
                 _write(os.path.join(parent, "cgroup.procs"), str(pid), f"move pid {pid} out")
@@ -352,7 +358,6 @@ class JobCgroups:
     def __init__(self, parent: CgroupDir, freezer: str | None) -> None:
         self.parent = parent
         self.freezer = freezer
-        self._names = (f"{PREFIX}{os.getpid()}-{n}" for n in itertools.count(1))
         self.leftovers = Leftovers()
         self.home: str | None = None
         """Where a job's leftover processes go, if not `parent` (v2)."""
@@ -419,8 +424,20 @@ class JobCgroups:
         Raises CgroupError."""
         if self.leftovers:
             self.leftovers.retry()
-        name = next(self._names)
-        memory = ChildCgroup(self.parent, name)
+        for _ in range(3):
+            name = f"{PREFIX}{os.getpid()}-{next(_NUMBERS)}"
+            try:
+                memory = ChildCgroup(self.parent, name)
+                break
+            except CgroupError as e:
+                # Left by an earlier gatekeeper with our pid (a container's
+                # restart): the next number will do.
+                cause = e.__cause__
+                if not (isinstance(cause, OSError) and cause.errno == errno.EEXIST):
+                    raise
+        else:
+            raise CgroupError(f"cannot create a job cgroup in {self.parent.path}: the names "
+                              f"are taken")
         freezer = None
         if self.freezer is not None:
             freezer = os.path.join(self.freezer, name)
