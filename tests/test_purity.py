@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-PURE = ("admission", "backfill", "fairness", "footprints", "learning", "outcome",
+PURE = ("admission", "backfill", "fairness", "footprints", "learning", "outcome", "pausing",
         "distcc.policy",
         "observe.escape", "observe.logbudget",
         "distcc.request")

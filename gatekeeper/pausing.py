@@ -1,0 +1,108 @@
+"""Pause instead of OOM: which running job to freeze when memory runs out, and
+when to let it go on.
+
+Why: an estimate can be wrong (a job never seen, a file that grew), and when
+running compilers together outgrow the memory, the kernel's OOM killer picks
+one and the compile is lost. Freezing the youngest of them instead (its cgroup's
+freezer, or SIGSTOP of its tree) stops its growth while the others finish and
+free memory; then it is thawed and goes on where it stopped. A paused job keeps
+its slot: it still holds its memory.
+
+A running job's states here:
+
+    RUNNING   not paused (every job starts so)
+    PAUSED    frozen since `paused[job]`; thawed back to RUNNING when room
+              returns, or at `max_pause` at the latest: thawed if there is
+              room, else CUT
+    CUT       given up (its connection is reset: the distcc client compiles
+              locally) -- better than holding it past the client's own I/O
+              timeout (300 s), after which the client gives up anyway
+
+Rules (`Pauser.decide`, one action per memory reading: each freeze or thaw
+changes what the next reading shows):
+
+* freeze only while headroom is below `floor` and at least two jobs run
+  unpaused, and then the youngest of them (the last admitted: the least work
+  lost, and usually the one whose arrival tipped the balance);
+* never freeze the last unpaused job: something must make progress and end;
+  and when the unpaused ones have all ended, thaw at once;
+* thaw the longest-paused job once headroom is at least `resume` (above
+  `floor`: a thaw that would be followed at once by a freeze helps nobody);
+* a job paused for `max_pause` is thawed if headroom is at least `floor`,
+  else cut.
+
+Pure: no clock, no I/O (tests/test_purity.py); the shell feeds it readings
+and carries out its actions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+JobId = int
+
+
+class Act(enum.Enum):
+    FREEZE = "freeze"
+    THAW = "thaw"
+    CUT = "cut"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    act: Act
+    job: JobId
+    why: str
+    """For the log line: the headroom against the rule that decided."""
+
+
+@dataclass(slots=True)
+class Pauser:
+    floor: int
+    """Bytes of headroom below which a job is frozen."""
+    resume: int
+    """Bytes of headroom from which a paused job is thawed (>= floor)."""
+    max_pause: float
+    """Seconds a job may stay paused."""
+    paused: dict[JobId, float] = field(default_factory=dict)
+    """Paused jobs and since when."""
+    pauses_total: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resume < self.floor:
+            raise ValueError("resume must not be below floor")
+        if not self.max_pause > 0:
+            raise ValueError("max_pause must be positive")
+
+    def decide(self, now: float, headroom: int,
+               running: Sequence[tuple[JobId, float]]) -> Action | None:
+        """The next action, given `headroom` (bytes a job may still grow into)
+        and the running jobs with their admission times. Jobs no longer
+        running are forgotten first."""
+        alive = {job for job, _ in running}
+        for job in [j for j in self.paused if j not in alive]:
+            del self.paused[job]
+        if self.paused:
+            job, since = min(self.paused.items(), key=lambda item: item[1])
+            if len(self.paused) == len(alive):
+                # The unpaused ones ended: nothing else can free memory now.
+                del self.paused[job]
+                return Action(Act.THAW, job, "every other running job has ended")
+            if now - since >= self.max_pause:
+                del self.paused[job]
+                if headroom >= self.floor:
+                    return Action(Act.THAW, job, f"paused {now - since:.0f}s, the most it may be")
+                return Action(Act.CUT, job, f"paused {now - since:.0f}s and headroom "
+                                            f"{headroom} < floor {self.floor}")
+            if headroom >= self.resume:
+                del self.paused[job]
+                return Action(Act.THAW, job, f"headroom {headroom} >= {self.resume}")
+        unpaused = [(admitted, job) for job, admitted in running if job not in self.paused]
+        if headroom < self.floor and len(unpaused) >= 2:
+            _, youngest = max(unpaused)
+            self.paused[youngest] = now
+            self.pauses_total += 1
+            return Action(Act.FREEZE, youngest, f"headroom {headroom} < floor {self.floor}")
+        return None
