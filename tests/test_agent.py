@@ -98,6 +98,10 @@ def test_status_table_shows_the_queue() -> None:
     assert "10.0.0.7:51234" in text and "3.1s" in text
     assert "... and 1 more" in text
     assert format_status({}, "x")  # garbage in, still a table
+    hostile = format_status({"measuring": "x\x1b[2J\nend peer=forged", "admitted_total": 9,
+                             "backfilled_total": 2}, "x")
+    assert "9 (2 backfilled)" in hostile
+    assert "\x1b" not in hostile and "\nend peer" not in hostile  # escaped
 
 
 def test_subcommand_flags_and_main_parsing() -> None:

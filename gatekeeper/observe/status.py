@@ -57,6 +57,8 @@ class StatusPicture(TypedDict, total=False):
     """How running jobs are measured: their own cgroups, or sampling and why."""
     memory_pressure: float | None
     admitted_total: int
+    backfilled_total: int
+    """Of those, started beside a job that waited for memory (backfill.py)."""
     completed_total: dict[str, int]
     rejected_total: dict[str, int]
     backend: BackendView
@@ -94,6 +96,7 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
         "measuring": measuring,
         "memory_pressure": pressure,
         "admitted_total": s.admitted_total,
+        "backfilled_total": s.backfilled_total,
         "completed_total": dict(completed),
         "rejected_total": dict(rejected),
         "backend": backend,

@@ -15,6 +15,7 @@ from typing import Any
 
 from gatekeeper.net.addresses import Address, TcpAddress, UnixAddress, parse_address
 from gatekeeper.observe.agent import EXIT_FAILED, health, keepalived_exit
+from gatekeeper.observe.escape import printable
 from gatekeeper.observe.metrics import DEFAULT_METRICS
 from gatekeeper.observe.units import format_bytes
 from gatekeeper.usage import EXIT_USAGE, Parser, UsageError
@@ -93,7 +94,9 @@ def format_status(status: Mapping[str, Any], where: str) -> str:
                    f"{_size(status.get('reserved_bytes'))} reserved, "
                    f"{_size(status.get('job_footprint_bytes'))} per new job"),
         ("backend", backend_text),
-        ("admitted", str(status.get("admitted_total", "?"))),
+        ("admitted", f"{status.get('admitted_total', '?')} "
+                     f"({status.get('backfilled_total', 0)} backfilled)"),
+        ("measuring", printable(str(status.get("measuring", "?")))),
         ("completed", _counts(status.get("completed_total"))),
         ("rejected", _counts(status.get("rejected_total"))),
     ]
