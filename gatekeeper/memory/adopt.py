@@ -44,7 +44,6 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Sequence
 
 import trio
 
@@ -53,6 +52,8 @@ from gatekeeper.memory.job_cgroup import (
     CgroupError,
     JobCgroup,
     JobCgroups,
+    move_pid,
+    pids_in,
     transient,
 )
 from gatekeeper.memory.meter import SocketFinder, backend_process
@@ -139,9 +140,9 @@ class Adopter:
                 self._fail(str(e))
             return None
         try:
-            _move(pid, cgroup.path)
+            move_pid(pid, cgroup.path)
             if cgroup.freezer is not None:
-                _move(pid, cgroup.freezer)
+                move_pid(pid, cgroup.freezer)
         except CgroupError as e:
             self._restore(pid, home, freezer_home)
             cgroup.close_fds()
@@ -156,7 +157,7 @@ class Adopter:
         """The job is over: move its process back home unless it already serves
         another job, read the job cgroup's peak, remove it. Returns the peak."""
         cgroup = adoption.cgroup
-        if adoption.pid in _pids(cgroup.path):
+        if adoption.pid in pids_in(cgroup.path):
             self._restore(adoption.pid, adoption.home, adoption.freezer_home)
         peak = cgroup.peak()
         _quietly_remove(cgroup, adoption.place)
@@ -208,7 +209,7 @@ class Adopter:
             if where is None:
                 continue
             try:
-                _move(pid, where)
+                move_pid(pid, where)
             except CgroupError as e:
                 log.debug("could not move pid %d back: %s", pid, e)  # it exited
 
@@ -216,25 +217,6 @@ class Adopter:
         self.failure = why
         log.warning("proxy-mode jobs measured by sampling: cannot give distccd's jobs "
                     "cgroups of their own (%s)", why)
-
-
-def _move(pid: int, path: str) -> None:
-    try:
-        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, str(pid).encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise CgroupError(f"cannot move pid {pid} into {path}: {exc.strerror}") from exc
-
-
-def _pids(path: str) -> Sequence[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(line) for line in f if line.strip()]
-    except (OSError, ValueError):
-        return ()
 
 
 def _quietly_remove(cgroup: JobCgroup, place: JobCgroups) -> None:

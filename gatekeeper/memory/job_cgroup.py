@@ -168,6 +168,11 @@ class ChildCgroup:
                               f"{inside}") from exc
 
 
+def move_pid(pid: int, path: str) -> None:
+    """Move process `pid` into the cgroup at `path`. Raises CgroupError."""
+    _write(os.path.join(path, "cgroup.procs"), str(pid), f"move pid {pid} into {path}")
+
+
 def _read_int(path: str) -> int | None:
     try:
         with open(path, "rb") as f:
@@ -308,7 +313,8 @@ class Leftovers:
         self._waiting = still
 
 
-def _pids_of(path: str) -> list[int]:
+def pids_in(path: str) -> list[int]:
+    """The processes in a cgroup ([] if it is gone or unreadable)."""
     try:
         with open(os.path.join(path, "cgroup.procs")) as f:
             return [int(line) for line in f if line.strip()]
@@ -328,7 +334,7 @@ def _remove_dir(path: str, parent: str, *, quiet: bool = False) -> bool:
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
-        live = [pid for pid in _pids_of(path) if not _zombie(pid)]
+        live = [pid for pid in pids_in(path) if not _zombie(pid)]
         if not live:
             return False
         if not quiet:
@@ -508,7 +514,7 @@ def _leave_v2_cgroup(own: CgroupDir) -> CgroupDir:
     path = own.path
     if os.path.basename(path) == SUPERVISOR:  # a restart: already moved
         path = os.path.dirname(path)
-    procs = _pids_of(path)
+    procs = pids_in(path)
     others = [p for p in procs if p != os.getpid()]
     if others:
         raise CgroupError(f"cgroup v2 {path} holds other processes {others[:5]} besides "
