@@ -139,18 +139,13 @@ class ChildCgroup:
     def add_pid(self, pid: int) -> None:
         """Move a process into the cgroup; what it allocates from now on is charged here
         (v1 does not move already-charged memory unless move_charge_at_immigrate)."""
-        _write(os.path.join(self.path, "cgroup.procs"), str(pid),
-               f"move pid {pid} into {self.path}")
+        move_pid(pid, self.path)
 
     def peak(self) -> int | None:
         return self.memory.peak()
 
     def pids(self) -> list[int]:
-        try:
-            with open(os.path.join(self.path, "cgroup.procs")) as f:
-                return [int(line) for line in f if line.strip()]
-        except OSError:
-            return []
+        return pids_in(self.path)
 
     def remove(self) -> None:
         """Remove the (empty) cgroup. EBUSY means processes are still inside."""
