@@ -27,6 +27,9 @@ Invariants (checked by the property tests after every step):
   usage shows up in ``available``. A compiler starts small and grows for
   seconds, so without reservations one reading taken while memory looked free
   would let a whole burst in, all growing past the limit together.
+* While a running job is paused (`pause`: memory ran out under it, see
+  `pausing`), no job starts: the memory it will need when it goes on comes
+  first. A paused job keeps its slot; `unpause` or its `finish` ends that.
 * If nothing runs and memory is short because of other processes, the queue
   simply holds until memory returns or queue timeouts fire: there is no state
   in which the policy waits for an event that cannot come.
@@ -69,6 +72,7 @@ class Hold(enum.Enum):
     PER_KEY = "per-client"
     MEMORY = "memory"
     PRESSURE = "pressure"
+    PAUSED = "paused"
     DRAINING = "draining"
 
 
@@ -185,6 +189,7 @@ class Admission:
         self._duration: dict[JobId, float | None] = {}  # queued: expected run time
         self._ends: dict[JobId, float | None] = {}  # running: expected end
         self._backfilled_total = 0
+        self._paused: set[JobId] = set()  # running jobs frozen for memory
 
     # -- events -----------------------------------------------------------
 
@@ -268,6 +273,21 @@ class Admission:
     def _reservation(self, job: JobId) -> int:
         return max(0, self._footprint[job] - self._usage.get(job, 0))
 
+    def pause(self, job: JobId) -> None:
+        """A running job was frozen: nothing starts until it goes on or ends."""
+        if job in self._running:
+            self._paused.add(job)
+            self._update_hold()
+
+    def unpause(self, job: JobId) -> None:
+        """A paused job goes on (thawed); the caller then tries `admit`."""
+        self._paused.discard(job)
+        self._update_hold()
+
+    @property
+    def paused(self) -> int:
+        return len(self._paused)
+
     def abandon(self, job: JobId) -> None:
         """A queued job left before it was admitted (client gone, cancelled)."""
         del self._queue[job]
@@ -279,6 +299,7 @@ class Admission:
     def finish(self, job: JobId) -> None:
         """A running job ended, however it ended. Frees its slot."""
         self._running.remove(job)
+        self._paused.discard(job)
         self._reserved -= self._reservation(job)
         del self._footprint[job]
         self._usage.pop(job, None)
@@ -338,7 +359,8 @@ class Admission:
         self._pressure_high = pressure_high
         admitted: list[JobId] = []
         limits = self.limits
-        while self._queue and len(self._running) < limits.max_jobs and not pressure_high:
+        while (self._queue and len(self._running) < limits.max_jobs and not pressure_high
+               and not self._paused):
             job = self._candidate()
             if job is None:
                 break  # every waiting key is at its per-key limit
@@ -516,6 +538,8 @@ class Admission:
             self._hold = Hold.PER_KEY
         elif self._pressure_high:
             self._hold = Hold.PRESSURE
+        elif self._paused:
+            self._hold = Hold.PAUSED
         else:
             # A slot is free yet something is queued: only memory holds it
             # (until the next `admit` proves otherwise).

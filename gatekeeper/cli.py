@@ -36,12 +36,14 @@ from gatekeeper import __version__
 from gatekeeper.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_JOB_MEM_MB,
+    DEFAULT_MAX_PAUSE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MIN_FREE_MB,
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_REQUEST_IDLE_TIMEOUT,
     DISTCC_PORT,
     LOOPBACK_ONLY,
+    MIN_PAUSE_FLOOR_MB,
     Config,
     InetdIo,
 )
@@ -209,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while the next job waits for memory, start later jobs that cannot "
                         "delay it by their learned peak and duration (EASY backfilling; "
                         "off: strict FIFO per client) (default: on)")
+    p.add_argument("--pause-below-mb", type=_non_negative_number, metavar="MB",
+                   help="pause (freeze) the youngest running job while available memory is "
+                        "below MB and another job runs, and let it go on once twice that is "
+                        "free, instead of letting the OOM killer end a compile; unknown "
+                        "jobs are then admitted on a typical, not a worst-case, estimate; 0: "
+                        "off (default: half of --min-free-mb, at least "
+                        f"{MIN_PAUSE_FLOOR_MB:.0f})")
+    p.add_argument("--max-pause", type=_positive_number, default=DEFAULT_MAX_PAUSE,
+                   metavar="SECONDS",
+                   help="let a paused job go on after this long, or cut it (its client "
+                        "compiles locally) if there is still no room "
+                        f"(default: {DEFAULT_MAX_PAUSE:.0f})")
     p.add_argument("--job-cgroups", choices=["auto", "off"], default="auto",
                    help="give each job a memory cgroup of its own (v1: and a freezer "
                         "cgroup), so its footprint is the kernel's own count, short jobs "
@@ -386,6 +400,9 @@ def parse_options(argv: Sequence[str]) -> Options:
         inetd_io=InetdIo(args.inetd_io),
         job_cgroups=args.job_cgroups == "auto",
         backfill=args.backfill == "on",
+        pause_below_bytes=int((args.pause_below_mb if args.pause_below_mb is not None
+                               else max(MIN_PAUSE_FLOOR_MB, args.min_free_mb / 2)) * 2**20),
+        max_pause=args.max_pause,
         idle_timeout=args.idle_timeout,
         max_per_client=args.max_per_client,
         priorities=priorities,

@@ -42,6 +42,16 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # jobs at once, and learning corrects it within the first few jobs.
 DEFAULT_JOB_MEM_MB = 256.0
 
+# Pausing (pausing.py). The floor: two heavy compilers grow ~30 MB per 100 ms
+# headroom reading (pauses.PAUSE_INTERVAL), and the freezer takes a few ms: 32 MiB
+# covers that; by default half of --min-free-mb (admission keeps min-free spare,
+# so a pause means the estimates were wrong by more than half of it).
+MIN_PAUSE_FLOOR_MB = 32.0
+# A paused job waits for others to end; compiles that need a pause are heavy
+# ones of tens of seconds. Two minutes covers a few of them; the client's own
+# 300 s timeout is guarded apart (pauses.CLIENT_DEADLINE).
+DEFAULT_MAX_PAUSE = 120.0
+
 
 # How long a distcc client may take to send the rest of its request while the
 # argv policy waits for its head (before it queues), and while its request is
@@ -123,6 +133,11 @@ class Config:
     """Give each job a cgroup of its own where gatekeeper may make one (inetd:
     memory/job_cgroup.py; proxy: memory/adopt.py); else, or False, sample its
     process tree."""
+    pause_below_bytes: int = 0
+    """Freeze the youngest running job while headroom is below this (0: never;
+    pausing.py)."""
+    max_pause: float = DEFAULT_MAX_PAUSE
+    """The longest a job stays frozen before it is let go, or cut."""
     max_memory_pressure: float | None = None
     """Hold jobs while PSI memory `some avg10` exceeds this percentage."""
     metrics: Address | None = None

@@ -16,6 +16,7 @@ job cancelled by the drain deadline ends `drain-timeout`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -33,11 +34,14 @@ from gatekeeper.job import Job, ProxyStart, State
 from gatekeeper.learning import Lesson, Observation, carried_work, lesson, needs_oom_check
 from gatekeeper.memory.meter import Meter, SocketFinder, backend_process
 from gatekeeper.memory.oom import OomKills
+from gatekeeper.net.copy import abort
 from gatekeeper.net.liveness import ClientWatch
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.logbudget import LogBudget
 from gatekeeper.observe.units import format_bytes
 from gatekeeper.outcome import CUT_OFF, Outcome
+from gatekeeper.outcome import Verdict as Ending
+from gatekeeper.pauses import Pauses
 
 log = logging.getLogger("gatekeeper")
 
@@ -73,7 +77,7 @@ class Connections:
 
     def __init__(self, config: Config, gate: Gate, runner: Runner, *, watch: ClientWatch,
                  meter: Meter, book: FootprintBook, oom: OomKills,
-                 on_end: Callable[[Job], None]) -> None:
+                 on_end: Callable[[Job], None], pauses: Pauses | None = None) -> None:
         self.config = config
         self.gate = gate
         self.runner = runner
@@ -82,6 +86,8 @@ class Connections:
         self.book = book
         self.oom = oom
         self.on_end = on_end
+        self.pauses = pauses
+        """Freezes running jobs when memory runs out (None: pausing is off)."""
         self.repeatable_lines = {Outcome.DENIED: LogBudget(), Outcome.ARGV_POLICY: LogBudget()}
         """End lines any peer can cause at will, each kind rate-limited."""
         self.live: dict[int, Job] = {}
@@ -197,7 +203,19 @@ class Connections:
                     job.usage = usage
                     if job.state is State.HANDED_OFF:  # done before its task got here
                         usage.stop()
-                    await self.runner.run(stream, job, ticket, start)
+                    cut_why: list[str] = []
+                    with trio.CancelScope() as cutting:
+                        def cut(why: str) -> None:
+                            cut_why.append(why)
+                            cutting.cancel()
+
+                        with (self.pauses.pausable(job, ticket, cut)
+                              if self.pauses is not None else contextlib.nullcontext()):
+                            await self.runner.run(stream, job, ticket, start)
+                    if cut_why:
+                        # Reset, not a clean end: the client compiles it locally.
+                        abort(stream)
+                        job.settle(Ending(Outcome.PAUSE_TIMEOUT, cut_why[0]))
                 if usage.samples or usage.exact:
                     job.peak = usage.peak
                     self._learn(job, Observation(usage.peak, usage.samples, usage.exact))

@@ -153,6 +153,19 @@ class Gate:
             else:
                 self._watchers.unpark_all()  # the reservation changed: status watchers
 
+    def pause(self, ticket: Ticket) -> None:
+        """A running ticket's job was frozen (pauses.py): nothing starts meanwhile."""
+        if ticket.refused is None and self.admission.is_running(ticket.job):
+            self.admission.pause(ticket.job)
+            self._log_hold()
+            self._watchers.unpark_all()
+
+    def unpause(self, ticket: Ticket) -> None:
+        """The job goes on: jobs may start again if memory allows."""
+        if ticket.refused is None and self.admission.is_running(ticket.job):
+            self.admission.unpause(ticket.job)
+            self._decide()
+
     def drain(self) -> int:
         """Refuse new arrivals and turn away everyone queued; returns how many."""
         drained = self.admission.drain()
@@ -233,6 +246,9 @@ class Gate:
         elif hold is Hold.PRESSURE:
             log.info("holding %d: memory pressure %.1f%% > %.1f%%",
                      self.admission.queued, self.pressure or 0.0, self.max_pressure or 0.0)
+        elif hold is Hold.PAUSED:
+            log.info("holding %d: %d running job(s) paused for memory",
+                     self.admission.queued, self.admission.paused)
         elif hold is Hold.SLOTS:
             s = self.admission.statistics()
             log.debug("holding %d: %d/%d running", s.queued, s.running, s.max_jobs)

@@ -40,6 +40,7 @@ from gatekeeper.distcc.protocol import OPAQUE, Speaks
 from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.gate import Gate, Ticket
 from gatekeeper.memory.adopt import Adopter, Adoption
+from gatekeeper.memory.job_cgroup import JobCgroup
 from gatekeeper.memory.meter import Usage
 from gatekeeper.net.addresses import connect, connected_now, finish_connect, start_connect
 from gatekeeper.net.copy import Transfer, abort
@@ -113,6 +114,15 @@ class Job:
     """The meter's measurements of the job, while it is measured."""
     adoption: Adoption | None = None
     """Proxy mode: its distccd child, while it is in the job's cgroup."""
+    cgroup: JobCgroup | None = None
+    """inetd mode: the job's own cgroup, while it exists."""
+    child_running: bool = False
+    """inetd mode: its child has started and has not been reaped."""
+    paused_since: float | None = None
+    """When it was frozen, while it is (pauses.py)."""
+    paused_seconds: float = 0.0
+    """How long it was frozen before, in all."""
+    pauses: int = 0
 
     def settle(self, verdict: Verdict | Outcome) -> None:
         if isinstance(verdict, Outcome):
@@ -143,6 +153,11 @@ class Job:
     def bytes_out(self) -> int:
         return self.transfer.to_client if self.transfer is not None else 0
 
+    def paused_for(self, now: float) -> float:
+        """Seconds it has been frozen in all, until `now`."""
+        since = self.paused_since
+        return self.paused_seconds + (now - since if since is not None else 0.0)
+
     def _times(self) -> tuple[float, float]:
         end = self.ended if self.ended is not None else self.accepted
         wait_end = self.admitted if self.admitted is not None else end
@@ -160,7 +175,10 @@ class Job:
         extra = {"pid": self.pid, "job": self.name,
                  "compile": self.compile.describe() if self.compile is not None else None,
                  "oom": True if self.oom_seen else None,
-                 "estimate_bytes": self.estimate, "peak_bytes": self.peak, "reason": self.detail}
+                 "estimate_bytes": self.estimate, "peak_bytes": self.peak,
+                 "pauses": self.pauses or None,
+                 "paused_seconds": round(self.paused_seconds, 3) if self.pauses else None,
+                 "reason": self.detail}
         out.update((k, v) for k, v in extra.items() if v is not None and v != "")
         return out
 
@@ -180,6 +198,8 @@ class Job:
             text += f" est={format_mib(self.estimate, space=False)}"
         if self.peak is not None:
             text += f" peak={format_mib(self.peak, space=False)}"
+        if self.pauses:
+            text += f" paused={self.paused_seconds:.1f}s/{self.pauses}"
         if self.detail:
             text += f" reason={self.detail[:MAX_REASON]!r}"
         return text

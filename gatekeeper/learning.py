@@ -103,6 +103,8 @@ def lesson(outcome: Outcome, status: CompileStatus | None, *, oom_struck: bool,
     if not observed:
         return Teaching(Lesson.NOTHING, "its peak was not observed")
     completed = _completed(outcome, status)
+    if outcome is Outcome.PAUSE_TIMEOUT:
+        return Teaching(Lesson.CUT_SHORT, "paused as long as it may be, with no room to go on")
     if status is not None and status.signal is not None:
         return Teaching(Lesson.CUT_SHORT, f"signal {status.signal}")
     if oom_struck and not completed:

@@ -44,6 +44,9 @@ class Outcome(enum.Enum):
     BACKEND_FAILED = "backend-failed"
     IDLE_TIMEOUT = "idle-timeout"
     DRAIN_TIMEOUT = "drain-timeout"
+    PAUSE_TIMEOUT = "pause-timeout"
+    """Paused for --max-pause with no room to go on: cut so its client
+    compiles locally (pausing.py)."""
     COMMAND_FAILED = "command-failed"
 
     @property
@@ -57,7 +60,7 @@ class Outcome(enum.Enum):
         (distccd's EXIT_IO_ERROR 107 for a vanished client) is not a verdict on
         the compile."""
         return self in (Outcome.CLIENT_ERROR, Outcome.CLIENT_GONE, Outcome.IDLE_TIMEOUT,
-                        Outcome.DRAIN_TIMEOUT)
+                        Outcome.DRAIN_TIMEOUT, Outcome.PAUSE_TIMEOUT)
 
 
 NOT_RUN = frozenset({Outcome.DENIED, Outcome.ARGV_POLICY, Outcome.QUEUE_FULL, Outcome.DRAINING,
@@ -69,7 +72,7 @@ REJECT_REASONS: tuple[Outcome, ...] = (
     Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR, Outcome.COMMAND_ERROR, Outcome.ARGV_POLICY)
 COMPLETED: tuple[Outcome, ...] = (
     Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BACKEND_FAILED, Outcome.IDLE_TIMEOUT,
-    Outcome.DRAIN_TIMEOUT, Outcome.COMMAND_FAILED)
+    Outcome.DRAIN_TIMEOUT, Outcome.PAUSE_TIMEOUT, Outcome.COMMAND_FAILED)
 
 
 class Side(enum.Enum):

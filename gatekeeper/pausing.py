@@ -28,8 +28,9 @@ changes what the next reading shows):
   and when the unpaused ones have all ended, thaw at once;
 * thaw the longest-paused job once headroom is at least `resume` (above
   `floor`: a thaw that would be followed at once by a freeze helps nobody);
-* a job paused for `max_pause` is thawed if headroom is at least `floor`,
-  else cut.
+* a job paused for `max_pause` (or past its own deadline: its client's I/O
+  timeout runs from before it was admitted) is thawed if headroom is at least
+  `floor`, else cut.
 
 Pure: no clock, no I/O (tests/test_purity.py); the shell feeds it readings
 and carries out its actions.
@@ -38,8 +39,10 @@ and carries out its actions.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from gatekeeper.observe.units import format_mib
 
 JobId = int
 
@@ -76,33 +79,48 @@ class Pauser:
         if not self.max_pause > 0:
             raise ValueError("max_pause must be positive")
 
-    def decide(self, now: float, headroom: int,
-               running: Sequence[tuple[JobId, float]]) -> Action | None:
-        """The next action, given `headroom` (bytes a job may still grow into)
-        and the running jobs with their admission times. Jobs no longer
-        running are forgotten first."""
+    def bound(self, job: JobId, deadlines: Mapping[JobId, float] | None = None) -> float:
+        """When a paused job must be let go at the latest: `max_pause` after it
+        was frozen, or its own deadline if earlier (its client's I/O timeout
+        counts from before it was even admitted)."""
+        limit = self.paused[job] + self.max_pause
+        if deadlines is not None and job in deadlines:
+            limit = min(limit, deadlines[job])
+        return limit
+
+    def decide(self, now: float, headroom: int, running: Sequence[tuple[JobId, float]],
+               deadlines: Mapping[JobId, float] | None = None) -> Action | None:
+        """The next action, given `headroom` (bytes a job may still grow into),
+        the running jobs with their admission times and, optionally, by when
+        some must be going on again. Jobs no longer running are forgotten
+        first."""
         alive = {job for job, _ in running}
         for job in [j for j in self.paused if j not in alive]:
             del self.paused[job]
         if self.paused:
-            job, since = min(self.paused.items(), key=lambda item: item[1])
             if len(self.paused) == len(alive):
                 # The unpaused ones ended: nothing else can free memory now.
+                job, _ = min(self.paused.items(), key=lambda item: item[1])
                 del self.paused[job]
                 return Action(Act.THAW, job, "every other running job has ended")
-            if now - since >= self.max_pause:
-                del self.paused[job]
+            due, job = min((self.bound(j, deadlines), j) for j in self.paused)
+            if now >= due:
+                since = self.paused.pop(job)
                 if headroom >= self.floor:
                     return Action(Act.THAW, job, f"paused {now - since:.0f}s, the most it may be")
                 return Action(Act.CUT, job, f"paused {now - since:.0f}s and headroom "
-                                            f"{headroom} < floor {self.floor}")
+                                            f"{format_mib(headroom)} < "
+                                            f"{format_mib(self.floor)} floor")
             if headroom >= self.resume:
+                job, _ = min(self.paused.items(), key=lambda item: item[1])
                 del self.paused[job]
-                return Action(Act.THAW, job, f"headroom {headroom} >= {self.resume}")
+                return Action(Act.THAW, job, f"headroom {format_mib(headroom)} >= "
+                                             f"{format_mib(self.resume)} to resume")
         unpaused = [(admitted, job) for job, admitted in running if job not in self.paused]
         if headroom < self.floor and len(unpaused) >= 2:
             _, youngest = max(unpaused)
             self.paused[youngest] = now
             self.pauses_total += 1
-            return Action(Act.FREEZE, youngest, f"headroom {headroom} < floor {self.floor}")
+            return Action(Act.FREEZE, youngest, f"headroom {format_mib(headroom)} < "
+                                                 f"{format_mib(self.floor)} floor")
         return None

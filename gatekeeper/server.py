@@ -44,6 +44,8 @@ from gatekeeper.observe.agent import Agent, BackendCheck
 from gatekeeper.observe.metrics import Observatory
 from gatekeeper.observe.page import page
 from gatekeeper.observe.web import StatusWeb
+from gatekeeper.pauses import Pauses
+from gatekeeper.pausing import Pauser
 
 log = logging.getLogger("gatekeeper")
 
@@ -156,9 +158,14 @@ class Server:
             stopping=lambda: self.stopping,
             backend=BackendCheck(None if command is not None else config.backend))
         self.observatory.measuring = lambda: measuring(config, self.inetd, self.adopter)
+        self.pauses = (Pauses(Pauser(floor=config.pause_below_bytes,
+                                     resume=2 * config.pause_below_bytes,
+                                     max_pause=config.max_pause), self.gate)
+                       if config.pause_below_bytes > 0 else None)
         self.connections = Connections(
             config, self.gate, self.inetd or self.proxy, watch=self.watch, meter=self.meter,
-            book=self.book, oom=self.oom, on_end=self.observatory.connection_ended)
+            book=self.book, oom=self.oom, on_end=self.observatory.connection_ended,
+            pauses=self.pauses)
         plan = FdPlan.of(config, inetd=command is not None)
         self.acceptor = Acceptor(plan.connection_budget(
             config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), self.connections)
@@ -194,6 +201,8 @@ class Server:
                     root.start_soon(agent_port.serve, listener)
             root.start_soon(self.watch.run)
             root.start_soon(self.meter.run)
+            if self.pauses is not None:
+                root.start_soon(self.pauses.run)
             if self.adopter is not None:
                 root.start_soon(_closing_at_end, self.adopter.close)
             if self.inetd is not None and self.inetd.cgroups is not None:

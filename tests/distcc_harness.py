@@ -738,8 +738,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class GatekeeperProcess(_Daemon):
     """`python -m gatekeeper ...` as a subprocess; ready once it logs its bound port."""
 
-    def __init__(self, args: Sequence[str], *, startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
+    def __init__(self, args: Sequence[str], *, startup_timeout: float = STARTUP_TIMEOUT_S,
+                 cgroup_procs: Path | None = None) -> None:
+        """`cgroup_procs`: a cgroup's ``cgroup.procs``; gatekeeper starts in that
+        cgroup (and so do inetd-mode children and their job cgroups, below it)."""
         self.argv = [sys.executable, "-m", "gatekeeper", *args]
+        if cgroup_procs is not None:
+            self.argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs),
+                         *self.argv]
         self.startup_timeout = startup_timeout
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None

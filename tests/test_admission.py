@@ -179,6 +179,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.finished: set[int] = set()
         self.footprints: dict[int, int] = {}
         self.usage: dict[int, int] = {}
+        self.paused: set[int] = set()
         self.available = 0
         self.pressure_high = False
         self.draining = False
@@ -261,7 +262,26 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.core.finish(job)
         self.running.remove(job)
         self.usage.pop(job, None)
+        self.paused.discard(job)
         self.finished.add(job)
+
+    @precondition(lambda self: self.core is not None and bool(self.running))
+    @rule(data=st.data())
+    def pause(self, data: st.DataObject) -> None:
+        assert self.core is not None
+        job = data.draw(st.sampled_from(sorted(self.running)))
+        self.core.pause(job)
+        self.paused.add(job)
+        assert self.core.paused == len(self.paused)
+
+    @precondition(lambda self: self.core is not None and bool(self.paused))
+    @rule(data=st.data())
+    def unpause(self, data: st.DataObject) -> None:
+        assert self.core is not None
+        job = data.draw(st.sampled_from(sorted(self.paused)))
+        self.core.unpause(job)
+        self.paused.discard(job)
+        assert self.core.paused == len(self.paused)
 
     @precondition(lambda self: self.core is not None)
     @rule(dt=st.integers(0, 8))
@@ -294,8 +314,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         reserved = self.model_reserved()
         admitted = (core.admit(self.now, self.available, pressure_high=self.pressure_high)
                     if core.wants_memory_reading else [])
-        if self.pressure_high:
-            assert admitted == []
+        if self.pressure_high or self.paused:
+            assert admitted == []  # a paused job's memory comes first
         # FIFO per key: each admitted job was the oldest queued job of its key.
         for job in admitted:
             key = self.key[job]
@@ -324,6 +344,8 @@ class AdmissionMachine(RuleBasedStateMachine):
                 assert core.hold is Hold.PER_KEY
             elif self.pressure_high:
                 assert core.hold is Hold.PRESSURE
+            elif self.paused:
+                assert core.hold is Hold.PAUSED
             else:
                 assert core.hold is Hold.MEMORY
                 heads = [next(j for j in self.arrival_order if self.key[j] == k)

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import trio
 
+from gatekeeper.memory.freeze import thaw
 from gatekeeper.memory.job_cgroup import JobCgroup
 
 # After SIGTERM a cut-off job's process group gets this long before SIGKILL:
@@ -190,7 +191,7 @@ class CommandRunner:
             finally:
                 if proc.returncode is None:  # cancelled while it ran
                     with trio.CancelScope(shield=True):
-                        await self._stop(proc)
+                        await self._stop(proc, cgroup)
                 del self.children[proc.pid]
             return Exit(proc.pid, proc.returncode)
         finally:
@@ -198,8 +199,13 @@ class CommandRunner:
                 with contextlib.suppress(OSError):
                     os.set_blocking(fd, False)
 
-    async def _stop(self, proc: trio.Process) -> None:
+    async def _stop(self, proc: trio.Process, cgroup: JobCgroup | None) -> None:
         _signal_group(proc, signal.SIGTERM)
+        # A paused job (pauses.py) must be let go on to see it.
+        _signal_group(proc, signal.SIGCONT)
+        if cgroup is not None:
+            with contextlib.suppress(OSError):
+                thaw(cgroup)
         with trio.move_on_after(self.kill_grace):
             await proc.wait()
             return

@@ -137,11 +137,13 @@ class InetdJobs:
             return None
         if job.usage is not None:
             job.usage.cgroup_usage = cgroup.usage_file
+        job.cgroup = cgroup
         return cgroup
 
     def _done_with(self, job: Job, cgroup: JobCgroup) -> None:
         """The job's processes are gone: its cgroup's peak is its footprint,
         exactly (0: the child never got in, and nothing is learned)."""
+        job.cgroup = None
         usage = job.usage
         if usage is not None:
             usage.stop()
@@ -157,9 +159,12 @@ class InetdJobs:
     async def _run_direct(self, stream: trio.SocketStream, job: Job,
                           cgroup: JobCgroup | None) -> None:
         def started(pid: int) -> None:
-            job.pid = pid
+            job.pid, job.child_running = pid, True
 
-        result = await self.runner.run(stream.socket, started=started, cgroup=cgroup)
+        try:
+            result = await self.runner.run(stream.socket, started=started, cgroup=cgroup)
+        finally:
+            job.child_running = False
         counts = kernel_byte_counts(stream.socket)
         if counts is not None:
             job.transfer = Transfer(to_backend=counts[0], to_client=counts[1])
@@ -210,14 +215,17 @@ class InetdJobs:
                             ours.shutdown(socket.SHUT_RDWR)
 
                 def started(pid: int) -> None:
-                    job.pid = pid
+                    job.pid, job.child_running = pid, True
                     nursery.start_soon(relay)
 
                 with contextlib.ExitStack() as waking:
                     if wake and self.waker is not None:
                         waking.enter_context(self.waker.waking(ours))
-                    result = await self.runner.run(theirs, blocking=False, started=started,
-                                                   cgroup=cgroup)
+                    try:
+                        result = await self.runner.run(theirs, blocking=False,
+                                                       started=started, cgroup=cgroup)
+                    finally:
+                        job.child_running = False
                 hang_up(theirs)  # no checkpoint since the exit: no nudge in between
                 if result.error is not None:
                     # never started: the client falls back

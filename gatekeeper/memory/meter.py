@@ -129,6 +129,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (children first), from /proc's children
+    lists; a process that exits meanwhile is left out."""
+    out: list[int] = []
+    stack = _children(pid)
+    seen = {pid}
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        out.append(p)
+        stack.extend(_children(p))
+    return out
+
+
 def _hex_endpoint(host: str, port: int) -> tuple[int, str]:
     """(IP version, the address as /proc/net/tcp{,6} prints it: each 32-bit word of
     the address read in host byte order, in hex)."""
