@@ -88,8 +88,10 @@ class Pauses:
     def __init__(self, pauser: Pauser, gate: Gate, *,
                  headroom: Callable[[], int | None] | None = None,
                  clock: Callable[[], float] = trio.current_time,
-                 interval: float = PAUSE_INTERVAL) -> None:
+                 interval: float = PAUSE_INTERVAL,
+                 find: Callable[[Job], Freezer | None] = freezer_of) -> None:
         self.pauser = pauser
+        self._find = find
         self.gate = gate
         self._headroom = headroom or gate.available_now
         self._clock = clock
@@ -129,7 +131,7 @@ class Pauses:
                 if not _may_freeze(job):
                     continue
                 if entry.freezer is None:
-                    entry.freezer = freezer_of(job)
+                    entry.freezer = self._find(job)
                     if entry.freezer is None:
                         continue
             assert job.admitted is not None

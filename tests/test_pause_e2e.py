@@ -108,7 +108,7 @@ async def test_control_two_heavy_compiles_together_are_oom_killed(
 
 def _check_paused_run(small_cgroup: Cgroup, before: int,
                       results: list[subprocess.CompletedProcess[bytes]],
-                      gk_log: str, distccd_log: str) -> None:
+                      gk_log: str, distccd_log: str, how: str) -> None:
     kills = small_cgroup.oom_kills() - before
     pauses = [line for line in gk_log.splitlines() if "pausing job=" in line]
     resumes = [line for line in gk_log.splitlines() if "resuming job=" in line]
@@ -120,33 +120,42 @@ def _check_paused_run(small_cgroup: Cgroup, before: int,
     assert failures(results) == [], diag
     assert len(results) == 2
     assert pauses, f"no job was paused: the test proves nothing\n{diag}"
+    assert all(f"({how})" in line for line in pauses), diag
     assert len(resumes) == len(pauses), diag
     assert len(ends) == 2 and all("outcome=ok" in e for e in ends), diag
     assert any("paused=" in e for e in ends), diag
 
 
+# auto: each job has a cgroup of its own, frozen by the v1 freezer; off: the
+# job's processes are stopped with SIGSTOP.
+JOB_CGROUPS = [("auto", "freezer"), ("off", "SIGSTOP")]
+
+
+@pytest.mark.parametrize(("job_cgroups", "how"), JOB_CGROUPS)
 async def test_proxy_mode_pauses_instead_of_an_oom_kill(
-        small_cgroup: Cgroup, tmp_path: Path) -> None:
+        small_cgroup: Cgroup, tmp_path: Path, job_cgroups: str, how: str) -> None:
     (small_cgroup.path / "memory.limit_in_bytes").write_text(str(LIMIT))
     before = small_cgroup.oom_kills()
     with DistccServer(jobs=2, hold_s=0, cgroup_procs=small_cgroup.path / "cgroup.procs") as d:
         with GatekeeperProcess(
                 ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{d.port}",
                  "--cgroup", str(small_cgroup.path), "-j", "2", "--min-free-mb", "0",
-                 "--job-mem-mb", "10", "--pause-below-mb", str(FLOOR_MB)]) as gk:
+                 "--job-mem-mb", "10", "--pause-below-mb", str(FLOOR_MB),
+                 "--job-cgroups", job_cgroups]) as gk:
             results = await compile_both(gk.port, tmp_path)
-        _check_paused_run(small_cgroup, before, results, gk.log_text, d.log_text)
+        _check_paused_run(small_cgroup, before, results, gk.log_text, d.log_text, how)
 
 
+@pytest.mark.parametrize(("job_cgroups", "how"), JOB_CGROUPS)
 async def test_inetd_mode_pauses_instead_of_an_oom_kill(
-        small_cgroup: Cgroup, tmp_path: Path) -> None:
+        small_cgroup: Cgroup, tmp_path: Path, job_cgroups: str, how: str) -> None:
     (small_cgroup.path / "memory.limit_in_bytes").write_text(str(LIMIT + GATEKEEPER_ROOM))
     before = small_cgroup.oom_kills()
     with InetdDistccd() as d:
         with GatekeeperProcess(
                 ["--listen", "127.0.0.1:0", "-j", "2", "--min-free-mb", "0",
                  "--job-mem-mb", "10", "--pause-below-mb", str(FLOOR_MB),
-                 "--", *d.command],
+                 "--job-cgroups", job_cgroups, "--", *d.command],
                 cgroup_procs=small_cgroup.path / "cgroup.procs") as gk:
             results = await compile_both(gk.port, tmp_path)
-        _check_paused_run(small_cgroup, before, results, gk.log_text, d.log_text)
+        _check_paused_run(small_cgroup, before, results, gk.log_text, d.log_text, how)
