@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -28,7 +28,7 @@ from gatekeeper.footprints import FootprintBook
 from gatekeeper.gate import Gate
 from gatekeeper.inetd.command import Command
 from gatekeeper.inetd.job import InetdJobs
-from gatekeeper.job import ProxyJobs
+from gatekeeper.job import Job, ProxyJobs, State
 from gatekeeper.memory.adopt import Adopter
 from gatekeeper.memory.job_cgroup import CgroupError, JobCgroups
 from gatekeeper.memory.meter import Meter
@@ -41,8 +41,10 @@ from gatekeeper.net.liveness import ClientWatch
 from gatekeeper.net.relay import Relay
 from gatekeeper.net.sideport import SidePort
 from gatekeeper.observe.agent import Agent, BackendCheck
+from gatekeeper.observe.escape import printable
 from gatekeeper.observe.metrics import Observatory
 from gatekeeper.observe.page import page
+from gatekeeper.observe.status import PausingView, RunningJob
 from gatekeeper.observe.web import StatusWeb
 from gatekeeper.pauses import Pauses
 from gatekeeper.pausing import Pauser
@@ -113,6 +115,36 @@ def measuring(config: Config, inetd: InetdJobs | None, adopter: Adopter | None) 
     return f"per-job cgroups below the backend's ({adopter.adopted} jobs so far)"
 
 
+def running_jobs(live: Iterable[Job]) -> list[RunningJob]:
+    """The admitted jobs for /status, oldest first."""
+    now = trio.current_time()
+    out: list[RunningJob] = []
+    for job in sorted((j for j in live if j.admitted is not None and j.state is not State.DONE),
+                      key=lambda j: j.admitted or 0.0):
+        assert job.admitted is not None
+        usage = job.usage
+        out.append({
+            "peer": job.peer,
+            "job": printable(job.name) if job.name else None,
+            "state": "paused" if job.paused_since is not None else job.state.value,
+            "running_seconds": round(now - job.admitted, 3),
+            "paused_seconds": round(job.paused_for(now), 3),
+            "pauses": job.pauses,
+            "estimate_bytes": job.estimate,
+            "charge_bytes": usage.current if usage is not None and not usage.stopped else None,
+        })
+    return out
+
+
+def pausing_view(pauses: Pauses | None) -> PausingView | None:
+    if pauses is None:
+        return None
+    pauser = pauses.pauser
+    return {"floor_bytes": pauser.floor, "resume_bytes": pauser.resume,
+            "max_pause_seconds": pauser.max_pause, "paused": pauses.paused,
+            "pauses_total": pauses.pauses_total, "cuts_total": pauses.cuts_total}
+
+
 async def _closing_at_end(close: Callable[[], None]) -> None:
     """Owns something the handlers use until the server's end (its root nursery
     is cancelled only after every handler is done)."""
@@ -158,6 +190,8 @@ class Server:
             stopping=lambda: self.stopping,
             backend=BackendCheck(None if command is not None else config.backend))
         self.observatory.measuring = lambda: measuring(config, self.inetd, self.adopter)
+        self.observatory.running_jobs = lambda: running_jobs(self.connections.live.values())
+        self.observatory.pausing = lambda: pausing_view(self.pauses)
         self.pauses = (Pauses(Pauser(floor=config.pause_below_bytes,
                                      resume=2 * config.pause_below_bytes,
                                      max_pause=config.max_pause), self.gate)

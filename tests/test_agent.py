@@ -38,6 +38,10 @@ def picture(**changes: Any) -> dict[str, Any]:
     ({"available_bytes": 768 * MiB}, "up ready 100% maxconn:4\n", 102),  # exactly fits
     ({"hold": "memory", "queued": 1}, "drain\n", 2),
     ({"hold": "pressure", "queued": 1}, "drain\n", 2),
+    ({"hold": "paused", "queued": 1}, "drain\n", 2),
+    ({"pausing": {"paused": 1}}, "drain\n", 2),  # memory ran out under a running job
+    ({"pausing": {"paused": 0}}, "up ready 100% maxconn:4\n", 102),
+    ({"pausing": "garbage"}, "up ready 100% maxconn:4\n", 102),
     ({"available_bytes": None}, "up ready 100% maxconn:4\n", 102),  # no reading yet
     ({"backend": {"ok": False, "error": "connect x:1: refused"}},
      "down#backend unreachable: connect x:1: refused\n", 1),
@@ -101,7 +105,26 @@ def test_status_table_shows_the_queue() -> None:
     hostile = format_status({"measuring": "x\x1b[2J\nend peer=forged", "admitted_total": 9,
                              "backfilled_total": 2}, "x")
     assert "9 (2 backfilled)" in hostile
+    assert "pausing    off" in hostile
     assert "\x1b" not in hostile and "\nend peer" not in hostile  # escaped
+
+
+def test_status_table_shows_each_job_and_pausing() -> None:
+    text = format_status(picture(
+        running=2, pausing={"floor_bytes": 32 * MiB, "resume_bytes": 64 * MiB, "paused": 1,
+                            "pauses_total": 3, "cuts_total": 0},
+        jobs=[{"peer": "10.0.0.7:1", "job": "src/a.o", "state": "running",
+               "running_seconds": 12.25, "paused_seconds": 0.0, "pauses": 0,
+               "estimate_bytes": 200 * MiB, "charge_bytes": 150 * MiB},
+              {"peer": "10.0.0.8:2", "job": "x\x1b[2J" + "/long" * 20 + ".o",
+               "state": "paused", "running_seconds": 3.0, "paused_seconds": 2.5,
+               "pauses": 1, "estimate_bytes": None, "charge_bytes": "junk"}]), "x")
+    assert "pausing    below 32 MiB, resume at 64 MiB; 1 paused now, 3 pauses, 0 cut" in text
+    lines = text.splitlines()
+    a = next(line for line in lines if "src/a.o" in line)
+    assert a.split()[1:] == ["running", "12.2s", "0.0s", "200", "MiB", "150", "MiB"]
+    b = next(line for line in lines if "paused " in line and "long" in line)
+    assert "\x1b" not in text and b.split()[-5:] == ["paused", "3.0s", "2.5s", "?", "?"]
 
 
 def test_subcommand_flags_and_main_parsing() -> None:

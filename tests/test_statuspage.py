@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 from fakes import backend, config, gatekeeper, receive_all
+from test_job_cgroups import preforked_backend  # noqa: F401  (a fixture)
+from test_learning import request, run_job
 
 from gatekeeper.net.addresses import TcpAddress
 
@@ -82,3 +84,33 @@ async def test_page_shows_what_status_says(tmp_path: Path) -> None:
             release.set()
             for stream in (first, second):
                 await stream.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_page_and_status_show_a_paused_job(
+        tmp_path: Path, preforked_backend: TcpAddress) -> None:  # noqa: F811
+    """Issue 18: an admin sees a pause happen -- each running job's state, how
+    long it was paused, its estimate and its charge, and the pause counts."""
+    cfg = config(preforked_backend, metrics=TcpAddress("127.0.0.1", 0), max_jobs=2,
+                 min_free_bytes=0, job_mem_bytes=MiB, job_cgroups=False,
+                 pause_below_bytes=64 * MiB)
+    async with gatekeeper(cfg) as gk, trio.open_nursery() as nursery:
+        for name in ("old.o", "young.o"):
+            client = await gk.connect()
+            nursery.start_soon(run_job, client, request(name, 1, hold=4.0))
+            await gk.wait_for(lambda s, n=name: any(j.name == n and j.admitted is not None
+                                                    for j in s.connections.live.values()))
+        gk.memory.value = 32 * MiB  # memory runs out under both
+        await gk.wait_for(lambda s: s.gate.admission.paused == 1)
+        address = gk.server.metrics_addresses[0]
+        status = json.loads(await http_get(address, "/status"))
+        dom = (await chromium(tmp_path, "--dump-dom", f"http://{address}/")).decode()
+        gk.memory.value = 2**40  # room again: it goes on
+    states = {j["job"]: j["state"] for j in status["jobs"]}
+    assert states == {"old.o": "running", "young.o": "paused"}, status["jobs"]
+    young = next(j for j in status["jobs"] if j["job"] == "young.o")
+    assert young["pauses"] == 1 and young["estimate_bytes"] == MiB
+    assert status["pausing"]["paused"] == 1 and status["pausing"]["pauses_total"] == 1
+    assert status["hold"] is None and status["health"]["state"] == "drain"
+    assert shown(dom, "paused") == "1"
+    assert re.search(r'<tr class="paused"><td>young\.o</td><td>paused</td>', dom), dom

@@ -8,8 +8,9 @@ in-process agent does) to a `Health`. The mapping, also in the README:
 - ``down#<why>``: gatekeeper is stopping, or the backend did not accept a
   connection at the last check. Nothing new should come here.
 - ``drain``: the memory rule would hold a new job right now (a new unknown job
-  does not fit: available - reserved - its footprint < min free), or memory
-  pressure holds the queue. Running jobs finish; new ones should go elsewhere.
+  does not fit: available - reserved - its footprint < min free), memory
+  pressure holds the queue, or a running job is paused because memory ran out.
+  Running jobs finish; new ones should go elsewhere.
 - otherwise ``up ready <pct>% maxconn:<max-jobs>``, pct the share of job slots
   neither running nor already claimed by the queue. ``ready`` cancels a
   previous ``drain`` (HAProxy keeps an agent's DRAIN until told ``ready``).
@@ -69,7 +70,10 @@ def _int(status: Mapping[str, Any], key: str) -> int | None:
 
 def memory_would_hold(status: Mapping[str, Any]) -> bool:
     """Whether the memory rule would hold a new (unknown) job right now."""
-    if status.get("hold") in ("memory", "pressure"):
+    if status.get("hold") in ("memory", "pressure", "paused"):
+        return True
+    pausing = status.get("pausing")
+    if isinstance(pausing, Mapping) and _int(pausing, "paused"):
         return True
     available = _int(status, "available_bytes")
     if available is None:

@@ -31,7 +31,13 @@ from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.gate import Gate
 from gatekeeper.memory.sources import MemorySource
 from gatekeeper.observe.agent import BackendCheck, health_view
-from gatekeeper.observe.status import QUEUE_VIEW_LIMIT, StatusPicture, picture
+from gatekeeper.observe.status import (
+    QUEUE_VIEW_LIMIT,
+    PausingView,
+    RunningJob,
+    StatusPicture,
+    picture,
+)
 from gatekeeper.outcome import COMPLETED, Outcome
 from gatekeeper.outcome import REJECT_REASONS as REJECTED_ORDER
 
@@ -84,6 +90,10 @@ class Observatory:
         self.backend = backend
         self.measuring: Callable[[], str] = lambda: "process-tree sampling"
         """How jobs are measured, for /status (set by the server at start)."""
+        self.running_jobs: Callable[[], list[RunningJob]] = list
+        """The admitted jobs' states (set by the server)."""
+        self.pausing: Callable[[], PausingView | None] = lambda: None
+        """Pausing's settings and counts (set by the server; None: off)."""
         self.registry = CollectorRegistry()
         self.completed: dict[str, int] = dict.fromkeys(COMPLETED_OUTCOMES, 0)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
@@ -154,7 +164,8 @@ class Observatory:
             available=self.gate.available_now(), stopping=self.stopping(),
             unknown_footprint=self.unknown_footprint(), pressure=self.gate.pressure,
             completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
-            health=health_view, measuring=self.measuring())
+            health=health_view, measuring=self.measuring(), jobs=self.running_jobs(),
+            pausing=self.pausing())
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
@@ -197,7 +208,7 @@ class _Picture(Collector):
         hold = GaugeMetricFamily("gatekeeper_hold",
                                  "1 for why the head of the queue waits (0 for the others)",
                                  labels=["reason"])
-        for reason in ("slots", "per-client", "memory", "pressure", "draining"):
+        for reason in ("slots", "per-client", "memory", "pressure", "paused", "draining"):
             hold.add_metric([reason], 1.0 if s.hold is not None and s.hold.value == reason
                             else 0.0)
         metrics: list[Metric | None] = [
@@ -228,5 +239,21 @@ class _Picture(Collector):
                                 "Jobs admitted ahead of a head that waited for memory, "
                                 "without delaying it (backfilling)", value=s.backfilled_total),
             *self._per_client(s),
+            *self._pausing(),
         ]
         return [m for m in metrics if m is not None]
+
+    def _pausing(self) -> list[Metric]:
+        view = self.o.pausing()
+        if view is None:
+            return []
+        return [
+            GaugeMetricFamily("gatekeeper_paused_jobs",
+                              "Running jobs frozen now because memory ran out",
+                              value=view["paused"]),
+            CounterMetricFamily("gatekeeper_pauses", "Times a running job was frozen",
+                                value=view["pauses_total"]),
+            CounterMetricFamily("gatekeeper_pause_cuts",
+                                "Paused jobs cut at --max-pause with still no room "
+                                "(their clients compile locally)", value=view["cuts_total"]),
+        ]

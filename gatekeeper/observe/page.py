@@ -29,6 +29,7 @@ canvas { border: 1px solid #ddd; margin-top: 1em; width: 100%; max-width: 900px;
 table { border-collapse: collapse; margin-top: 1em; }
 td, th { padding: .15em .8em .15em 0; text-align: left; }
 .legend span { margin-right: 1.2em; }
+tr.paused td { color: #b00; font-weight: bold; }
 </style></head>
 <body>
 <h1>gatekeeper <span id="version"></span>: <span id="state">?</span>
@@ -40,12 +41,16 @@ td, th { padding: .15em .8em .15em 0; text-align: left; }
  <div class="tile">available memory<br><b id="available">?</b> MiB<br>
   min free <span id="min_free">?</span> MiB, reserved <span id="reserved">?</span> MiB</div>
  <div class="tile">admitted<br><b id="admitted">?</b></div>
+ <div class="tile">paused<br><b id="paused">-</b><br><span id="pauses"></span></div>
 </div>
 <canvas id="chart" width="900" height="260"></canvas>
 <div class="legend"><span style="color:#06c">&#9632; running</span>
 <span style="color:#c60">&#9632; queued</span>
 <span style="color:#393">&#9632; available memory (right scale, MiB)</span>
 <span style="color:#999">- - min free</span></div>
+<table><thead><tr><th>job</th><th>state</th><th>for</th><th>paused</th>
+<th>estimate</th><th>charged now</th></tr></thead>
+<tbody id="jobs"></tbody></table>
 <table><thead><tr><th>queued peer</th><th>waiting</th></tr></thead>
 <tbody id="queue"></tbody></table>
 <script>
@@ -95,14 +100,24 @@ function show(s) {
   $("min_free").textContent = mib(s.min_free_bytes);
   $("reserved").textContent = mib(s.reserved_bytes);
   $("admitted").textContent = s.admitted_total;
-  const rows = s.queue.map(q => {
+  const p = s.pausing;
+  $("paused").textContent = p ? p.paused : "off";
+  $("pauses").textContent = p ? p.pauses_total + " pauses, " + p.cuts_total + " cut" : "";
+  const row = (texts, cls) => {
     const tr = document.createElement("tr");
-    for (const text of [q.peer, q.waiting_seconds.toFixed(1) + " s"]) {
+    if (cls) tr.className = cls;
+    for (const text of texts) {
       const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
     }
     return tr;
-  });
-  $("queue").replaceChildren(...rows);
+  };
+  $("jobs").replaceChildren(...(s.jobs || []).map(j => row(
+    [j.job || j.peer, j.state, j.running_seconds.toFixed(1) + " s",
+     j.pauses ? j.paused_seconds.toFixed(1) + " s (" + j.pauses + ")" : "",
+     mib(j.estimate_bytes) + " MiB", mib(j.charge_bytes) + " MiB"],
+    j.state === "paused" ? "paused" : "")));
+  $("queue").replaceChildren(...s.queue.map(q => row(
+    [q.peer, q.waiting_seconds.toFixed(1) + " s"])));
   history.push({running: s.running, queued: s.queued, max_jobs: s.max_jobs,
                 available: s.available_bytes, min_free: s.min_free_bytes});
   while (history.length > KEEP) history.shift();

@@ -34,6 +34,32 @@ class ClientView(TypedDict):
     running: int
 
 
+class RunningJob(TypedDict):
+    """One admitted job, for an admin watching a pause happen."""
+
+    peer: str
+    job: str | None
+    """Its output file (escaped: the client names it)."""
+    state: str
+    """running, paused, handed-off (the backend is done, the reply is still
+    going out) or admitted (its backend being connected)."""
+    running_seconds: float
+    paused_seconds: float
+    pauses: int
+    estimate_bytes: int | None
+    charge_bytes: int | None
+    """What it is charged now (its cgroup's usage, or its sampled tree)."""
+
+
+class PausingView(TypedDict):
+    floor_bytes: int
+    resume_bytes: int
+    max_pause_seconds: float
+    paused: int
+    pauses_total: int
+    cuts_total: int
+
+
 class HealthView(TypedDict):
     state: str
     percent: int
@@ -59,6 +85,10 @@ class StatusPicture(TypedDict, total=False):
     admitted_total: int
     backfilled_total: int
     """Of those, started beside a job that waited for memory (backfill.py)."""
+    jobs: list[RunningJob]
+    """The admitted jobs, oldest first (at most QUEUE_VIEW_LIMIT)."""
+    pausing: PausingView | None
+    """None: pausing is off (--pause-below-mb 0)."""
     completed_total: dict[str, int]
     rejected_total: dict[str, int]
     backend: BackendView
@@ -75,7 +105,8 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
             unknown_footprint: int, pressure: float | None, completed: Mapping[str, int],
             rejected: Mapping[str, int], backend: BackendView,
             health: Callable[[StatusPicture], HealthView],
-            measuring: str = "process-tree sampling") -> StatusPicture:
+            measuring: str = "process-tree sampling", jobs: list[RunningJob] | None = None,
+            pausing: PausingView | None = None) -> StatusPicture:
     """The whole picture from the gate's snapshot and the counters."""
     entries: list[QueueEntry] = [
         {"peer": peers.get(job, "?"), "waiting_seconds": round(now - arrived, 3)}
@@ -97,6 +128,8 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
         "memory_pressure": pressure,
         "admitted_total": s.admitted_total,
         "backfilled_total": s.backfilled_total,
+        "jobs": (jobs or [])[:QUEUE_VIEW_LIMIT],
+        "pausing": pausing,
         "completed_total": dict(completed),
         "rejected_total": dict(rejected),
         "backend": backend,

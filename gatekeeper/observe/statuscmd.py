@@ -73,6 +73,29 @@ def _counts(counts: object) -> str:
     return ", ".join(shown) if shown else "none"
 
 
+def _pausing(view: object) -> str:
+    if not isinstance(view, Mapping):
+        return "off"
+    return (f"below {_size(view.get('floor_bytes'))}, resume at "
+            f"{_size(view.get('resume_bytes'))}; {view.get('paused', '?')} paused now, "
+            f"{view.get('pauses_total', '?')} pauses, {view.get('cuts_total', '?')} cut")
+
+
+def _seconds(n: object) -> str:
+    return f"{n:.1f}s" if isinstance(n, (int, float)) and not isinstance(n, bool) else "?"
+
+
+def _job_line(entry: Mapping[str, Any]) -> str:
+    """One admitted job; every field came over the network: escaped, bounded."""
+    name = printable(str(entry.get("job") or entry.get("peer", "?")))
+    if len(name) > 31:
+        name = "..." + name[-28:]
+    state = printable(str(entry.get("state", "?")))[:11]
+    return (f"{'':<11}{name:<32}{state:<12}{_seconds(entry.get('running_seconds')):>8}"
+            f"{_seconds(entry.get('paused_seconds')):>8}"
+            f"{_size(entry.get('estimate_bytes')):>10}{_size(entry.get('charge_bytes')):>10}")
+
+
 def format_status(status: Mapping[str, Any], where: str) -> str:
     """The human-readable table for `gatekeeper status`."""
     h = health(status)
@@ -97,10 +120,19 @@ def format_status(status: Mapping[str, Any], where: str) -> str:
         ("admitted", f"{status.get('admitted_total', '?')} "
                      f"({status.get('backfilled_total', 0)} backfilled)"),
         ("measuring", printable(str(status.get("measuring", "?")))),
+        ("pausing", _pausing(status.get("pausing"))),
         ("completed", _counts(status.get("completed_total"))),
         ("rejected", _counts(status.get("rejected_total"))),
     ]
     lines = [f"{name:<11}{value}" for name, value in rows]
+    jobs = status.get("jobs")
+    if isinstance(jobs, list) and jobs:
+        lines.append("")
+        lines.append(f"{'':<11}{'JOB':<32}{'STATE':<12}{'FOR':>8}{'PAUSED':>8}"
+                     f"{'EST':>10}{'NOW':>10}")
+        for entry in jobs:
+            if isinstance(entry, Mapping):
+                lines.append(_job_line(entry))
     queue = status.get("queue")
     if isinstance(queue, list) and queue:
         lines.append("")
