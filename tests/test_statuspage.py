@@ -95,11 +95,10 @@ async def test_page_and_status_show_a_paused_job(
                  min_free_bytes=0, job_mem_bytes=MiB, job_cgroups=False,
                  pause_below_bytes=64 * MiB)
     async with gatekeeper(cfg) as gk, trio.open_nursery() as nursery:
-        for name in ("old.o", "young.o"):
+        for running, name in enumerate(("old.o", "young.o"), 1):
             client = await gk.connect()
             nursery.start_soon(run_job, client, request(name, 1, hold=4.0))
-            await gk.wait_for(lambda s, n=name: any(j.name == n and j.admitted is not None
-                                                    for j in s.connections.live.values()))
+            await gk.wait_for(lambda s, n=running: s.gate.snapshot().running == n)
         gk.memory.value = 32 * MiB  # memory runs out under both
         await gk.wait_for(lambda s: s.gate.admission.paused == 1)
         address = gk.server.metrics_addresses[0]
