@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ from test_job_cgroups import preforked_backend  # noqa: F401  (a fixture)
 from test_learning import request, run_job
 
 from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.server import Server
 
 MiB = 2**20
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -86,6 +88,10 @@ async def test_page_shows_what_status_says(tmp_path: Path) -> None:
                 await stream.aclose()
 
 
+def running_now(server: Server, count: int) -> bool:
+    return server.gate.snapshot().running == count
+
+
 @pytest.mark.timeout(120)
 async def test_page_and_status_show_a_paused_job(
         tmp_path: Path, preforked_backend: TcpAddress) -> None:  # noqa: F811
@@ -98,7 +104,7 @@ async def test_page_and_status_show_a_paused_job(
         for running, name in enumerate(("old.o", "young.o"), 1):
             client = await gk.connect()
             nursery.start_soon(run_job, client, request(name, 1, hold=4.0))
-            await gk.wait_for(lambda s, n=running: s.gate.snapshot().running == n)
+            await gk.wait_for(functools.partial(running_now, count=running))
         gk.memory.value = 32 * MiB  # memory runs out under both
         await gk.wait_for(lambda s: s.gate.admission.paused == 1)
         address = gk.server.metrics_addresses[0]
