@@ -471,6 +471,11 @@ async def run(config: Config, options: Options | None = None, *,
              "queue-timeout %gs, drain-timeout %gs, %s", __version__, config.max_jobs,
              format_mib(config.min_free_bytes), config.max_queue, config.queue_timeout,
              options.drain_timeout, target)
+    if server.pauses is not None:
+        log.info("pausing: a running job is frozen below %s available, let go on from %s, "
+                 "for at most %gs; unknown jobs are admitted on a %s estimate",
+                 format_mib(config.pause_below_bytes), format_mib(2 * config.pause_below_bytes),
+                 config.max_pause, "typical" if server.optimistic else "worst-case")
     with trio.open_signal_receiver(*SIGNALS_HANDLED) as signals:
         async with trio.open_nursery() as nursery:
 

@@ -60,6 +60,13 @@ MAX_KEYS = 20_000
 RECENT = 512
 PERCENTILE = 0.99
 MIN_SAMPLES = 8
+# Where a wrong guess costs a pause, not a kill (pausing on, and a way to freeze
+# each job: pauses.py), an unknown job is estimated as a typical one: the median
+# of recent peaks. A heavier one is frozen when memory runs out and goes on
+# when its neighbours end -- the worst case costs the time the 99th percentile
+# would have made every unknown job wait (issue 18's mixed bench: the heavy
+# files were 3 of 17, so the 99th percentile let one compile run at a time).
+TYPICAL_PERCENTILE = 0.5
 
 # A compile killed at X bytes needed more than X: how much more is unknown, so
 # guess half again as much (a growing compiler is usually well past half its
@@ -87,9 +94,14 @@ MAX_KEY_LEN = 64
 
 
 class FootprintBook:
-    def __init__(self, seed: int, *, max_keys: int = MAX_KEYS) -> None:
+    def __init__(self, seed: int, *, max_keys: int = MAX_KEYS,
+                 percentile: float = PERCENTILE) -> None:
+        if not 0 < percentile <= 1:
+            raise ValueError("percentile must be in (0, 1]")
         self.seed = seed
         self.max_keys = max_keys
+        self.percentile = percentile
+        """Where unknown jobs are read in the recent peaks' distribution."""
         self._peaks: OrderedDict[str, list[int]] = OrderedDict()
         self._seconds: dict[str, list[float]] = {}
         """Each key's last few run times (keys of `_peaks` only)."""
@@ -126,7 +138,8 @@ class FootprintBook:
                 self._unknown_cache = self.seed
             else:
                 ordered = sorted(self._recent)
-                index = min(len(ordered) - 1, math.ceil(PERCENTILE * len(ordered)) - 1)
+                index = min(len(ordered) - 1,
+                            max(0, math.ceil(self.percentile * len(ordered)) - 1))
                 self._unknown_cache = int(ordered[index] * (1 + MARGIN))
         return self._unknown_cache
 

@@ -23,6 +23,7 @@ from gatekeeper.footprints import (
     MIN_SAMPLES,
     PEAKS_PER_KEY,
     STATE_FILE,
+    TYPICAL_PERCENTILE,
     FootprintBook,
     margin,
 )
@@ -48,6 +49,19 @@ def test_unknown_estimate_is_a_high_percentile_of_a_mix() -> None:
     for i in range(100):
         book.learn(f"k{i}", 900 * MiB if i % 5 == 0 else 40 * MiB)  # 20 % heavy
     assert book.estimate(None) == int(900 * MiB * (1 + MARGIN))
+
+
+def test_with_pausing_an_unknown_job_is_estimated_as_a_typical_one() -> None:
+    """Issue 18: where a wrong guess costs a pause, the median, not the 99th
+    percentile; known keys and the seed are unchanged."""
+    book = FootprintBook(seed=256 * MiB, percentile=TYPICAL_PERCENTILE)
+    assert book.estimate(None) == 256 * MiB  # too few peaks: the seed stands
+    for i in range(104):
+        book.learn(f"f{i}", 232 * MiB if i % 13 == 0 else 37 * MiB)
+    assert book.estimate(None) == int(37 * MiB * (1 + MARGIN))
+    assert book.estimate("f0") == int(232 * MiB * (1 + FIRST_MARGIN))
+    with pytest.raises(ValueError):
+        FootprintBook(seed=1, percentile=0.0)
 
 
 def test_known_key_uses_its_own_peaks_and_adapts() -> None:

@@ -9,15 +9,19 @@ at --max-pause, its client reset, the other job unharmed.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import trio
 import trio.testing
 from fakes import config, gatekeeper
+from test_inetd import UNUSED_BACKEND
 from test_job_cgroups import preforked_backend  # noqa: F401  (a fixture)
 from test_learning import reply, request, run_job
 
 from gatekeeper.admission import Admission, Hold, Limits
+from gatekeeper.footprints import PERCENTILE, TYPICAL_PERCENTILE
 from gatekeeper.gate import Gate, Ticket, Verdict
+from gatekeeper.inetd.command import Command
 from gatekeeper.job import Job, State
 from gatekeeper.memory.freeze import Freezer
 from gatekeeper.memory.sources import FixedMemory
@@ -25,6 +29,7 @@ from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.outcome import Outcome
 from gatekeeper.pauses import Pauses
 from gatekeeper.pausing import Act, Pauser
+from gatekeeper.server import Server
 
 MiB = 2**20
 FLOOR = 64 * MiB
@@ -209,3 +214,21 @@ async def test_a_cut_job_ends_pause_timeout_with_a_reset_and_the_other_goes_on(
     ends = gk.server.observatory.completed
     assert ends.get(Outcome.PAUSE_TIMEOUT.value) == 1, ends
     assert ends.get(Outcome.OK.value) == 1, ends
+
+
+async def test_unknown_jobs_are_estimated_typical_only_where_every_job_can_be_paused() -> None:
+    """Optimistic admission (issue 18) where the backstop stands: inetd mode
+    (each child can be frozen), or proxy mode with job cgroups for the backend's
+    processes; else the conservative 99th percentile."""
+    inetd = Command.resolve(["cat"])
+    on = config(UNUSED_BACKEND, pause_below_bytes=FLOOR)
+    cases = [
+        (Server(on, FixedMemory(2**40), command=inetd), TYPICAL_PERCENTILE),
+        (Server(config(UNUSED_BACKEND), FixedMemory(2**40), command=inetd), PERCENTILE),
+        (Server(replace(on, job_cgroups=False), FixedMemory(2**40)), PERCENTILE),
+        (Server(replace(on, job_cgroups=True, backend=TcpAddress("192.0.2.1", 3632)),
+                FixedMemory(2**40)), PERCENTILE),  # not on this box: not adopted
+    ]
+    for server, percentile in cases:
+        assert server.book.percentile == percentile
+        assert (server.pauses is not None) == (server.config.pause_below_bytes > 0)
