@@ -63,16 +63,16 @@ def freezer_of(job: Job) -> Freezer | None:
     if job.adoption is not None:  # proxy mode, its distccd child in a job cgroup
         pid = job.adoption.pid
         return (CgroupFreezer.of(job.adoption.cgroup, spare=pid)
-                or SignalFreezer(pid, group=False, spare=pid))
+                or SignalFreezer(pid, spare=pid))
     if job.cgroup is not None:
         freezer = CgroupFreezer.of(job.cgroup)
         if freezer is not None:
             return freezer
-    if job.pid is not None:  # inetd mode: the child leads its own process group
-        return SignalFreezer(job.pid, group=True)
+    if job.pid is not None:  # inetd mode: the child and what it runs
+        return SignalFreezer(job.pid)
     if job.usage is not None and job.usage.pid is not None and not job.usage.stopped:
         pid = job.usage.pid  # proxy mode, sampled: the distccd child found by the meter
-        return SignalFreezer(pid, group=False, spare=pid)
+        return SignalFreezer(pid, spare=pid)
     return None
 
 

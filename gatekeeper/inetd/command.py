@@ -57,6 +57,7 @@ import trio
 
 from gatekeeper.memory.freeze import thaw
 from gatekeeper.memory.job_cgroup import JobCgroup
+from gatekeeper.memory.meter import descendants
 
 # After SIGTERM a cut-off job's process group gets this long before SIGKILL:
 # distccd kills its compiler and exits within milliseconds; anything slower is
@@ -201,8 +202,13 @@ class CommandRunner:
 
     async def _stop(self, proc: trio.Process, cgroup: JobCgroup | None) -> None:
         _signal_group(proc, signal.SIGTERM)
-        # A paused job (pauses.py) must be let go on to see it.
+        # A paused job (pauses.py) must be let go on to see it: its whole tree,
+        # since distccd's compiler is in a process group of its own.
         _signal_group(proc, signal.SIGCONT)
+        if proc.returncode is None:
+            for pid in descendants(proc.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGCONT)
         if cgroup is not None:
             with contextlib.suppress(OSError):
                 thaw(cgroup)

@@ -7,9 +7,11 @@ between, each for one job's processes.
   Every process in it stops at once, those it forks later included, and no
   signal is seen by the job (a compiler cannot tell it was paused).
 * `SignalFreezer`: SIGSTOP/SIGCONT, where the job has no cgroup with a freezer:
-  an inetd child's process group (it was started in a session of its own), or
-  a proxy job's backend process and its descendants (distccd's child shares
-  distccd's group, which must never be stopped).
+  the job's root process (an inetd child, a proxy job's distccd child) and its
+  descendants, found in /proc. Not its process group: distccd puts each
+  compiler in a new group of its own (dcc_new_pgrp), so signalling the inetd
+  child's group stopped distccd and not the compiler, which grew on (the e2e
+  test saw the OOM kill); and a proxy job's distccd child shares distccd's.
 
 A cut (a job paused too long, with no room to let it go on: `pausing.Act.CUT`)
 SIGKILLs the job's processes -- except `spare`, the distccd child that serves
@@ -114,36 +116,27 @@ class CgroupFreezer:
 
 
 class SignalFreezer:
-    """SIGSTOP/SIGCONT of a process group (`group`), or of a process and its
-    descendants."""
+    """SIGSTOP/SIGCONT of a process and its descendants."""
 
     how = "SIGSTOP"
 
-    def __init__(self, root: int, *, group: bool, spare: int | None = None) -> None:
+    def __init__(self, root: int, *, spare: int | None = None) -> None:
         self.root = root
-        self.group = group
         self.spare = spare
 
     def _send(self, sig: int) -> None:
-        if self.group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.root, sig)
-            return
         _signal([self.root, *descendants(self.root)], sig)
 
     def freeze(self) -> None:
-        for _ in range(1 if self.group else STOP_ROUNDS):
+        for _ in range(STOP_ROUNDS):
             self._send(signal.SIGSTOP)
 
     def thaw(self) -> None:
         self._send(signal.SIGCONT)
 
     def kill(self) -> None:
-        if self.group and self.spare is None:
-            self._send(signal.SIGKILL)
-        else:
-            tree = [self.root, *descendants(self.root)]
-            _signal((p for p in tree if p != self.spare), signal.SIGKILL)
+        tree = [self.root, *descendants(self.root)]
+        _signal((p for p in tree if p != self.spare), signal.SIGKILL)
         self.thaw()
 
 
