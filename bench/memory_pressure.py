@@ -76,8 +76,10 @@ from typing import IO
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import timeline
 from bench.hungry import CXXFLAGS, Project, Spec, generate
 from bench.schedule import Job, area_bound, list_schedule, makespan
+from bench.timeline import Sampler, bars_from_compiles, bars_from_samples
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -525,6 +527,10 @@ class GkSummary:
     problems: list[str]
     jobs: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
     """(object, est MiB, peak MiB) of every job that has both."""
+    pauses: int = 0
+    """Times a running job was frozen (issue 18)."""
+    cuts: int = 0
+    """Paused jobs cut at --max-pause."""
 
 
 @dataclasses.dataclass
@@ -599,6 +605,8 @@ class Bench:
         self.oracle: float | None = None
         """The oracle's makespan (`oracle_lines`), for the summary."""
         self.results: list[Result] = []
+        self.status_url: str | None = None
+        """The running gatekeeper's /status (None: no gatekeeper in this build)."""
         self.started = time.monotonic()
 
     @staticmethod
@@ -712,7 +720,11 @@ class Bench:
         raise RuntimeError(f"distccd did not start: {last}")
 
     def _gatekeeper_argv(self, state_dir: Path, extra: Sequence[str]) -> list[str]:
+        # /status for the timeline's sampler (bench/timeline.py)
+        metrics = free_port()
+        self.status_url = f"http://{LOOPBACK}:{metrics}/status"
         return [sys.executable, "-m", "gatekeeper", "--listen", f"{LOOPBACK}:0",
+                "--metrics", f"{LOOPBACK}:{metrics}",
                 "-j", str(self.cpus), "--min-free-mb", str(self.args.min_free_mb),
                 "--job-mem-mb", str(self.args.job_mem_mb), "--state-dir", str(state_dir),
                 "--allow", LOOPBACK, "--log-level", "info", *extra]
@@ -806,7 +818,8 @@ class Bench:
         load_before = loadavg()
         tcp_before = tcp_counters()
         log(f"{name}: building ({label}); load average {load_before}")
-        code, output, seconds = self.build(name, port)
+        with Sampler(cg.path, self.status_url if gatekeeper is not None else None) as sampler:
+            code, output, seconds = self.build(name, port)
         oom_after, fail_after = cg.oom_kills(), cg.value("memory.failcnt")
         load_after = loadavg()
         tcp_after = tcp_counters()
@@ -842,6 +855,15 @@ class Bench:
                 f"from other work on the box stalls loopback transfers; makespan unreliable)")
         if gatekeeper is not None:
             result.gk = gatekeeper_summary(gatekeeper.text, self.project)
+            bars = bars_from_samples(sampler.samples)
+        else:
+            bars = bars_from_compiles([(c.start_ns, c.end_ns, c.status) for c in compiles],
+                                      int(sampler.started * 1e9))
+        title = (f"{name}: {label} -- {seconds:.1f} s, OOM kills {_fmt(result.oom_kills)}, "
+                 f"failed compiles {result.failed}"
+                 + (f", pauses {result.gk.pauses}" if result.gk is not None else ""))
+        timeline.write(self.args.timelines / f"{name}.svg", title, sampler.samples, bars,
+                       self.limit, seconds=seconds)
         log(f"{name}: {seconds:.1f}s, make exit {code}, objects {produced}/{result.expected}, "
             f"OOM kills {result.oom_kills}, failcnt +{result.failcnt}, max compiles at once "
             f"{result.max_concurrent} (heavy {result.max_heavy_concurrent})")
@@ -970,7 +992,8 @@ def gatekeeper_summary(text: str, project: Project) -> GkSummary:
         max_wait_s=round(max(waits), 1) if waits else 0.0,
         problems=[line for line in text.splitlines()
                   if "Traceback" in line or ": ERROR:" in line or ": WARNING:" in line][:5],
-        jobs=jobs)
+        jobs=jobs, pauses=text.count("INFO: pausing job="),
+        cuts=text.count("WARNING: cutting job="))
 
 
 # --------------------------------------------------------------------------------------
@@ -1030,7 +1053,7 @@ def table(results: Sequence[Result]) -> list[str]:
     return rows
 
 
-def verdicts(results: Sequence[Result]) -> list[str]:
+def verdicts(results: Sequence[Result], oracle: float | None = None) -> list[str]:
     by = {r.name: r for r in results}
     out: list[str] = []
 
@@ -1057,6 +1080,18 @@ def verdicts(results: Sequence[Result]) -> list[str]:
                         if x.name == key and x.round in base_of)
             check(worst <= 0.80, f"{r.label}: no round above 0.80x of its --jobs 1: worst "
                   f"{worst:.2f}x")
+    for key, target in (("c", 0.85), ("e", 0.85), ("d", 0.65), ("f", 0.65)):
+        r = by.get(key)
+        if r is not None and "b" in med:
+            ratio = med[key] / med["b"]
+            check(ratio <= target, f"issue 18: {r.label}: median {ratio:.2f}x of distccd "
+                  f"--jobs 1, target <= {target:.2f}x")
+    if oracle:
+        for key in ("d", "f"):
+            r = by.get(key)
+            if r is not None:
+                check(med[key] <= 1.2 * oracle, f"issue 18: {r.label}: median {med[key]:.1f}s "
+                      f"within 1.2x of the oracle ({oracle:.1f}s): {med[key] / oracle:.2f}x")
     a_runs = [r for r in results if r.name == "a"]
     if a_runs:
         kills = sum(r.oom_kills or 0 for r in a_runs)
@@ -1188,9 +1223,9 @@ def report(bench: Bench, runtime: float) -> str:
         "stalled requests = requests distccd needed over 1 s to receive (normally ms: "
         "seconds mean host-wide TCP memory pressure dropped loopback segments).",
         "",
-        "## Targets (issues 3 and 17)",
+        "## Targets (issues 3, 17 and 18)",
         "",
-        *verdicts(bench.results),
+        *verdicts(bench.results, bench.oracle),
         "",
         "## gatekeeper's own view",
         "",
@@ -1199,16 +1234,18 @@ def report(bench: Bench, runtime: float) -> str:
         "peak as gatekeeper measured it (its own cgroup's peak where it gave the job "
         "one, else sampled private + shared memory); unmeasured = jobs with no peak.",
         "",
-        "| run | outcomes | hold lines | heavy est / peak MiB | light est / peak MiB | "
-        "unmeasured | median run s heavy / light | median / max wait s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | outcomes | hold lines | pauses (cut) | heavy est / peak MiB | "
+        "light est / peak MiB | unmeasured | median run s heavy / light | "
+        "median / max wait s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in bench.results:
         g = r.gk
         if g is None:
             continue
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(g.outcomes.items()))
-        lines.append(f"| {r.name}{r.round} | {outcomes} | {g.holds} | {g.heavy_est_mib} / "
+        lines.append(f"| {r.name}{r.round} | {outcomes} | {g.holds} | {g.pauses} ({g.cuts}) | "
+                     f"{g.heavy_est_mib} / "
                      f"{g.heavy_peak_mib} | {g.light_est_mib} / {g.light_peak_mib} | "
                      f"{g.unmeasured} | {g.heavy_run_s} / {g.light_run_s} | "
                      f"{g.median_wait_s} / {g.max_wait_s} |")
@@ -1287,7 +1324,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--inetd-io", choices=["auto", "direct", "relay"], default="auto",
                    help="gatekeeper's --inetd-io for runs e and f")
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
-    return p.parse_args(argv)
+    p.add_argument("--timelines", type=Path,
+                   help="write each build's timeline SVG here (default: "
+                        "bench/timelines/WORKLOAD)")
+    args = p.parse_args(argv)
+    if args.timelines is None:
+        args.timelines = REPO / "bench" / "timelines" / args.workload
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

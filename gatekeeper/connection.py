@@ -98,8 +98,11 @@ class Connections:
         now = trio.current_time()
         job.mark_admitted(now, self.oom.baseline(now))
 
-    def queue_peers(self) -> dict[int, str]:
-        return {j.ticket: j.peer for j in self.live.values() if j.ticket is not None}
+    def queue_peers(self) -> dict[int, tuple[str, str | None]]:
+        """Each ticket's (peer, job) for /status; the job's name escaped (the
+        client names it)."""
+        return {j.ticket: (j.peer, printable(j.name) if j.name else None)
+                for j in self.live.values() if j.ticket is not None}
 
     async def handle(self, stream: trio.SocketStream) -> None:
         peer, host = describe_peer(stream)

@@ -79,7 +79,7 @@ class Observatory:
 
     def __init__(self, gate: Gate, memory: MemorySource, *,
                  unknown_footprint: Callable[[], int],
-                 queue_peers: Callable[[], Mapping[JobId, str]],
+                 queue_peers: Callable[[], Mapping[JobId, tuple[str, str | None]]],
                  stopping: Callable[[], bool],
                  backend: BackendCheck) -> None:
         self.gate = gate

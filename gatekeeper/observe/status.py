@@ -26,6 +26,8 @@ class BackendView(TypedDict):
 
 class QueueEntry(TypedDict):
     peer: str
+    job: str | None
+    """Its output file (escaped), once its request head was read."""
     waiting_seconds: float
 
 
@@ -101,16 +103,17 @@ class StatusPicture(TypedDict, total=False):
 
 
 def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
-            peers: Mapping[JobId, str], available: int | None, stopping: bool,
+            peers: Mapping[JobId, tuple[str, str | None]], available: int | None, stopping: bool,
             unknown_footprint: int, pressure: float | None, completed: Mapping[str, int],
             rejected: Mapping[str, int], backend: BackendView,
             health: Callable[[StatusPicture], HealthView],
             measuring: str = "process-tree sampling", jobs: list[RunningJob] | None = None,
             pausing: PausingView | None = None) -> StatusPicture:
     """The whole picture from the gate's snapshot and the counters."""
-    entries: list[QueueEntry] = [
-        {"peer": peers.get(job, "?"), "waiting_seconds": round(now - arrived, 3)}
-        for job, arrived in queue]
+    entries: list[QueueEntry] = []
+    for job, arrived in queue:
+        peer, name = peers.get(job, ("?", None))
+        entries.append({"peer": peer, "job": name, "waiting_seconds": round(now - arrived, 3)})
     status: StatusPicture = {
         "version": __version__,
         "stopping": stopping,
