@@ -43,7 +43,7 @@ from gatekeeper.config import (
     DEFAULT_REQUEST_IDLE_TIMEOUT,
     DISTCC_PORT,
     LOOPBACK_ONLY,
-    MIN_PAUSE_FLOOR_MB,
+    PAUSE_FLOOR_SHARE,
     Config,
     InetdIo,
 )
@@ -212,12 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "delay it by their learned peak and duration (EASY backfilling; "
                         "off: strict FIFO per client) (default: on)")
     p.add_argument("--pause-below-mb", type=_non_negative_number, metavar="MB",
-                   help="pause (freeze) the youngest running job while available memory is "
-                        "below MB and another job runs, and let it go on once twice that is "
-                        "free, instead of letting the OOM killer end a compile; unknown "
-                        "jobs are then admitted on a typical, not a worst-case, estimate; 0: "
-                        "off (default: half of --min-free-mb, at least "
-                        f"{MIN_PAUSE_FLOOR_MB:.0f})")
+                   help="pause (freeze) the youngest running job while available memory, "
+                        "less the growth still expected from running jobs, is below MB and "
+                        "another job runs, and let it go on once twice that is free, "
+                        "instead of letting the OOM killer end a compile; unknown jobs are "
+                        "then admitted on a typical, not a worst-case, estimate; 0: off "
+                        "(default: half of --min-free-mb)")
     p.add_argument("--max-pause", type=_positive_number, default=DEFAULT_MAX_PAUSE,
                    metavar="SECONDS",
                    help="let a paused job go on after this long, or cut it (its client "
@@ -401,7 +401,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         job_cgroups=args.job_cgroups == "auto",
         backfill=args.backfill == "on",
         pause_below_bytes=int((args.pause_below_mb if args.pause_below_mb is not None
-                               else max(MIN_PAUSE_FLOOR_MB, args.min_free_mb / 2)) * 2**20),
+                               else PAUSE_FLOOR_SHARE * args.min_free_mb) * 2**20),
         max_pause=args.max_pause,
         idle_timeout=args.idle_timeout,
         max_per_client=args.max_per_client,

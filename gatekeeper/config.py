@@ -42,11 +42,12 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # jobs at once, and learning corrects it within the first few jobs.
 DEFAULT_JOB_MEM_MB = 256.0
 
-# Pausing (pausing.py). The floor: two heavy compilers grow ~30 MB per 100 ms
-# headroom reading (pauses.PAUSE_INTERVAL), and the freezer takes a few ms: 32 MiB
-# covers that; by default half of --min-free-mb (admission keeps min-free spare,
-# so a pause means the estimates were wrong by more than half of it).
-MIN_PAUSE_FLOOR_MB = 32.0
+# Pausing (pausing.py) judges the headroom less the running jobs' expected
+# growth -- what admission counts as free -- so by default it freezes a job when
+# that falls to half of --min-free-mb (admission keeps min-free spare: a pause
+# means the estimates were wrong by more than half of it) and lets it go on at
+# min-free, where admission would start a job again.
+PAUSE_FLOOR_SHARE = 0.5
 # A paused job waits for others to end; compiles that need a pause are heavy
 # ones of tens of seconds. Two minutes covers a few of them; the client's own
 # 300 s timeout is guarded apart (pauses.CLIENT_DEADLINE).

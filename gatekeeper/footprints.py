@@ -106,7 +106,7 @@ class FootprintBook:
         self._seconds: dict[str, list[float]] = {}
         """Each key's last few run times (keys of `_peaks` only)."""
         self._recent: deque[int] = deque(maxlen=RECENT)
-        self._unknown_cache: int | None = None
+        self._unknown_cache: dict[float, int] = {}
         self.dirty = False
 
     def __len__(self) -> int:
@@ -132,23 +132,33 @@ class FootprintBook:
     def knows(self, key: str | None) -> bool:
         return key is not None and key in self._peaks
 
-    def unknown_estimate(self) -> int:
-        if self._unknown_cache is None:
+    def unknown_estimate(self, percentile: float | None = None) -> int:
+        """A job never seen: `percentile` (default: the book's) of recent peaks
+        plus MARGIN, or the seed until MIN_SAMPLES were seen."""
+        at = self.percentile if percentile is None else percentile
+        cached = self._unknown_cache.get(at)
+        if cached is None:
             if len(self._recent) < MIN_SAMPLES:
-                self._unknown_cache = self.seed
+                cached = self.seed
             else:
                 ordered = sorted(self._recent)
-                index = min(len(ordered) - 1,
-                            max(0, math.ceil(self.percentile * len(ordered)) - 1))
-                self._unknown_cache = int(ordered[index] * (1 + MARGIN))
-        return self._unknown_cache
+                index = min(len(ordered) - 1, max(0, math.ceil(at * len(ordered)) - 1))
+                cached = int(ordered[index] * (1 + MARGIN))
+            self._unknown_cache[at] = cached
+        return cached
+
+    def worst_unknown(self) -> int:
+        """What a job never seen may need, read conservatively (PERCENTILE),
+        whatever the book's own percentile: what a job that outgrew a typical
+        estimate may still grow to (pauses.py)."""
+        return self.unknown_estimate(PERCENTILE)
 
     def learn(self, key: str | None, peak: int, *, seconds: float | None = None) -> None:
         """Record a finished job's measured peak (and how long it ran)."""
         if peak <= 0:
             return
         self._recent.append(peak)
-        self._unknown_cache = None
+        self._unknown_cache.clear()
         self.dirty = True
         if key is not None:
             self._remember(key, peak)
@@ -220,7 +230,7 @@ class FootprintBook:
         self._seconds = seconds
         self._peaks = peaks
         self._recent = deque(kept_recent, maxlen=RECENT)
-        self._unknown_cache = None
+        self._unknown_cache.clear()
         return dropped
 
     def load(self, state_dir: Path, *, ceiling: int) -> None:

@@ -1,6 +1,7 @@
 """The trio shell of pausing (`pausing.Pauser` decides): reads the headroom
-while two or more jobs run or one is paused, finds each job's way of being
-frozen (`memory.freeze`), and carries out what the pauser says.
+while two or more jobs run or one is paused, forecasts each job's growth
+(`expected_growth`), finds each job's way of being frozen (`memory.freeze`),
+and carries out what the pauser says.
 
 A job is pausable from the moment its processes exist until its backend part
 is over (`Job.state` RUNNING; in proxy mode the distccd child then goes on to
@@ -37,8 +38,9 @@ log = logging.getLogger("gatekeeper")
 
 # How often headroom is read while jobs could need pausing. A heavy cc1plus
 # grew at up to 150 MB/s here (bench/hungry.py's heavy unit: 230 MB in ~1.5 s of
-# its steepest growth), so two of them take ~30 MB per 100 ms: the default
-# floor covers one interval of that. A reading is a few µs.
+# its steepest growth), so two of them take ~30 MB per 100 ms -- less than the
+# default floor (half of --min-free-mb) and far less than the growth forecast
+# judges ahead. A reading is a few µs.
 PAUSE_INTERVAL = 0.1
 # A paused job is let go (or cut) at the latest this long after its client
 # connected: distcc's client waits DISTCC_IO_TIMEOUT (300 s) for its reply,
@@ -76,6 +78,19 @@ def freezer_of(job: Job) -> Freezer | None:
     return None
 
 
+def expected_growth(job: Job, worst: int) -> int:
+    """How much more the job may still take: up to its estimate while within
+    it (what admission reserved for it); once past it, the estimate was wrong
+    -- an unknown job admitted on a typical estimate that turns out heavy -- and
+    it may grow to `worst` (a conservative guess for a job never seen)."""
+    usage = job.usage
+    current = usage.current if usage is not None and usage.current is not None else 0
+    estimate = job.estimate or 0
+    if current <= estimate:
+        return estimate - current
+    return max(0, worst - current)
+
+
 def _may_freeze(job: Job) -> bool:
     """Its processes are its own: running, not handed off (a distccd child then
     serves another job), not an inetd child already reaped (its pid and
@@ -89,9 +104,13 @@ class Pauses:
                  headroom: Callable[[], int | None] | None = None,
                  clock: Callable[[], float] = trio.current_time,
                  interval: float = PAUSE_INTERVAL,
-                 find: Callable[[Job], Freezer | None] = freezer_of) -> None:
+                 find: Callable[[Job], Freezer | None] = freezer_of,
+                 worst: Callable[[], int] | None = None) -> None:
         self.pauser = pauser
         self._find = find
+        self._worst = worst
+        """A conservative estimate for a job never seen (None: growth is not
+        forecast, only the headroom itself is judged)."""
         self.gate = gate
         self._headroom = headroom or gate.available_now
         self._clock = clock
@@ -156,7 +175,12 @@ class Pauses:
         candidates = self._candidates()
         deadlines = {job_id: self._jobs[job_id].job.accepted + CLIENT_DEADLINE
                      for job_id, _ in candidates}
-        action = self.pauser.decide(now, headroom, candidates, deadlines)
+        growth = None
+        if self._worst is not None:
+            worst = self._worst()
+            growth = {job_id: expected_growth(self._jobs[job_id].job, worst)
+                      for job_id, _ in candidates}
+        action = self.pauser.decide(now, headroom, candidates, deadlines, growth)
         # Jobs the pauser forgot (no longer running: handed off) are let go.
         for job_id, entry in self._jobs.items():
             if entry.job.paused_since is not None and job_id not in self.pauser.paused and (

@@ -18,19 +18,28 @@ A running job's states here:
               locally) -- better than holding it past the client's own I/O
               timeout (300 s), after which the client gives up anyway
 
+What is judged is the *outlook*: the headroom less the growth still expected
+from the running, unpaused jobs (`growth`, from their estimates and what they
+use now: the shell's business; none given, the plain headroom). A job that
+outgrows its estimate is what pausing exists for, and waiting until the
+headroom itself is nearly gone is too late: two compilers growing side by side
+use it up together, and the one left running still has its own growth ahead.
+
 Rules (`Pauser.decide`, one action per memory reading: each freeze or thaw
 changes what the next reading shows):
 
-* freeze only while headroom is below `floor` and at least two jobs run
+* freeze only while the outlook is below `floor` and at least two jobs run
   unpaused, and then the youngest of them (the last admitted: the least work
   lost, and usually the one whose arrival tipped the balance);
 * never freeze the last unpaused job: something must make progress and end;
   and when the unpaused ones have all ended, thaw at once;
-* thaw the longest-paused job once headroom is at least `resume` (above
-  `floor`: a thaw that would be followed at once by a freeze helps nobody);
+* thaw the longest-paused job once the outlook less its own growth is at least
+  `resume` (above `floor`: a thaw that would be followed at once by a freeze
+  helps nobody);
 * a job paused for `max_pause` (or past its own deadline: its client's I/O
-  timeout runs from before it was admitted) is thawed if headroom is at least
-  `floor`, else cut.
+  timeout runs from before it was admitted) is thawed if the headroom itself
+  is at least `floor`, else cut (a cut loses a compile: only for want of room
+  now, not for a forecast).
 
 Pure: no clock, no I/O (tests/test_purity.py); the shell feeds it readings
 and carries out its actions.
@@ -89,16 +98,20 @@ class Pauser:
         return limit
 
     def decide(self, now: float, headroom: int, running: Sequence[tuple[JobId, float]],
-               deadlines: Mapping[JobId, float] | None = None) -> Action | None:
-        """The next action, given `headroom` (bytes a job may still grow into),
-        the running jobs with their admission times and, optionally, by when
-        some must be going on again. Jobs no longer running are forgotten
-        first."""
+               deadlines: Mapping[JobId, float] | None = None,
+               growth: Mapping[JobId, int] | None = None) -> Action | None:
+        """The next action, given `headroom` (bytes the jobs may still grow
+        into), the running jobs with their admission times and, optionally, by
+        when some must be going on again and how much each is still expected to
+        grow. Jobs no longer running are forgotten first."""
         alive = {job for job, _ in running}
         for job in [j for j in self.paused if j not in alive]:
             del self.paused[job]
+        grows = growth or {}
+        unpaused = [(admitted, job) for job, admitted in running if job not in self.paused]
+        outlook = headroom - sum(max(0, grows.get(job, 0)) for _, job in unpaused)
         if self.paused:
-            if len(self.paused) == len(alive):
+            if not unpaused:
                 # The unpaused ones ended: nothing else can free memory now.
                 job, _ = min(self.paused.items(), key=lambda item: item[1])
                 del self.paused[job]
@@ -111,16 +124,29 @@ class Pauser:
                 return Action(Act.CUT, job, f"paused {now - since:.0f}s and headroom "
                                             f"{format_mib(headroom)} < "
                                             f"{format_mib(self.floor)} floor")
-            if headroom >= self.resume:
-                job, _ = min(self.paused.items(), key=lambda item: item[1])
+            job, _ = min(self.paused.items(), key=lambda item: item[1])
+            if outlook - max(0, grows.get(job, 0)) >= self.resume:
                 del self.paused[job]
-                return Action(Act.THAW, job, f"headroom {format_mib(headroom)} >= "
+                return Action(Act.THAW, job, f"{_explain(headroom, outlook)}"
+                                             f"{_its_growth(grows.get(job, 0))} >= "
                                              f"{format_mib(self.resume)} to resume")
-        unpaused = [(admitted, job) for job, admitted in running if job not in self.paused]
-        if headroom < self.floor and len(unpaused) >= 2:
+        if outlook < self.floor and len(unpaused) >= 2:
             _, youngest = max(unpaused)
             self.paused[youngest] = now
             self.pauses_total += 1
-            return Action(Act.FREEZE, youngest, f"headroom {format_mib(headroom)} < "
+            return Action(Act.FREEZE, youngest, f"{_explain(headroom, outlook)} < "
                                                  f"{format_mib(self.floor)} floor")
         return None
+
+
+def _explain(headroom: int, outlook: int) -> str:
+    """"headroom 40 MiB" or, with growth expected, "headroom 300 MiB less 260
+    MiB expected growth"."""
+    text = f"headroom {format_mib(headroom)}"
+    if outlook != headroom:
+        text += f" less {format_mib(headroom - outlook)} expected growth"
+    return text
+
+
+def _its_growth(growth: int) -> str:
+    return f" and its own {format_mib(growth)}" if growth > 0 else ""

@@ -199,7 +199,8 @@ class Server:
         self.observatory.pausing = lambda: pausing_view(self.pauses)
         self.pauses = (Pauses(Pauser(floor=config.pause_below_bytes,
                                      resume=2 * config.pause_below_bytes,
-                                     max_pause=config.max_pause), self.gate)
+                                     max_pause=config.max_pause), self.gate,
+                              worst=self.book.worst_unknown)
                        if config.pause_below_bytes > 0 else None)
         self.connections = Connections(
             config, self.gate, self.inetd or self.proxy, watch=self.watch, meter=self.meter,

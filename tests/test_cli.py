@@ -184,9 +184,20 @@ def test_memory_flags() -> None:
     assert defaults.job_mem_bytes == 256 * 2**20
 
 
+def test_pause_flags() -> None:
+    """Pausing is on by default, its floor half of --min-free-mb; 0 turns it off."""
+    assert parse_config([]).pause_below_bytes == 256 * 2**20
+    assert parse_config(["--min-free-mb", "100"]).pause_below_bytes == 50 * 2**20
+    cfg = parse_config(["--pause-below-mb", "64", "--max-pause", "30"])
+    assert cfg.pause_below_bytes == 64 * 2**20 and cfg.max_pause == 30.0
+    assert parse_config(["--pause-below-mb", "0"]).pause_below_bytes == 0
+    assert parse_config([]).max_pause == 120.0
+
+
 @pytest.mark.parametrize("argv", [
     ["--job-mem-mb", "-1"], ["--max-memory-pressure", "x"], ["--identify", "http"],
-    ["--cgroup", "/no/such/cgroup-for-gatekeeper-tests"],
+    ["--cgroup", "/no/such/cgroup-for-gatekeeper-tests"], ["--pause-below-mb", "-1"],
+    ["--max-pause", "0"], ["--max-pause", "nan"],
 ])
 def test_bad_memory_flags_exit_2(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "gatekeeper", "--listen", "127.0.0.1:0", *argv],

@@ -24,10 +24,11 @@ from gatekeeper.gate import Gate, Ticket, Verdict
 from gatekeeper.inetd.command import Command
 from gatekeeper.job import Job, State
 from gatekeeper.memory.freeze import Freezer
+from gatekeeper.memory.meter import Usage
 from gatekeeper.memory.sources import FixedMemory
 from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.outcome import Outcome
-from gatekeeper.pauses import Pauses
+from gatekeeper.pauses import Pauses, expected_growth
 from gatekeeper.pausing import Act, Pauser
 from gatekeeper.server import Server
 
@@ -232,3 +233,29 @@ async def test_unknown_jobs_are_estimated_typical_only_where_every_job_can_be_pa
     for server, percentile in cases:
         assert server.book.percentile == percentile
         assert (server.pauses is not None) == (server.config.pause_below_bytes > 0)
+
+
+def test_expected_growth_is_the_estimate_left_or_the_worst_case_once_past_it() -> None:
+    job = Job(peer="p", accepted=0.0, estimate=100 * MiB)
+    assert expected_growth(job, 300 * MiB) == 100 * MiB  # not measured yet
+    job.usage = Usage(lambda hints, finder: None, lambda n: None, current=60 * MiB)
+    assert expected_growth(job, 300 * MiB) == 40 * MiB  # within its estimate
+    job.usage.current = 120 * MiB  # a typical estimate proved wrong
+    assert expected_growth(job, 300 * MiB) == 180 * MiB
+    job.usage.current = 400 * MiB  # past even the worst case: nothing to forecast
+    assert expected_growth(job, 300 * MiB) == 0
+
+
+async def test_a_forecast_freezes_the_youngest_while_headroom_is_still_left() -> None:
+    """Two jobs past their typical estimates, each maybe growing to the worst
+    case: the youngest is frozen though 200 MiB are still free."""
+    rig = Rig()
+    rig.pauses._worst = lambda: 250 * MiB
+    async with rig.running() as (old, _), rig.running() as (young, t_young):
+        for job in (old, young):
+            job.estimate = 40 * MiB
+            job.usage = Usage(lambda hints, finder: None, lambda n: None, current=100 * MiB)
+        rig.headroom = 200 * MiB  # < 2 x 150 MiB still expected
+        action = rig.pauses.step()
+        assert action is not None and action.act is Act.FREEZE and action.job == t_young.job
+        assert "headroom 200 MiB less 300 MiB expected growth" in action.why

@@ -42,6 +42,21 @@ def test_a_job_paused_too_long_is_thawed_or_cut() -> None:
     assert action is not None and action.act is Act.CUT and action.job == 2
 
 
+def test_expected_growth_freezes_before_the_headroom_is_gone() -> None:
+    """Two jobs past their estimates, each expected to grow 100 MiB more: 150 MiB
+    of headroom is not enough for both, so the younger is frozen now; it goes
+    on once the other has ended... or once there is room for its own growth."""
+    p = pauser()
+    running = [(1, 0.0), (2, 5.0)]
+    growth = {1: 100 * M, 2: 100 * M}
+    assert p.decide(10.0, 150 * M, running, growth=growth) == Action(
+        Act.FREEZE, 2, "headroom 150 MiB less 200 MiB expected growth < 100 MiB floor")
+    assert p.decide(11.0, 150 * M, running, growth=growth) is None  # 50 - 100 < 150
+    assert p.decide(12.0, 400 * M, running, growth=growth) == Action(
+        Act.THAW, 2, "headroom 400 MiB less 100 MiB expected growth and its own 100 MiB "
+                     ">= 150 MiB to resume")
+
+
 def test_limits_validate() -> None:
     with pytest.raises(ValueError):
         Pauser(floor=10, resume=5, max_pause=1.0)
@@ -55,14 +70,19 @@ steps = st.lists(st.tuples(st.floats(0.0, 100.0), st.integers(-50, 300).map(lamb
 
 
 @settings(max_examples=300)
-@given(steps, st.dictionaries(st.integers(0, 6), st.floats(0.0, 2000.0)))
+@given(steps, st.dictionaries(st.integers(0, 6), st.floats(0.0, 2000.0)),
+       st.dictionaries(st.integers(0, 6), st.integers(-10, 200).map(lambda n: n * M)))
 def test_never_every_job_paused_never_past_the_bound(
-        readings: list[tuple[float, int, list[int]]], deadlines: dict[int, float]) -> None:
+        readings: list[tuple[float, int, list[int]]], deadlines: dict[int, float],
+        growth: dict[int, int]) -> None:
     """Whatever the readings and deadlines: at least one running job is never
     paused; an overdue pause (past max_pause or its deadline) is dealt with
     before anything else, earliest bound first, so with one decision per
     reading none outlives its bound by more than a reading per paused job; a
-    freeze comes only below the floor, a plain thaw only from the resume mark."""
+    freeze comes only when the outlook (headroom less the unpaused jobs'
+    expected growth) is below the floor, a plain thaw only when the outlook
+    less the thawed job's own growth reaches the resume mark, a cut only when
+    the headroom itself is below the floor."""
     p = pauser()
     now = 0.0
     admitted: dict[int, float] = {}
@@ -76,7 +96,8 @@ def test_never_every_job_paused_never_past_the_bound(
                   for j, t in alive_paused.items()}
         overdue = sorted((b, j) for j, b in bounds.items() if now >= b)
         oldest = min(alive_paused.items(), key=lambda item: item[1]) if alive_paused else None
-        action = p.decide(now, headroom, running, deadlines)
+        outlook = headroom - sum(max(0, growth.get(j, 0)) for j in ids if j not in alive_paused)
+        action = p.decide(now, headroom, running, deadlines, growth)
         paused_running = [job for job, _ in running if job in p.paused]
         assert not running or len(paused_running) < len(running)
         assert set(p.paused) <= set(ids)
@@ -88,8 +109,9 @@ def test_never_every_job_paused_never_past_the_bound(
             assert action is not None and action.job == overdue[0][1]
             assert action.act in (Act.THAW, Act.CUT)
         elif action is not None and action.act is Act.FREEZE:
-            assert headroom < FLOOR
+            assert outlook < FLOOR
         elif action is not None:
-            assert action.act is Act.THAW and headroom >= RESUME
+            assert action.act is Act.THAW
+            assert outlook - max(0, growth.get(action.job, 0)) >= RESUME
         if action is not None and action.act is Act.CUT:
             assert headroom < FLOOR
