@@ -471,6 +471,13 @@ async def run(config: Config, options: Options | None = None, *,
              "queue-timeout %gs, drain-timeout %gs, %s", __version__, config.max_jobs,
              format_mib(config.min_free_bytes), config.max_queue, config.queue_timeout,
              options.drain_timeout, target)
+    if server.pauses is None:
+        log.info("pausing: off (%s)", "--pause-below-mb 0" if config.min_free_bytes else
+                 "half of --min-free-mb 0; give --pause-below-mb to pause jobs")
+    elif config.pause_below_bytes > config.min_free_bytes:
+        log.warning("pausing: --pause-below-mb %s is above --min-free-mb %s: jobs that fit "
+                    "their estimates may be frozen as soon as they start",
+                    format_mib(config.pause_below_bytes), format_mib(config.min_free_bytes))
     if server.pauses is not None:
         log.info("pausing: a running job is frozen below %s available, let go on from %s, "
                  "for at most %gs; unknown jobs are admitted on a %s estimate",

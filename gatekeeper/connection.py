@@ -45,6 +45,11 @@ from gatekeeper.pauses import Pauses
 
 log = logging.getLogger("gatekeeper")
 
+# Queued jobs estimated again when the unknown-job estimate moves: those the
+# admission decisions can reach soon (admission.BACKFILL_WINDOW is 64), so a
+# job end costs O(this) however long the queue, not O(queue).
+REESTIMATE_LIMIT = 64
+
 
 class Runner(Protocol):
     """How an admitted job runs: `job.ProxyJobs` or `inetd.job.InetdJobs`."""
@@ -92,6 +97,8 @@ class Connections:
         """End lines any peer can cause at will, each kind rate-limited."""
         self.live: dict[int, Job] = {}
         """Live connections (by id), so /status can name the peers queued."""
+        self.by_ticket: dict[int, Job] = {}
+        """Live connections that hold a gate ticket, by its id."""
 
     def mark_admitted(self, job: Job) -> None:
         """The job has its slot: when, and the OOM-kill count to judge it by."""
@@ -120,6 +127,8 @@ class Connections:
             if log.isEnabledFor(logging.INFO):
                 self._log_end(job)
             del self.live[id(job)]
+            if job.ticket is not None:
+                self.by_ticket.pop(job.ticket, None)
             self.on_end(job)
             self.gate.notify_watchers()  # /status lists connections
             stream.socket.close()  # no checkpoint: nothing after it to lose
@@ -165,6 +174,7 @@ class Connections:
         async with self.gate.ticket(job.estimate, key=key, weight=weight,
                                     duration=self.book.duration(job.key)) as ticket:
             job.ticket = ticket.job
+            self.by_ticket[ticket.job] = job
             if ticket.refused is not None:
                 job.settle(Outcome(ticket.refused.value))
                 return
@@ -215,7 +225,7 @@ class Connections:
                         with (self.pauses.pausable(job, ticket, cut)
                               if self.pauses is not None else contextlib.nullcontext()):
                             await self.runner.run(stream, job, ticket, start)
-                    if cut_why:
+                    if cut_why and cutting.cancelled_caught:
                         # Reset, not a clean end: the client compiles it locally.
                         abort(stream)
                         job.settle(Ending(Outcome.PAUSE_TIMEOUT, cut_why[0]))
@@ -246,7 +256,23 @@ class Connections:
         elif teaching.lesson is Lesson.LEARN:
             seconds = (trio.current_time() - job.admitted if job.admitted is not None
                        else None)
+            before = self.book.unknown_estimate()
             self.book.learn(job.key, peak, seconds=seconds)
+            if self.book.unknown_estimate() != before:
+                self._reestimate_queued()
+
+    def _reestimate_queued(self) -> None:
+        """The unknown-job estimate moved: the jobs queued on the old one (a cold
+        build's make -jN queues many at once) are estimated again, head first,
+        as far as backfilling looks (REESTIMATE_LIMIT)."""
+        for ticket, _ in self.gate.admission.queue_view(REESTIMATE_LIMIT):
+            job = self.by_ticket.get(ticket)
+            if job is None or self.book.knows(job.key):
+                continue
+            estimate = self.book.estimate(job.key)
+            if estimate != job.estimate:
+                job.estimate = estimate
+                self.gate.reestimate(ticket, estimate)
 
 
 def refusal_of(policy: ArgvPolicy, head: DistccJob | Unparsed) -> str | None:

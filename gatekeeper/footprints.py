@@ -67,6 +67,10 @@ MIN_SAMPLES = 8
 # would have made every unknown job wait (issue 18's mixed bench: the heavy
 # files were 3 of 17, so the 99th percentile let one compile run at a time).
 TYPICAL_PERCENTILE = 0.5
+# ...and read from 3 peaks on, not 8: a median is a fair guess from three,
+# where the 99th percentile needs many; a cold build whose first jobs were
+# held on the seed (256 MiB each) runs one at a time until then.
+MIN_TYPICAL_SAMPLES = 3
 
 # A compile killed at X bytes needed more than X: how much more is unknown, so
 # guess half again as much (a growing compiler is usually well past half its
@@ -95,9 +99,13 @@ MAX_KEY_LEN = 64
 
 class FootprintBook:
     def __init__(self, seed: int, *, max_keys: int = MAX_KEYS,
-                 percentile: float = PERCENTILE) -> None:
+                 percentile: float = PERCENTILE, min_samples: int = MIN_SAMPLES) -> None:
         if not 0 < percentile <= 1:
             raise ValueError("percentile must be in (0, 1]")
+        if min_samples < 1:
+            raise ValueError("min_samples must be at least 1")
+        self.min_samples = min_samples
+        """Peaks seen before `percentile` replaces the seed."""
         self.seed = seed
         self.max_keys = max_keys
         self.percentile = percentile
@@ -132,13 +140,15 @@ class FootprintBook:
     def knows(self, key: str | None) -> bool:
         return key is not None and key in self._peaks
 
-    def unknown_estimate(self, percentile: float | None = None) -> int:
-        """A job never seen: `percentile` (default: the book's) of recent peaks
-        plus MARGIN, or the seed until MIN_SAMPLES were seen."""
-        at = self.percentile if percentile is None else percentile
+    def unknown_estimate(self) -> int:
+        """A job never seen: the book's percentile of recent peaks plus MARGIN,
+        or the seed until `min_samples` were seen."""
+        return self._unknown_at(self.percentile, self.min_samples)
+
+    def _unknown_at(self, at: float, min_samples: int) -> int:
         cached = self._unknown_cache.get(at)
         if cached is None:
-            if len(self._recent) < MIN_SAMPLES:
+            if len(self._recent) < min_samples:
                 cached = self.seed
             else:
                 ordered = sorted(self._recent)
@@ -151,7 +161,7 @@ class FootprintBook:
         """What a job never seen may need, read conservatively (PERCENTILE),
         whatever the book's own percentile: what a job that outgrew a typical
         estimate may still grow to (pauses.py)."""
-        return self.unknown_estimate(PERCENTILE)
+        return self._unknown_at(PERCENTILE, MIN_SAMPLES)
 
     def learn(self, key: str | None, peak: int, *, seconds: float | None = None) -> None:
         """Record a finished job's measured peak (and how long it ran)."""

@@ -153,6 +153,13 @@ class Gate:
             else:
                 self._watchers.unpark_all()  # the reservation changed: status watchers
 
+    def reestimate(self, job: JobId, footprint: int) -> None:
+        """A queued job's footprint, estimated again (the book learned since it
+        arrived): it may now fit."""
+        if self.admission.is_queued(job):
+            self.admission.estimate(job, footprint)
+            self._decide()
+
     def pause(self, ticket: Ticket) -> None:
         """A running ticket's job was frozen (pauses.py): nothing starts meanwhile."""
         if ticket.refused is None and self.admission.is_running(ticket.job):

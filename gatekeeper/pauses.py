@@ -56,7 +56,9 @@ class Pausable:
     cut: Callable[[str], None]
     """Ends the job's task with `Outcome.PAUSE_TIMEOUT` and this reason."""
     freezer: Freezer | None = None
-    """Found once (then kept: the thaw must use what froze it)."""
+    """What froze it (kept until it is let go: the thaw must use the same)."""
+    unfreezable: bool = False
+    """A freeze failed: not tried again for this job (no warning every 100 ms)."""
 
 
 def freezer_of(job: Job) -> Freezer | None:
@@ -93,10 +95,22 @@ def expected_growth(job: Job, worst: int) -> int:
 
 def _may_freeze(job: Job) -> bool:
     """Its processes are its own: running, not handed off (a distccd child then
-    serves another job), not an inetd child already reaped (its pid and
-    process group may be reused)."""
-    return (job.state is State.RUNNING and job.admitted is not None
-            and (job.pid is None or job.child_running))
+    serves another job), and in inetd mode started and not yet reaped (its
+    pid may then be reused) nor being stopped (a frozen task never sees the
+    signal that stops it)."""
+    if job.state is not State.RUNNING or job.admitted is None:
+        return False
+    if job.pid is not None or job.cgroup is not None:  # inetd mode
+        return job.child_running
+    return True
+
+
+def _signals_safe(job: Job, freezer: Freezer) -> bool:
+    """Whether signalling `freezer`'s processes cannot reach a stranger: not
+    for an inetd child that was reaped (a cgroup freezer only ever touches the
+    job's own cgroup)."""
+    return not (isinstance(freezer, SignalFreezer) and job.pid is not None
+                and not job.child_running)
 
 
 class Pauses:
@@ -142,21 +156,6 @@ class Pauses:
             self.pauser.paused.pop(ticket.job, None)
             self._thaw(entry, "its job is ending")
 
-    def _candidates(self) -> list[tuple[int, float]]:
-        out = []
-        for job_id, entry in self._jobs.items():
-            job = entry.job
-            if job.paused_since is None:
-                if not _may_freeze(job):
-                    continue
-                if entry.freezer is None:
-                    entry.freezer = self._find(job)
-                    if entry.freezer is None:
-                        continue
-            assert job.admitted is not None
-            out.append((job_id, job.admitted))
-        return out
-
     async def run(self) -> None:
         while True:
             if len(self._jobs) < 2 and not self.pauser.paused:
@@ -172,16 +171,32 @@ class Pauses:
         if headroom is None:
             return None
         now = self._clock()
-        candidates = self._candidates()
+        # Every running job counts (its growth, "the last one running"); those
+        # with a way to be frozen now may be frozen. The way is looked for
+        # afresh each time until one is used: a proxy job's cgroup may appear
+        # after its process was first found.
+        running: list[tuple[int, float]] = []
+        found: dict[int, Freezer] = {}
+        for job_id, entry in self._jobs.items():
+            job = entry.job
+            if not _may_freeze(job):
+                continue
+            assert job.admitted is not None
+            running.append((job_id, job.admitted))
+            if job.paused_since is None and not entry.unfreezable:
+                freezer = self._find(job)
+                if freezer is not None:
+                    found[job_id] = freezer
         deadlines = {job_id: self._jobs[job_id].job.accepted + CLIENT_DEADLINE
-                     for job_id, _ in candidates}
+                     for job_id, _ in running}
         growth = None
         if self._worst is not None:
             worst = self._worst()
             growth = {job_id: expected_growth(self._jobs[job_id].job, worst)
-                      for job_id, _ in candidates}
-        action = self.pauser.decide(now, headroom, candidates, deadlines, growth)
-        # Jobs the pauser forgot (no longer running: handed off) are let go.
+                      for job_id, _ in running}
+        action = self.pauser.decide(now, headroom, running, deadlines, growth, found)
+        # Frozen jobs the pauser forgot (no longer running: handed off, their
+        # child reaped or being stopped) are let go.
         for job_id, entry in self._jobs.items():
             if entry.job.paused_since is not None and job_id not in self.pauser.paused and (
                     action is None or action.job != job_id):
@@ -190,6 +205,7 @@ class Pauses:
             return None
         entry = self._jobs[action.job]
         if action.act is Act.FREEZE:
+            entry.freezer = found[action.job]
             self._freeze(entry, action.why)
         elif action.act is Act.THAW:
             self._thaw(entry, action.why)
@@ -206,10 +222,13 @@ class Pauses:
         try:
             freezer.freeze()
         except OSError as e:
-            self.pauser.paused.pop(entry.ticket.job, None)
+            self.pauser.undo(entry.ticket.job)
             self.failures_total += 1
-            entry.freezer = None
-            log.warning("could not pause job=%s (%s): %s", self._name(job), freezer.how, e)
+            entry.freezer, entry.unfreezable = None, True
+            log.warning("could not pause job=%s (%s): %s; it is not paused again",
+                        self._name(job), freezer.how, e)
+            with contextlib.suppress(OSError):  # whatever was stopped goes on
+                freezer.thaw()
             return
         job.paused_since = self._clock()
         job.pauses += 1
@@ -220,8 +239,10 @@ class Pauses:
         job, freezer = entry.job, entry.freezer
         if job.paused_since is None or freezer is None:
             return
+        entry.freezer = None
         try:
-            freezer.thaw()
+            if _signals_safe(job, freezer):
+                freezer.thaw()
         except OSError as e:
             self.failures_total += 1
             log.warning("could not resume job=%s (%s): %s", self._name(job), freezer.how, e)
@@ -235,10 +256,12 @@ class Pauses:
     def _cut(self, entry: Pausable, why: str) -> None:
         job, freezer = entry.job, entry.freezer
         assert freezer is not None
+        entry.freezer = None
         log.warning("cutting job=%s: %s; its client compiles it locally",
                     self._name(job), why)
         try:
-            freezer.kill()
+            if _signals_safe(job, freezer):
+                freezer.kill()
         except OSError as e:
             log.warning("could not kill job=%s (%s): %s", self._name(job), freezer.how, e)
             with contextlib.suppress(OSError):  # (its task's cancellation ends the rest)

@@ -30,7 +30,9 @@ changes what the next reading shows):
 
 * freeze only while the outlook is below `floor` and at least two jobs run
   unpaused, and then the youngest of them (the last admitted: the least work
-  lost, and usually the one whose arrival tipped the balance);
+  lost, and usually the one whose arrival tipped the balance) that may be
+  frozen: one with a way to be frozen (`freezable`), not past its deadline,
+  not already let go at its bound;
 * never freeze the last unpaused job: something must make progress and end;
   and when the unpaused ones have all ended, thaw at once;
 * thaw the longest-paused job once the outlook less its own growth is at least
@@ -39,7 +41,7 @@ changes what the next reading shows):
 * a job paused for `max_pause` (or past its own deadline: its client's I/O
   timeout runs from before it was admitted) is thawed if the headroom itself
   is at least `floor`, else cut (a cut loses a compile: only for want of room
-  now, not for a forecast).
+  now, not for a forecast); one thawed so is never frozen again.
 
 Pure: no clock, no I/O (tests/test_purity.py); the shell feeds it readings
 and carries out its actions.
@@ -48,7 +50,8 @@ and carries out its actions.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gatekeeper.observe.units import format_mib
@@ -80,6 +83,10 @@ class Pauser:
     """Seconds a job may stay paused."""
     paused: dict[JobId, float] = field(default_factory=dict)
     """Paused jobs and since when."""
+    released: set[JobId] = field(default_factory=set)
+    """Jobs let go at their bound: never frozen again (a job thawed at its bound
+    would be the youngest again at the next reading, and be frozen, thawed,
+    frozen... until its client gave up)."""
     pauses_total: int = 0
 
     def __post_init__(self) -> None:
@@ -97,16 +104,24 @@ class Pauser:
             limit = min(limit, deadlines[job])
         return limit
 
+    def undo(self, job: JobId) -> None:
+        """The freeze just decided could not be carried out: as if never decided."""
+        if self.paused.pop(job, None) is not None:
+            self.pauses_total -= 1
+
     def decide(self, now: float, headroom: int, running: Sequence[tuple[JobId, float]],
                deadlines: Mapping[JobId, float] | None = None,
-               growth: Mapping[JobId, int] | None = None) -> Action | None:
+               growth: Mapping[JobId, int] | None = None,
+               freezable: Collection[JobId] | None = None) -> Action | None:
         """The next action, given `headroom` (bytes the jobs may still grow
         into), the running jobs with their admission times and, optionally, by
-        when some must be going on again and how much each is still expected to
-        grow. Jobs no longer running are forgotten first."""
+        when some must be going on again, how much each is still expected to
+        grow, and which may be frozen at all (None: every one). Jobs no longer
+        running are forgotten first."""
         alive = {job for job, _ in running}
         for job in [j for j in self.paused if j not in alive]:
             del self.paused[job]
+        self.released &= alive
         grows = growth or {}
         unpaused = [(admitted, job) for job, admitted in running if job not in self.paused]
         outlook = headroom - sum(max(0, grows.get(job, 0)) for _, job in unpaused)
@@ -119,6 +134,7 @@ class Pauser:
             due, job = min((self.bound(j, deadlines), j) for j in self.paused)
             if now >= due:
                 since = self.paused.pop(job)
+                self.released.add(job)
                 if headroom >= self.floor:
                     return Action(Act.THAW, job, f"paused {now - since:.0f}s, the most it may be")
                 return Action(Act.CUT, job, f"paused {now - since:.0f}s and headroom "
@@ -130,8 +146,12 @@ class Pauser:
                 return Action(Act.THAW, job, f"{_explain(headroom, outlook)}"
                                              f"{_its_growth(grows.get(job, 0))} >= "
                                              f"{format_mib(self.resume)} to resume")
-        if outlook < self.floor and len(unpaused) >= 2:
-            _, youngest = max(unpaused)
+        eligible = [(admitted, job) for admitted, job in unpaused
+                    if job not in self.released
+                    and (freezable is None or job in freezable)
+                    and (deadlines is None or now < deadlines.get(job, math.inf))]
+        if outlook < self.floor and len(unpaused) >= 2 and eligible:
+            _, youngest = max(eligible)
             self.paused[youngest] = now
             self.pauses_total += 1
             return Action(Act.FREEZE, youngest, f"{_explain(headroom, outlook)} < "

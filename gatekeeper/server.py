@@ -24,7 +24,7 @@ import trio
 from gatekeeper.admission import Admission, Limits
 from gatekeeper.config import Config
 from gatekeeper.connection import Connections
-from gatekeeper.footprints import PERCENTILE, TYPICAL_PERCENTILE, FootprintBook
+from gatekeeper.footprints import MIN_TYPICAL_SAMPLES, TYPICAL_PERCENTILE, FootprintBook
 from gatekeeper.gate import Gate
 from gatekeeper.inetd.command import Command
 from gatekeeper.inetd.job import InetdJobs
@@ -167,8 +167,9 @@ class Server:
         # pause, not a kill: unknown jobs are estimated as typical ones.
         self.optimistic = config.pause_below_bytes > 0 and (
             command is not None or (config.job_cgroups and adoptable(config)))
-        self.book = FootprintBook(seed=config.job_mem_bytes, percentile=(
-            TYPICAL_PERCENTILE if self.optimistic else PERCENTILE))
+        self.book = (FootprintBook(seed=config.job_mem_bytes, percentile=TYPICAL_PERCENTILE,
+                                   min_samples=MIN_TYPICAL_SAMPLES) if self.optimistic
+                     else FootprintBook(seed=config.job_mem_bytes))
         if config.state_dir is not None:
             # A peak above the machine's memory is not a measurement.
             self.book.load(config.state_dir, ceiling=os.sysconf("SC_PHYS_PAGES")

@@ -21,6 +21,7 @@ from gatekeeper.footprints import (
     MAX_STATE_BYTES,
     MIN_MARGIN,
     MIN_SAMPLES,
+    MIN_TYPICAL_SAMPLES,
     PEAKS_PER_KEY,
     STATE_FILE,
     TYPICAL_PERCENTILE,
@@ -62,6 +63,15 @@ def test_with_pausing_an_unknown_job_is_estimated_as_a_typical_one() -> None:
     assert book.estimate("f0") == int(232 * MiB * (1 + FIRST_MARGIN))
     with pytest.raises(ValueError):
         FootprintBook(seed=1, percentile=0.0)
+    with pytest.raises(ValueError):
+        FootprintBook(seed=1, min_samples=0)
+    # Three peaks make a median; the worst case still waits for MIN_SAMPLES.
+    early = FootprintBook(seed=256 * MiB, percentile=TYPICAL_PERCENTILE,
+                          min_samples=MIN_TYPICAL_SAMPLES)
+    for peak in (200, 40, 40):
+        early.learn(None, peak * MiB)
+    assert early.unknown_estimate() == int(40 * MiB * (1 + MARGIN))
+    assert early.worst_unknown() == 256 * MiB
 
 
 def test_known_key_uses_its_own_peaks_and_adapts() -> None:

@@ -9,6 +9,7 @@ at --max-pause, its client reset, the other job unharmed.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import replace
 
 import trio
@@ -156,11 +157,35 @@ async def test_leaving_thaws_a_frozen_job_and_handed_off_ones_are_never_frozen()
             assert log_of(rig, t_other) == []
 
 
-async def test_jobs_without_a_way_to_freeze_them_are_not_counted() -> None:
+async def test_a_job_without_a_way_to_freeze_it_goes_on_and_counts() -> None:
+    """It is never frozen itself, but it is a running job: its growth counts,
+    and with it running another may be frozen (it makes progress)."""
     rig = Rig()
-    async with rig.running() as _, rig.running(freezable=False) as _:
+    async with rig.running() as (_, t_freezable), rig.running(freezable=False) as _:
         rig.headroom = 0
-        assert rig.pauses.step() is None  # one pausable job: the last one, never frozen
+        action = rig.pauses.step()
+        assert action is not None and action.act is Act.FREEZE
+        assert action.job == t_freezable.job  # the older one: the other cannot be
+        assert rig.pauses.step() is None  # and it goes on: never the last one
+
+
+async def test_a_failed_freeze_is_undone_and_not_tried_again() -> None:
+    rig = Rig()
+
+    class Refusing(FakeFreezer):
+        def freeze(self) -> None:
+            self.log.append("freeze")
+            raise PermissionError(1, "Operation not permitted")
+
+    async with rig.running() as _, rig.running() as (_, t_young):
+        rig.freezers[t_young.job] = Refusing()
+        rig.headroom = 0
+        assert rig.pauses.step() is not None
+        assert log_of(rig, t_young) == ["freeze", "thaw"]  # what was stopped goes on
+        assert rig.pauses.pauses_total == 0 and rig.gate.admission.paused == 0
+        assert rig.pauses.failures_total == 1
+        action = rig.pauses.step()  # the older one now, never the refusing one again
+        assert action is not None and action.job != t_young.job
 
 
 async def test_the_shell_sleeps_without_a_timer_until_two_jobs_run(
@@ -206,7 +231,11 @@ async def test_a_cut_job_ends_pause_timeout_with_a_reset_and_the_other_goes_on(
         nursery.start_soon(job, "old.o", 2.0)
         await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
         nursery.start_soon(job, "young.o", 20.0)
-        await gk.wait_for(lambda s: s.gate.snapshot().running == 2)
+        # Both running, and both backend processes found by the meter (each
+        # sample notifies the gate): each can be frozen.
+        await gk.wait_for(lambda s: s.gate.snapshot().running == 2 and all(
+            j.usage is not None and j.usage.pid is not None
+            for j in s.connections.live.values()))
         gk.memory.value = FLOOR - MiB  # memory runs out under both
         await gk.wait_for(lambda s: s.pauses is not None and s.pauses.cuts_total == 1)
         gk.memory.value = 2**40
@@ -259,3 +288,38 @@ async def test_a_forecast_freezes_the_youngest_while_headroom_is_still_left() ->
         action = rig.pauses.step()
         assert action is not None and action.act is Act.FREEZE and action.job == t_young.job
         assert "headroom 200 MiB less 300 MiB expected growth" in action.why
+
+
+def tickets_held(server: Server, count: int) -> bool:
+    return len(server.connections.by_ticket) >= count
+
+
+async def test_queued_jobs_are_estimated_again_when_the_book_learns(
+        preforked_backend: TcpAddress) -> None:  # noqa: F811
+    """A cold build: make -jN queued its jobs on the seed estimate, which lets
+    one run at a time. Once enough peaks are learned, the unknown-job estimate
+    drops, and the jobs still queued are estimated again: two now run at once."""
+    seed = 600 * MiB
+    cfg = config(preforked_backend, max_jobs=2, job_cgroups=False, min_free_bytes=0,
+                 job_mem_bytes=seed)
+    async with gatekeeper(cfg, available=1000 * MiB) as gk, trio.open_nursery() as nursery:
+        book = gk.server.book
+        for n in range(7):  # one short of MIN_SAMPLES: the seed still stands
+            book.learn(f"earlier{n}", 20 * MiB)
+        assert book.unknown_estimate() == seed
+        for holding, (name, hold) in enumerate((("first.o", 1.0), ("b.o", 1.0),
+                                                 ("c.o", 0.05)), 1):
+            client = await gk.connect()
+            nursery.start_soon(run_job, client, request(name, 10, hold=hold))
+            await gk.wait_for(functools.partial(tickets_held, count=holding))
+        snapshot = gk.server.gate.snapshot()
+        assert (snapshot.running, snapshot.queued) == (1, 2)  # 600 + 600 > 1000
+        # first.o ends: its slot goes to b.o at once (on the seed estimate: the
+        # slot is handed on before the job is learned); then first.o is learned
+        # (the 8th peak: ~20 MiB jobs), and c.o, still queued, is estimated
+        # again and runs beside b.o.
+        await gk.wait_for(lambda s: s.gate.snapshot().admitted_total == 3)
+        assert gk.server.gate.snapshot().running == 2
+        ests = {j.name: j.estimate for j in gk.server.connections.live.values()}
+        assert book.unknown_estimate() < 100 * MiB
+        assert ests["b.o"] == seed and ests["c.o"] == book.unknown_estimate()

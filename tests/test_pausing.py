@@ -37,9 +37,10 @@ def test_a_job_paused_too_long_is_thawed_or_cut() -> None:
     assert p.decide(10.0, 0, running) is not None
     action = p.decide(10.0 + BOUND, FLOOR, running)  # room enough not to kill anyone
     assert action is not None and action.act is Act.THAW and action.job == 2
-    assert p.decide(300.0, 0, running) is not None  # frozen again
+    # Job 2 was let go for good: never frozen again; the other one is, now.
+    assert p.decide(300.0, 0, running) == Action(Act.FREEZE, 1, "headroom 0 MiB < 100 MiB floor")
     action = p.decide(300.0 + BOUND, FLOOR - 1, running)
-    assert action is not None and action.act is Act.CUT and action.job == 2
+    assert action is not None and action.act is Act.CUT and action.job == 1
 
 
 def test_expected_growth_freezes_before_the_headroom_is_gone() -> None:
@@ -71,10 +72,11 @@ steps = st.lists(st.tuples(st.floats(0.0, 100.0), st.integers(-50, 300).map(lamb
 
 @settings(max_examples=300)
 @given(steps, st.dictionaries(st.integers(0, 6), st.floats(0.0, 2000.0)),
-       st.dictionaries(st.integers(0, 6), st.integers(-10, 200).map(lambda n: n * M)))
+       st.dictionaries(st.integers(0, 6), st.integers(-10, 200).map(lambda n: n * M)),
+       st.none() | st.sets(st.integers(0, 6)))
 def test_never_every_job_paused_never_past_the_bound(
         readings: list[tuple[float, int, list[int]]], deadlines: dict[int, float],
-        growth: dict[int, int]) -> None:
+        growth: dict[int, int], freezable: set[int] | None) -> None:
     """Whatever the readings and deadlines: at least one running job is never
     paused; an overdue pause (past max_pause or its deadline) is dealt with
     before anything else, earliest bound first, so with one decision per
@@ -82,10 +84,12 @@ def test_never_every_job_paused_never_past_the_bound(
     freeze comes only when the outlook (headroom less the unpaused jobs'
     expected growth) is below the floor, a plain thaw only when the outlook
     less the thawed job's own growth reaches the resume mark, a cut only when
-    the headroom itself is below the floor."""
+    the headroom itself is below the floor; only a freezable job not past its
+    deadline is frozen, and one let go at its bound never again."""
     p = pauser()
     now = 0.0
     admitted: dict[int, float] = {}
+    let_go: set[int] = set()
     for gap, headroom, ids in readings:
         now += gap
         for job in ids:
@@ -97,7 +101,8 @@ def test_never_every_job_paused_never_past_the_bound(
         overdue = sorted((b, j) for j, b in bounds.items() if now >= b)
         oldest = min(alive_paused.items(), key=lambda item: item[1]) if alive_paused else None
         outlook = headroom - sum(max(0, growth.get(j, 0)) for j in ids if j not in alive_paused)
-        action = p.decide(now, headroom, running, deadlines, growth)
+        action = p.decide(now, headroom, running, deadlines, growth, freezable)
+        let_go &= set(ids)
         paused_running = [job for job, _ in running if job in p.paused]
         assert not running or len(paused_running) < len(running)
         assert set(p.paused) <= set(ids)
@@ -108,8 +113,12 @@ def test_never_every_job_paused_never_past_the_bound(
         elif overdue:
             assert action is not None and action.job == overdue[0][1]
             assert action.act in (Act.THAW, Act.CUT)
+            let_go.add(action.job)
         elif action is not None and action.act is Act.FREEZE:
             assert outlook < FLOOR
+            assert action.job not in let_go
+            assert freezable is None or action.job in freezable
+            assert now < deadlines.get(action.job, float("inf"))
         elif action is not None:
             assert action.act is Act.THAW
             assert outlook - max(0, growth.get(action.job, 0)) >= RESUME

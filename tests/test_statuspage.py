@@ -105,6 +105,10 @@ async def test_page_and_status_show_a_paused_job(
             client = await gk.connect()
             nursery.start_soon(run_job, client, request(name, 1, hold=4.0))
             await gk.wait_for(functools.partial(running_now, count=running))
+        # Both backend processes found by the meter (each sample notifies the
+        # gate): either could be frozen, and the youngest is.
+        await gk.wait_for(lambda s: all(j.usage is not None and j.usage.pid is not None
+                                        for j in s.connections.live.values()))
         gk.memory.value = 32 * MiB  # memory runs out under both
         await gk.wait_for(lambda s: s.gate.admission.paused == 1)
         address = gk.server.metrics_addresses[0]

@@ -156,12 +156,15 @@ class CommandRunner:
 
     async def run(self, stdio: socket.socket | trio.socket.SocketType, *, blocking: bool = True,
                   started: Callable[[int], None] | None = None,
-                  cgroup: JobCgroup | None = None) -> Exit:
+                  cgroup: JobCgroup | None = None,
+                  stopping: Callable[[], None] | None = None) -> Exit:
         """Run the command with `stdio` as its stdin and stdout until it exits.
         Does not close `stdio`. `blocking`: clear O_NONBLOCK (shared with the
         child) for the child's lifetime, as most inetd programs expect, and set
         it again afterwards; False leaves the flag as the caller set it.
-        `started(pid)` runs once the child exists (before this waits).
+        `started(pid)` runs once the child exists (before this waits);
+        `stopping()` once it is being stopped because the wait was cancelled
+        (pausing must then leave it alone: pauses.py).
         `cgroup`: the child joins it before it execs (so nothing it allocates is
         charged elsewhere); that costs a fork() where Python would otherwise use
         vfork(), measured in bench/small_jobs.py."""
@@ -191,6 +194,8 @@ class CommandRunner:
                 await proc.wait()
             finally:
                 if proc.returncode is None:  # cancelled while it ran
+                    if stopping is not None:
+                        stopping()
                     with trio.CancelScope(shield=True):
                         await self._stop(proc, cgroup)
                 del self.children[proc.pid]

@@ -161,8 +161,12 @@ class InetdJobs:
         def started(pid: int) -> None:
             job.pid, job.child_running = pid, True
 
+        def stopping() -> None:
+            job.child_running = False
+
         try:
-            result = await self.runner.run(stream.socket, started=started, cgroup=cgroup)
+            result = await self.runner.run(stream.socket, started=started, cgroup=cgroup,
+                                           stopping=stopping)
         finally:
             job.child_running = False
         counts = kernel_byte_counts(stream.socket)
@@ -218,12 +222,16 @@ class InetdJobs:
                     job.pid, job.child_running = pid, True
                     nursery.start_soon(relay)
 
+                def stopping() -> None:
+                    job.child_running = False
+
                 with contextlib.ExitStack() as waking:
                     if wake and self.waker is not None:
                         waking.enter_context(self.waker.waking(ours))
                     try:
                         result = await self.runner.run(theirs, blocking=False,
-                                                       started=started, cgroup=cgroup)
+                                                       started=started, cgroup=cgroup,
+                                                       stopping=stopping)
                     finally:
                         job.child_running = False
                 hang_up(theirs)  # no checkpoint since the exit: no nudge in between
