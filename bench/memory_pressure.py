@@ -102,7 +102,7 @@ _KILLED = re.compile(r"Killed signal terminated program|killed by signal 9|signa
 _GK_END = re.compile(
     r"end peer=\S+ outcome=(?P<outcome>\S+) wait=(?P<wait>[\d.]+)s run=(?P<run>[\d.]+)s"
     r".*?(?: job=(?P<job>\S+))?(?: compile=(?P<compile>\S+))?(?: oom=yes)?"
-    r"(?: est=(?P<est>\d+)MiB)?(?: peak=(?P<peak>\d+)MiB)?"
+    r"(?: est=(?P<est>\d+)MiB)?(?: peak=(?P<peak>\d+)MiB)?(?: paused=\S+)?"
     r"(?: reason=.*)?$")
 _GK_HOLD = re.compile(r"holding \d+: ")
 _MAXRSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
