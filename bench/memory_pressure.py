@@ -102,7 +102,8 @@ _KILLED = re.compile(r"Killed signal terminated program|killed by signal 9|signa
 _GK_END = re.compile(
     r"end peer=\S+ outcome=(?P<outcome>\S+) wait=(?P<wait>[\d.]+)s run=(?P<run>[\d.]+)s"
     r".*?(?: job=(?P<job>\S+))?(?: compile=(?P<compile>\S+))?(?: oom=yes)?"
-    r"(?: est=(?P<est>\d+)MiB)?(?: peak=(?P<peak>\d+)MiB)?(?: paused=\S+)?"
+    r"(?: est=(?P<est>\d+)MiB)?(?: est_from=(?P<est_from>\w+))?(?: peak=(?P<peak>\d+)MiB)?"
+    r"(?: paused=\S+)?"
     r"(?: reason=.*)?$")
 _GK_HOLD = re.compile(r"holding \d+: ")
 _MAXRSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
@@ -525,8 +526,9 @@ class GkSummary:
     median_wait_s: float
     max_wait_s: float
     problems: list[str]
-    jobs: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
-    """(object, est MiB, peak MiB) of every job that has both."""
+    jobs: list[tuple[str, int, int, str]] = dataclasses.field(default_factory=list)
+    """(object, est MiB, peak MiB, where the estimate came from) of every job
+    that has both, in the order they ended."""
     pauses: int = 0
     """Times a running job was frozen (issue 18)."""
     cuts: int = 0
@@ -958,7 +960,7 @@ def gatekeeper_summary(text: str, project: Project) -> GkSummary:
     waits: list[float] = []
     runs: dict[bool, list[float]] = {True: [], False: []}
     unmeasured = 0
-    jobs: list[tuple[str, int, int]] = []
+    jobs: list[tuple[str, int, int, str]] = []
     for line in text.splitlines():
         match = _GK_END.search(line)
         if match is None:
@@ -973,7 +975,8 @@ def gatekeeper_summary(text: str, project: Project) -> GkSummary:
         if match["peak"] is not None:
             (heavy_peak if heavy else light_peak).append(int(match["peak"]))
             if match["est"] is not None:
-                jobs.append((job, int(match["est"]), int(match["peak"])))
+                jobs.append((job, int(match["est"]), int(match["peak"]),
+                             match["est_from"] or "?"))
         else:
             unmeasured += 1
     holds = [line.split("INFO: ", 1)[-1] for line in text.splitlines() if _GK_HOLD.search(line)]
@@ -1157,7 +1160,7 @@ def estimate_lines(results: Sequence[Result]) -> list[str]:
     for r in results:
         if r.name not in ("d", "f") or r.gk is None:
             continue
-        ratios = [est / peak for _, est, peak in r.gk.jobs if peak >= 8]  # MiB resolution
+        ratios = [est / peak for _, est, peak, _ in r.gk.jobs if peak >= 8]  # MiB resolution
         if not ratios:
             continue
         close = sum(1 for x in ratios if abs(x - 1) <= 0.05)
@@ -1165,6 +1168,38 @@ def estimate_lines(results: Sequence[Result]) -> list[str]:
         out.append(f"| {r.name}{r.round} ({r.label}) | {len(ratios)} | "
                    f"{statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} | "
                    f"{close} | {near} |")
+    return out
+
+
+# Issue 19's band of a good cold estimate, and from how many finished jobs on
+# it is judged (the model needs some to learn from).
+COLD_BAND = (0.8, 1.5)
+COLD_AFTER = 30
+
+
+def cold_estimate_lines(results: Sequence[Result]) -> list[str]:
+    """Cold runs: how good the estimates of jobs never seen were (issue 19),
+    from the COLD_AFTER-th finished job on."""
+    out = ["## Cold estimates against measured peaks (issue 19)", "",
+           f"Per cold build: jobs whose estimate was not learned (est_from predicted or "
+           f"default), from the {COLD_AFTER + 1}th job to end on; est/peak, and how many were "
+           f"within {COLD_BAND[0]:g}..{COLD_BAND[1]:g} (-20 %..+50 %; target: 70 %).", "",
+           "| run | jobs judged | predicted | default | within band | share | "
+           "est/peak median | min | max |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.name not in ("c", "e") or r.gk is None:
+            continue
+        judged = [(est / peak, source) for _, est, peak, source in r.gk.jobs[COLD_AFTER:]
+                  if peak >= 8 and source != "learned"]
+        if not judged:
+            continue
+        ratios = [x for x, _ in judged]
+        within = sum(1 for x in ratios if COLD_BAND[0] <= x <= COLD_BAND[1])
+        predicted = sum(1 for _, source in judged if source == "predicted")
+        out.append(f"| {r.name}{r.round} ({r.label}) | {len(ratios)} | {predicted} | "
+                   f"{len(ratios) - predicted} | {within} | {within / len(ratios):.0%} | "
+                   f"{statistics.median(ratios):.3f} | {min(ratios):.3f} | "
+                   f"{max(ratios):.3f} |")
     return out
 
 
@@ -1250,6 +1285,7 @@ def report(bench: Bench, runtime: float) -> str:
                      f"{g.unmeasured} | {g.heavy_run_s} / {g.light_run_s} | "
                      f"{g.median_wait_s} / {g.max_wait_s} |")
     lines += ["", *estimate_lines(bench.results)]
+    lines += ["", *cold_estimate_lines(bench.results)]
     notes = [f"- {r.name}{r.round}: {n}" for r in bench.results for n in r.notes]
     for r in bench.results:
         if r.gk is None:

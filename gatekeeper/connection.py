@@ -24,11 +24,12 @@ from typing import Protocol
 
 import trio
 
+from gatekeeper.accuracy import Accuracy
 from gatekeeper.config import Config
 from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.distcc.protocol import IDENTIFY_GRACE, identify, speaks
 from gatekeeper.distcc.request import INCOMPLETE, UNREADABLE, DistccJob, Unparsed
-from gatekeeper.footprints import FootprintBook
+from gatekeeper.footprints import FootprintBook, Source
 from gatekeeper.gate import Gate, Ticket, Verdict
 from gatekeeper.job import Job, ProxyStart, State
 from gatekeeper.learning import Lesson, Observation, carried_work, lesson, needs_oom_check
@@ -99,6 +100,8 @@ class Connections:
         """Live connections (by id), so /status can name the peers queued."""
         self.by_ticket: dict[int, Job] = {}
         """Live connections that hold a gate ticket, by its id."""
+        self.estimates = Accuracy()
+        """How good the estimates of finished jobs were."""
 
     def mark_admitted(self, job: Job) -> None:
         """The job has its slot: when, and the OOM-kill count to judge it by."""
@@ -162,13 +165,14 @@ class Connections:
             if isinstance(head, DistccJob):
                 job.key, job.name = head.key, head.output
                 job.request_bytes = head.request_bytes
+                job.features = head.features
             if policy is not None:
                 refusal = refusal_of(policy, head)
                 if refusal is not None:
                     # (Its end line says why, rate-limited like a denied peer's.)
                     job.outcome, job.detail = Outcome.ARGV_POLICY, refusal
                     return
-        job.estimate = self.book.estimate(job.key)
+        job.estimate, job.estimate_from = self.book.judge(job.key, job.features)
         key = self.config.fair_by.key(host)
         weight = self.config.priorities.weight(host)
         async with self.gate.ticket(job.estimate, key=key, weight=weight,
@@ -256,20 +260,21 @@ class Connections:
         elif teaching.lesson is Lesson.LEARN:
             seconds = (trio.current_time() - job.admitted if job.admitted is not None
                        else None)
-            before = self.book.unknown_estimate()
-            self.book.learn(job.key, peak, seconds=seconds)
-            if self.book.unknown_estimate() != before:
-                self._reestimate_queued()
+            if job.estimate is not None and job.estimate_from is not None:
+                self.estimates.record(job.estimate_from, job.estimate, peak)
+            self.book.learn(job.key, peak, seconds=seconds, feats=job.features)
+            self._reestimate_queued()
 
     def _reestimate_queued(self) -> None:
-        """The unknown-job estimate moved: the jobs queued on the old one (a cold
-        build's make -jN queues many at once) are estimated again, head first,
-        as far as backfilling looks (REESTIMATE_LIMIT)."""
+        """The book learned: the jobs queued on a guess (a cold build's make -jN
+        queues many at once) are estimated again, head first, as far as
+        backfilling looks (REESTIMATE_LIMIT)."""
         for ticket, _ in self.gate.admission.queue_view(REESTIMATE_LIMIT):
             job = self.by_ticket.get(ticket)
-            if job is None or self.book.knows(job.key):
+            if job is None or job.estimate_from is Source.LEARNED:
                 continue
-            estimate = self.book.estimate(job.key)
+            estimate, source = self.book.judge(job.key, job.features)
+            job.estimate_from = source
             if estimate != job.estimate:
                 job.estimate = estimate
                 self.gate.reestimate(ticket, estimate)

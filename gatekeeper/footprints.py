@@ -17,6 +17,7 @@ learning starts again, nothing fails.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import math
@@ -25,6 +26,10 @@ import stat
 import tempfile
 from collections import OrderedDict, deque
 from pathlib import Path
+from typing import NamedTuple
+
+from gatekeeper.distcc.identity import Features
+from gatekeeper.prediction import SAFE_QUANTILE, TYPICAL_QUANTILE, PeakModel
 
 log = logging.getLogger("gatekeeper")
 
@@ -85,8 +90,19 @@ DURATION_MARGIN = 0.25
 # Durations in a state file above a day are not compile times.
 MAX_SECONDS = 86_400.0
 
+# A key's learned peaks are not trusted for a job whose request differs from
+# the one they were learned with by more than this factor (same size unit):
+# two projects' `main.cc` with the same flags share a portable key
+# (identity.py), and a file edited beyond recognition is a new compile. Same
+# file from two checkouts: the line markers' paths differ by a few bytes each
+# (fmtlib's format.cc: 0.02 %); a real edit moves it by a few percent.
+SIZE_DRIFT = 1.25
+
 STATE_FILE = "footprints.json"
-FORMAT = 1
+# 1: keys hashed whole command lines; 2: portable keys (identity.py), request
+# sizes per key, the cold-estimate model's pairs. A format-1 file's keys are
+# dropped (they cannot be turned into portable ones); its recent peaks are kept.
+FORMAT = 2
 # The state file is read whole, so it is capped: a full book (MAX_KEYS keys of
 # 3 peaks near 100 GB each) writes 1,226,176 bytes (measured by
 # tests/test_footprints.py, which builds one), so 4 MiB is room to spare, and a 100 MB
@@ -95,6 +111,22 @@ MAX_STATE_BYTES = 4 * 2**20
 # A key is the compile's blake2b digest (20 hex digits); anything far longer
 # did not come from us.
 MAX_KEY_LEN = 64
+
+
+class Source(enum.Enum):
+    """Where an estimate came from (the end line's `est_from=`)."""
+
+    LEARNED = "learned"
+    """The key's own measured peaks."""
+    PREDICTED = "predicted"
+    """The request's size and kind, through the cold-estimate model."""
+    DEFAULT = "default"
+    """The distribution of recent peaks, or --job-mem-mb before it."""
+
+
+class Estimate(NamedTuple):
+    bytes: int
+    source: Source
 
 
 class FootprintBook:
@@ -115,6 +147,11 @@ class FootprintBook:
         """Each key's last few run times (keys of `_peaks` only)."""
         self._recent: deque[int] = deque(maxlen=RECENT)
         self._unknown_cache: dict[float, int] = {}
+        self._sizes: dict[str, tuple[str, int]] = {}
+        """Each key's last request size and its unit (keys of `_peaks` only)."""
+        self.model = PeakModel()
+        self.converted = 0
+        """Keys of an older format dropped by the last load."""
         self.dirty = False
 
     def __len__(self) -> int:
@@ -128,6 +165,33 @@ class FootprintBook:
                 self._peaks.move_to_end(key)
                 return int(max(peaks) * (1 + margin(peaks)))
         return self.unknown_estimate()
+
+    def judge(self, key: str | None, feats: Features | None = None) -> Estimate:
+        """The estimate for a job and where it came from: the key's own peaks
+        if known (and its request is about the size they were learned with),
+        else the model's prediction from the head's features, else the
+        distribution of recent peaks."""
+        if key is not None and key in self._peaks and not self._drifted(key, feats):
+            return Estimate(self.estimate(key), Source.LEARNED)
+        if feats is not None:
+            quantile = SAFE_QUANTILE if self.percentile >= PERCENTILE else TYPICAL_QUANTILE
+            predicted = self.model.predict(feats, quantile)
+            if predicted is not None:
+                return Estimate(min(predicted, self.ceiling()), Source.PREDICTED)
+        return Estimate(self.unknown_estimate(), Source.DEFAULT)
+
+    def ceiling(self) -> int:
+        """No prediction above what the box has seen a job need, plus MARGIN
+        (the seed before anything was seen)."""
+        return int(max(self._recent) * (1 + MARGIN)) if self._recent else self.seed
+
+    def _drifted(self, key: str, feats: Features | None) -> bool:
+        if feats is None or feats.size is None:
+            return False
+        known = self._sizes.get(key)
+        if known is None or known[0] != feats.encoding:
+            return False
+        return not known[1] / SIZE_DRIFT <= feats.size <= known[1] * SIZE_DRIFT
 
     def duration(self, key: str | None) -> float | None:
         """Expected run time of a job with this identity (None: never seen run
@@ -163,15 +227,25 @@ class FootprintBook:
         estimate may still grow to (pauses.py)."""
         return self._unknown_at(PERCENTILE, MIN_SAMPLES)
 
-    def learn(self, key: str | None, peak: int, *, seconds: float | None = None) -> None:
-        """Record a finished job's measured peak (and how long it ran)."""
+    def learn(self, key: str | None, peak: int, *, seconds: float | None = None,
+              feats: Features | None = None) -> None:
+        """Record a finished job's measured peak (and how long it ran, and what
+        its head said)."""
         if peak <= 0:
             return
         self._recent.append(peak)
         self._unknown_cache.clear()
         self.dirty = True
+        if feats is not None:
+            self.model.learn(feats, peak)
         if key is not None:
+            if key in self._peaks and self._drifted(key, feats):
+                # Another compile under the same identity: start it afresh.
+                del self._peaks[key]
+                self._seconds.pop(key, None)
             self._remember(key, peak)
+            if feats is not None and feats.size is not None:
+                self._sizes[key] = (feats.encoding, feats.size)
             if seconds is not None and 0 < seconds <= MAX_SECONDS:
                 self._seconds[key] = [*self._seconds.get(key, [])[-(PEAKS_PER_KEY - 1):],
                                       seconds]
@@ -183,6 +257,7 @@ class FootprintBook:
         while len(self._peaks) > self.max_keys:
             old, _ = self._peaks.popitem(last=False)
             self._seconds.pop(old, None)
+            self._sizes.pop(old, None)
 
     def learn_cut_short(self, key: str | None, peak: int) -> None:
         """A job killed before its end (the OOM killer) reached `peak` and needed
@@ -200,7 +275,9 @@ class FootprintBook:
 
     def to_json(self) -> dict[str, object]:
         return {"format": FORMAT, "keys": dict(self._peaks), "recent": list(self._recent),
-                "seconds": {k: v for k, v in self._seconds.items() if k in self._peaks}}
+                "seconds": {k: v for k, v in self._seconds.items() if k in self._peaks},
+                "sizes": {k: list(v) for k, v in self._sizes.items() if k in self._peaks},
+                "model": self.model.to_json()}
 
     def load_json(self, data: object, *, ceiling: int) -> int:
         """Replace the learned state with `data`; raises ValueError if it is not
@@ -208,11 +285,16 @@ class FootprintBook:
         whole number, not positive, above `ceiling`, the machine's memory) are
         dropped, with the keys left without one; returns how many were."""
         if not isinstance(data, dict) or type(data.get("format")) is not int \
-                or data.get("format") != FORMAT:
-            raise ValueError("not a gatekeeper footprint file of format 1")
+                or data.get("format") not in (1, FORMAT):
+            raise ValueError(f"not a gatekeeper footprint file of format 1 or {FORMAT}")
         keys, recent = data.get("keys"), data.get("recent")
         if not isinstance(keys, dict) or not isinstance(recent, list):
             raise ValueError("missing keys or recent")
+        old_keys = 0
+        if data["format"] == 1:
+            # Keys of whole command lines: no way back to the command lines, so
+            # no portable keys; the measured peaks stay good for unknown jobs.
+            old_keys, keys = len(keys), {}
 
         def measured(values: list[object]) -> list[int]:
             return [v for v in values if type(v) is int and 0 < v <= ceiling]
@@ -237,10 +319,24 @@ class FootprintBook:
                                   if type(v) in (int, float) and 0 < v <= MAX_SECONDS]
                     if kept_times:
                         seconds[key] = kept_times
+        sizes: dict[str, tuple[str, int]] = {}
+        known_sizes = data.get("sizes")
+        if isinstance(known_sizes, dict):
+            for key, value in list(known_sizes.items())[-self.max_keys:]:
+                if (key in peaks and isinstance(value, list) and len(value) == 2
+                        and value[0] in ("plain", "lzo", "pump") and type(value[1]) is int
+                        and 0 < value[1] <= 2**40):
+                    sizes[key] = (value[0], value[1])
+        model = PeakModel()
+        if "model" in data:
+            dropped += model.load_json(data["model"], ceiling=ceiling)
         self._seconds = seconds
         self._peaks = peaks
+        self._sizes = sizes
+        self.model = model
         self._recent = deque(kept_recent, maxlen=RECENT)
         self._unknown_cache.clear()
+        self.converted = old_keys
         return dropped
 
     def load(self, state_dir: Path, *, ceiling: int) -> None:
@@ -258,6 +354,7 @@ class FootprintBook:
             # JSONDecodeError and int-digit limits are ValueErrors; "[" x 100,000
             # is a RecursionError.
             self._peaks, self._recent, self._seconds = OrderedDict(), deque(maxlen=RECENT), {}
+            self._sizes, self.model = {}, PeakModel()
             log.warning("ignoring learned footprints in %s: %s", path,
                         str(e)[:200] or type(e).__name__)
             return
@@ -265,6 +362,12 @@ class FootprintBook:
             log.warning("dropped %d learned footprints from %s that are not measurements "
                         "(not whole, not positive, or above the machine's %d bytes)",
                         dropped, path, ceiling)
+        if self.converted:
+            log.warning("dropped %d learned footprints from %s: they are keyed by whole "
+                        "command lines (format 1), and jobs are now known by a portable "
+                        "identity; kept its %d recent peaks for unknown jobs",
+                        self.converted, path, len(self._recent))
+            self.dirty = True
         log.info("loaded %d learned job footprints from %s", len(self._peaks), path)
 
     def save(self, state_dir: Path) -> None:

@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import trio
 
 from gatekeeper.config import Config
+from gatekeeper.distcc.identity import Features
 from gatekeeper.distcc.protocol import OPAQUE, Speaks
 from gatekeeper.distcc.reply import CompileStatus
+from gatekeeper.footprints import Source
 from gatekeeper.gate import Gate, Ticket
 from gatekeeper.memory.adopt import Adopter, Adoption
 from gatekeeper.memory.job_cgroup import JobCgroup
@@ -97,7 +99,11 @@ class Job:
     transfer: Transfer | None = None
     pid: int | None = None
     """inetd mode: the job's child process."""
+    features: Features | None = None
+    """What the request head says of the compile (distcc jobs)."""
     estimate: int | None = None
+    estimate_from: Source | None = None
+    """Where `estimate` came from: the key's peaks, a prediction, the default."""
     peak: int | None = None
     ticket: int | None = None
     """The gate's id for this connection's ticket, once it has one."""
@@ -175,7 +181,10 @@ class Job:
         extra = {"pid": self.pid, "job": self.name,
                  "compile": self.compile.describe() if self.compile is not None else None,
                  "oom": True if self.oom_seen else None,
-                 "estimate_bytes": self.estimate, "peak_bytes": self.peak,
+                 "estimate_bytes": self.estimate,
+                 "estimate_from": (self.estimate_from.value if self.estimate_from is not None
+                                   else None),
+                 "peak_bytes": self.peak,
                  "pauses": self.pauses or None,
                  "paused_seconds": round(self.paused_seconds, 3) if self.pauses else None,
                  "reason": self.detail}
@@ -196,6 +205,8 @@ class Job:
             text += " oom=yes"
         if self.estimate is not None:
             text += f" est={format_mib(self.estimate, space=False)}"
+            if self.estimate_from is not None:
+                text += f" est_from={self.estimate_from.value}"
         if self.peak is not None:
             text += f" peak={format_mib(self.peak, space=False)}"
         if self.pauses:

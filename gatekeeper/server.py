@@ -131,6 +131,7 @@ def running_jobs(live: Iterable[Job]) -> list[RunningJob]:
             "paused_seconds": round(job.paused_for(now), 3),
             "pauses": job.pauses,
             "estimate_bytes": job.estimate,
+            "estimate_from": job.estimate_from.value if job.estimate_from is not None else None,
             "charge_bytes": usage.current if usage is not None and not usage.stopped else None,
         })
     return out
@@ -198,6 +199,7 @@ class Server:
         self.observatory.measuring = lambda: measuring(config, self.inetd, self.adopter)
         self.observatory.running_jobs = lambda: running_jobs(self.connections.live.values())
         self.observatory.pausing = lambda: pausing_view(self.pauses)
+        self.observatory.estimates = lambda: self.connections.estimates
         self.pauses = (Pauses(Pauser(floor=config.pause_below_bytes,
                                      resume=2 * config.pause_below_bytes,
                                      max_pause=config.max_pause), self.gate,

@@ -32,6 +32,7 @@ from distcc_harness import (
     missing_binaries,
     object_mismatches,
     read_objects,
+    run_make,
     run_program,
 )
 
@@ -250,3 +251,24 @@ def test_distccd_restart_mid_build_fails_in_flight_jobs_cleanly_and_the_queue_re
         assert run.stdout == reference.output, diag
         assert object_mismatches(reference.objects, project) == [], diag
         assert "Traceback" not in gk.log_text, diag
+
+
+@pytest.mark.e2e
+@requires_toolchain
+def test_lzo_builds_through_gatekeeper_are_identified_and_correct(
+    project: Project,
+    distccd: DistccServer,
+    gatekeeper: GatekeeperProcess,
+    reference: Reference,
+) -> None:
+    """Protocol 2 (`,lzo`): the request's length is the compressed one, the
+    head is the same; every job is identified (its end line names it) and the
+    objects are those of a local build."""
+    env = distcc_client_env(LOOPBACK, gatekeeper.port, project.root / ".distccdir",
+                            host_slots=HOST_SLOTS)
+    env["DISTCC_HOSTS"] += ",lzo"
+    build = run_make(project.root, jobs=MAKE_JOBS, env=env)
+    _check_build(project, build, distccd, reference, gatekeeper)
+    named = [line for line in gatekeeper.log_lines
+             if "end peer=" in line and " job=" in line and "est_from=" in line]
+    assert len(named) == project.translation_units, gatekeeper.log_text

@@ -129,8 +129,9 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [
-    b"", b"{", b"[]", b'{"format": 2}', b'{"format": 1, "keys": {"a": [-1]}, "recent": []}',
-    b'{"format": 1, "keys": {"a": "x"}, "recent": []}', b"\xff\xfe",
+    b"", b"{", b"[]", b'{"format": 2}', b'{"format": 3, "keys": {}, "recent": []}',
+    b'{"format": 2, "keys": {"a": [-1]}, "recent": []}',
+    b'{"format": 2, "keys": {"a": "x"}, "recent": []}', b"\xff\xfe",
 ])
 def test_corrupt_state_is_logged_and_ignored(tmp_path: Path, content: bytes,
                                              caplog: pytest.LogCaptureFixture) -> None:
@@ -194,11 +195,11 @@ def test_a_cut_short_job_is_remembered_as_needing_more() -> None:
 # -- the state file is hostile input (issue 16) ---------------------------------
 
 @pytest.mark.parametrize("content", [
-    b'{"format": 1, "keys": {}, "recent": [' + b",".join([b"1" + b"0" * 400] * 8) + b"]}",
+    b'{"format": 2, "keys": {}, "recent": [' + b",".join([b"1" + b"0" * 400] * 8) + b"]}",
     b"[" * 100_000,
-    b'{"format": 1, "keys": {"a": [1e400]}, "recent": []}',
-    b'{"format": 1, "keys": {"a": [true]}, "recent": [true, 1.5, "9"]}',
-    b'{"format": 1, "keys": {"a": [' + b"9" * 5000 + b"]}, \"recent\": []}",
+    b'{"format": 2, "keys": {"a": [1e400]}, "recent": []}',
+    b'{"format": 2, "keys": {"a": [true]}, "recent": [true, 1.5, "9"]}',
+    b'{"format": 2, "keys": {"a": [' + b"9" * 5000 + b"]}, \"recent\": []}",
 ], ids=["huge-ints", "deep-nesting", "float-inf", "not-whole", "int-digit-limit"])
 def test_poisoned_state_is_ignored_not_fatal(tmp_path: Path, content: bytes,
                                              caplog: pytest.LogCaptureFixture) -> None:
@@ -213,7 +214,7 @@ def test_poisoned_state_is_ignored_not_fatal(tmp_path: Path, content: bytes,
 def test_peaks_above_the_machine_are_not_measurements(tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """10**30 was accepted before, and then held every job forever."""
-    state = {"format": 1, "keys": {"big": [10**30], "ok": [5 * MiB], "mixed": [10**30, MiB]},
+    state = {"format": 2, "keys": {"big": [10**30], "ok": [5 * MiB], "mixed": [10**30, MiB]},
              "recent": [10**30] * 10 + [MiB] * 10}
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
     book = FootprintBook(seed=7)
@@ -296,3 +297,21 @@ def test_durations_are_learned_kept_and_checked(tmp_path: Path) -> None:
     fourth = FootprintBook(seed=1)
     fourth.load(tmp_path, ceiling=2**40)
     assert fourth.knows("c") and fourth.duration("c") is None
+
+
+def test_a_format_1_file_keeps_its_peaks_and_drops_its_command_line_keys(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Format 1 keyed jobs by a hash of the whole command line: no way to a
+    portable key (identity.py), so those keys go, loudly, and the measured
+    peaks stay to estimate unknown jobs; the next save writes format 2."""
+    state = {"format": 1, "keys": {"0123456789abcdef0123": [5 * MiB]},
+             "recent": [3 * MiB] * 10}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    book = FootprintBook(seed=7)
+    book.load(tmp_path, ceiling=CEILING)
+    assert len(book) == 0
+    assert book.estimate(None) == int(3 * MiB * 1.1)
+    assert "dropped 1 learned footprints" in caplog.text and "format 1" in caplog.text
+    assert book.dirty
+    book.save(tmp_path)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["format"] == 2

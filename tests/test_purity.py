@@ -13,7 +13,7 @@ import sys
 import pytest
 
 PURE = ("admission", "backfill", "fairness", "footprints", "learning", "outcome", "pausing",
-        "distcc.policy",
+        "prediction", "accuracy", "distcc.policy", "distcc.identity",
         "observe.escape", "observe.logbudget",
         "distcc.request")
 FORBIDDEN = ("trio", "socket")

@@ -20,10 +20,11 @@ default estimate), anything else is NOT_DISTCC.
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Final
+
+from gatekeeper.distcc.identity import Features, features, portable_key
 
 TOKEN_LEN: Final = 12
 
@@ -40,13 +41,22 @@ class DistccJob:
     request_bytes: int | None = field(default=None, compare=False)
     """The whole request's length, head to the end of the source, when the
     DOTI token (protocols 1 and 2) was in the same look as the head; else None."""
+    version: int = field(default=1, compare=False)
+    """The protocol: 1 plain, 2 LZO-compressed, 3 pump mode."""
+    shipped_bytes: int | None = field(default=None, compare=False)
+    """Pump mode: the shipped files' compressed length, extrapolated from the
+    files in the same look as the head to all NFIL of them; else None."""
 
     @property
     def key(self) -> str:
-        """A stable short identity for the compile: same command line, same key."""
-        digest = hashlib.blake2b("\0".join(self.argv).encode("utf-8", "surrogateescape"),
-                                 digest_size=10)
-        return digest.hexdigest()
+        """The compile's identity across checkouts and protocols (identity.py)."""
+        return portable_key(self.argv)
+
+    @property
+    def features(self) -> Features:
+        """What the head says of the compile's weight (identity.py)."""
+        size = self.shipped_bytes if self.version == 3 else self.request_bytes
+        return features(self.argv, version=self.version, size=size)
 
     @property
     def output(self) -> str | None:
@@ -154,7 +164,9 @@ class HeadReader:
             # Raises _Incomplete until the token is in, _Unreadable if something else is.
             _token(data, self._pos)
             raise _Unreadable
-        return DistccJob(tuple(self._argv), request_bytes=request_bytes)
+        shipped = _shipped_bytes(data, self._pos) if self._version == 3 else None
+        return DistccJob(tuple(self._argv), request_bytes=request_bytes,
+                         version=self._version, shipped_bytes=shipped)
 
     def _request_bytes(self, data: bytes) -> int | None:
         """Head + DOTI token + source, if the DOTI token is already here."""
@@ -163,6 +175,44 @@ class HeadReader:
             return None
         digits = data[self._pos + 4:end]
         return end + int(digits, 16) if is_hex8(digits) else None
+
+
+# Pump mode's file count is believed up to this (a translation unit with more
+# headers than this is not one gatekeeper has seen: Chromium's biggest have a
+# few thousand).
+MAX_FILES: Final = 100_000
+
+
+def _shipped_bytes(data: bytes, pos: int) -> int | None:
+    """Pump mode: NFIL n, then n x (NAME + FILE or LINK). The FILE lengths in
+    this look, scaled to all n files; None if none is in it or anything is
+    not as it should be (never raises: the head is already read)."""
+    def token(at: int) -> tuple[bytes, int] | None:
+        if len(data) < at + TOKEN_LEN or _TOKEN.match(data, at) is None:
+            return None
+        return data[at:at + 4], int(data[at + 4:at + TOKEN_LEN], 16)
+
+    first = token(pos)
+    if first is None or first[0] != b"NFIL" or not 0 < first[1] <= MAX_FILES:
+        return None
+    count, pos = first[1], pos + TOKEN_LEN
+    seen = files = total = 0
+    for _ in range(count):
+        name = token(pos)
+        if name is None or name[0] != b"NAME":
+            break
+        pos += TOKEN_LEN + name[1]
+        body = token(pos)
+        if body is None or body[0] not in (b"FILE", b"LINK"):
+            break
+        pos += TOKEN_LEN + body[1]
+        seen += 1
+        if body[0] == b"FILE":
+            files += 1
+            total += body[1]
+    if not files:
+        return None
+    return total * count // seen
 
 
 def parse_request_head(data: bytes) -> DistccJob | Unparsed:

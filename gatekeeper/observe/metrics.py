@@ -22,10 +22,16 @@ from typing import Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from gatekeeper.accuracy import BUCKETS, Accuracy
 from gatekeeper.admission import JobId, Snapshot
 from gatekeeper.distcc.reply import CompileStatus
 from gatekeeper.gate import Gate
@@ -94,6 +100,8 @@ class Observatory:
         """The admitted jobs' states (set by the server)."""
         self.pausing: Callable[[], PausingView | None] = lambda: None
         """Pausing's settings and counts (set by the server; None: off)."""
+        self.estimates: Callable[[], Accuracy | None] = lambda: None
+        """How good finished jobs' estimates were (set by the server)."""
         self.registry = CollectorRegistry()
         self.completed: dict[str, int] = dict.fromkeys(COMPLETED_OUTCOMES, 0)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
@@ -165,7 +173,7 @@ class Observatory:
             unknown_footprint=self.unknown_footprint(), pressure=self.gate.pressure,
             completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
             health=health_view, measuring=self.measuring(), jobs=self.running_jobs(),
-            pausing=self.pausing())
+            pausing=self.pausing(), estimates=_view(self.estimates()))
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
@@ -240,8 +248,25 @@ class _Picture(Collector):
                                 "without delaying it (backfilling)", value=s.backfilled_total),
             *self._per_client(s),
             *self._pausing(),
+            *self._estimates(),
         ]
         return [m for m in metrics if m is not None]
+
+    def _estimates(self) -> list[Metric]:
+        accuracy = self.o.estimates()
+        if accuracy is None:
+            return []
+        family = HistogramMetricFamily(
+            "gatekeeper_estimate_ratio",
+            "Finished jobs' estimate / measured peak, by where the estimate came from "
+            "(learned: the job's own peaks; predicted: its request's size; default: the "
+            "recent peaks' distribution)", labels=["source"])
+        for source, tally in accuracy.tallies.items():
+            buckets = [(str(bound), float(count))
+                       for bound, count in zip(BUCKETS, tally.buckets, strict=True)]
+            buckets.append(("+Inf", float(tally.jobs)))
+            family.add_metric([source.value], buckets, sum_value=tally.ratio_sum)
+        return [family]
 
     def _pausing(self) -> list[Metric]:
         view = self.o.pausing()
@@ -257,3 +282,7 @@ class _Picture(Collector):
                                 "Paused jobs cut at --max-pause with still no room "
                                 "(their clients compile locally)", value=view["cuts_total"]),
         ]
+
+
+def _view(accuracy: Accuracy | None) -> Mapping[str, object] | None:
+    return accuracy.view() if accuracy is not None else None

@@ -114,7 +114,8 @@ function show(s) {
   $("jobs").replaceChildren(...(s.jobs || []).map(j => row(
     [j.job || j.peer, j.state, j.running_seconds.toFixed(1) + " s",
      j.pauses ? j.paused_seconds.toFixed(1) + " s (" + j.pauses + ")" : "",
-     mib(j.estimate_bytes) + " MiB", mib(j.charge_bytes) + " MiB"],
+     mib(j.estimate_bytes) + " MiB" + (j.estimate_from ? " (" + j.estimate_from + ")" : ""),
+     mib(j.charge_bytes) + " MiB"],
     j.state === "paused" ? "paused" : "")));
   $("queue").replaceChildren(...s.queue.map(q => row(
     [q.peer, q.waiting_seconds.toFixed(1) + " s"])));

@@ -49,6 +49,8 @@ class RunningJob(TypedDict):
     paused_seconds: float
     pauses: int
     estimate_bytes: int | None
+    estimate_from: str | None
+    """learned, predicted or default (footprints.Source)."""
     charge_bytes: int | None
     """What it is charged now (its cgroup's usage, or its sampled tree)."""
 
@@ -91,6 +93,8 @@ class StatusPicture(TypedDict, total=False):
     """The admitted jobs, oldest first (at most QUEUE_VIEW_LIMIT)."""
     pausing: PausingView | None
     """None: pausing is off (--pause-below-mb 0)."""
+    estimates: Mapping[str, object] | None
+    """How good finished jobs' estimates were, per source (accuracy.Accuracy.view)."""
     completed_total: dict[str, int]
     rejected_total: dict[str, int]
     backend: BackendView
@@ -108,7 +112,8 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
             rejected: Mapping[str, int], backend: BackendView,
             health: Callable[[StatusPicture], HealthView],
             measuring: str = "process-tree sampling", jobs: list[RunningJob] | None = None,
-            pausing: PausingView | None = None) -> StatusPicture:
+            pausing: PausingView | None = None,
+            estimates: Mapping[str, object] | None = None) -> StatusPicture:
     """The whole picture from the gate's snapshot and the counters."""
     entries: list[QueueEntry] = []
     for job, arrived in queue:
@@ -133,6 +138,7 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
         "backfilled_total": s.backfilled_total,
         "jobs": (jobs or [])[:QUEUE_VIEW_LIMIT],
         "pausing": pausing,
+        "estimates": estimates,
         "completed_total": dict(completed),
         "rejected_total": dict(rejected),
         "backend": backend,

@@ -81,6 +81,22 @@ def _pausing(view: object) -> str:
             f"{view.get('pauses_total', '?')} pauses, {view.get('cuts_total', '?')} cut")
 
 
+def _estimates(view: object) -> str:
+    """Finished jobs per estimate source, and how many were within the band."""
+    if not isinstance(view, Mapping):
+        return "-"
+    parts = []
+    for source in ("learned", "predicted", "default"):
+        entry = view.get(source)
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("jobs"), int):
+            continue
+        share = entry.get("within_band")
+        within = (f", {share:.0%} within -20..+50 %"
+                  if isinstance(share, (int, float)) and not isinstance(share, bool) else "")
+        parts.append(f"{source} {entry['jobs']}{within}")
+    return "; ".join(parts) or "-"
+
+
 def _seconds(n: object) -> str:
     return f"{n:.1f}s" if isinstance(n, (int, float)) and not isinstance(n, bool) else "?"
 
@@ -121,6 +137,7 @@ def format_status(status: Mapping[str, Any], where: str) -> str:
                      f"({status.get('backfilled_total', 0)} backfilled)"),
         ("measuring", printable(str(status.get("measuring", "?")))),
         ("pausing", _pausing(status.get("pausing"))),
+        ("estimates", _estimates(status.get("estimates"))),
         ("completed", _counts(status.get("completed_total"))),
         ("rejected", _counts(status.get("rejected_total"))),
     ]
