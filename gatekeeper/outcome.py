@@ -152,6 +152,14 @@ def classify(moved: Moved, request: Request, *, idle_timeout: float | None = Non
                                                  "answer it")
         if moved.failed is None:
             return Verdict(Outcome.CLIENT_GONE, "closed without sending a request")
+    if (moved.failed is Side.CLIENT and request is Request.DISTCC
+            and (moved.error or "").startswith("ConnectionResetError")
+            and _finished(moved.reply_head)):
+        # distccd sends its status only once the compiler has exited: the job
+        # is done and the client has its verdict. A pump-mode client (protocol
+        # 3) then closes with a reset, before distccd's own close (seen on every
+        # pump job with distcc 3.4): how it ends, not a failure.
+        return Verdict(Outcome.OK)
     if moved.failed is not None:
         outcome = Outcome.CLIENT_ERROR if moved.failed is Side.CLIENT else Outcome.BACKEND_FAILED
         return Verdict(outcome, moved.error)
@@ -180,6 +188,13 @@ def classify(moved: Moved, request: Request, *, idle_timeout: float | None = Non
             f"the backend closed after {len(moved.reply_head)} bytes of reply, "
             "before distccd's status")
     return Verdict(Outcome.OK)
+
+
+def _finished(reply_head: bytes) -> bool:
+    """distccd's status is in: the compiler ran to its end (and the client was
+    there to be answered: not EXIT_IO_ERROR)."""
+    status = parse_reply_status(reply_head)
+    return status is not None and status.exit_code != DISTCC_EXIT_IO_ERROR
 
 
 # A running job that the drain deadline cancelled (the only thing that cancels

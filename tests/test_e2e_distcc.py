@@ -13,7 +13,9 @@ distccd runs instead of gcc/g++ (see distcc_harness), independently of gatekeepe
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,3 +274,48 @@ def test_lzo_builds_through_gatekeeper_are_identified_and_correct(
     named = [line for line in gatekeeper.log_lines
              if "end peer=" in line and " job=" in line and "est_from=" in line]
     assert len(named) == project.translation_units, gatekeeper.log_text
+
+
+PUMP_SHIM = Path(__file__).parent / "pump"
+
+
+def _pump_missing() -> str | None:
+    if MISSING or shutil.which("distcc-pump") is None:
+        return "needs distcc-pump (apt-get install -y distcc-pump python3-lzo)"
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import lzo"], capture_output=True)
+    if probe.returncode != 0:
+        return "needs python3-lzo for the include server's LZO (apt-get install -y python3-lzo)"
+    return None
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(_pump_missing() is not None, reason=_pump_missing() or "")
+def test_pump_builds_through_gatekeeper_are_identified_and_correct(
+    project: Project,
+    distccd: DistccServer,
+    gatekeeper: GatekeeperProcess,
+    reference: Reference,
+) -> None:
+    """Protocol 3 (`distcc-pump`, `,cpp,lzo`): the server preprocesses from the
+    files the client ships. Every job is identified, ends `ok` with distccd's
+    status (a pump client resets as it closes, once it has that status), and
+    the objects are those of a local build. Debian bookworm's include server
+    needs tests/pump/sitecustomize.py to run at all (its C helper fails on
+    Python 3.11); without it pump silently preprocesses locally, which the
+    distccd log would show: pump jobs go through dcc_fix_debug_info."""
+    env = distcc_client_env(LOOPBACK, gatekeeper.port, project.root / ".distccdir",
+                            host_slots=HOST_SLOTS)
+    env["DISTCC_HOSTS"] += ",cpp,lzo"
+    env["PYTHONPATH"] = str(PUMP_SHIM)
+    begin = time.monotonic()
+    done = subprocess.run(["distcc-pump", "make", f"-j{MAKE_JOBS}", "-C", str(project.root)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    build = BuildResult(tuple(done.args), done.returncode, done.stdout, done.stderr,
+                        time.monotonic() - begin)
+    _check_build(project, build, distccd, reference, gatekeeper)
+    pumped = distccd.log_text.count("client_path_plus_slashes")
+    assert pumped == project.translation_units, distccd.log_text
+    ends = [line for line in gatekeeper.log_lines if "end peer=" in line]
+    assert len(ends) == project.translation_units, gatekeeper.log_text
+    assert all("outcome=ok" in line and " job=" in line and "compile=ok" in line
+               for line in ends), gatekeeper.log_text

@@ -69,6 +69,17 @@ TABLE = [
     (Moved(to_client=10, reply_head=b""), Request.NOT_DISTCC, None, Outcome.OK),
     (Moved(to_client=10, failed=Side.BACKEND), Request.NOT_DISTCC, None,
      Outcome.BACKEND_FAILED),
+    # a pump-mode client resets as it closes, once it has distccd's status
+    (Moved(failed=Side.CLIENT, error="ConnectionResetError: [Errno 104] Connection reset by peer",
+           eofs=[]), Request.DISTCC, None, Outcome.OK),
+    (Moved(failed=Side.CLIENT, error="ConnectionResetError: ...", eofs=[],
+           reply_head=b"DONE00000003"), Request.DISTCC, None, Outcome.CLIENT_ERROR),
+    (Moved(failed=Side.CLIENT, error="ConnectionResetError: ...", eofs=[],
+           reply_head=encode_reply_head(107 << 8)), Request.DISTCC, None, Outcome.CLIENT_ERROR),
+    (Moved(failed=Side.CLIENT, error="BrokenPipeError: ...", eofs=[]), Request.DISTCC, None,
+     Outcome.CLIENT_ERROR),
+    (Moved(failed=Side.CLIENT, error="ConnectionResetError: ...", eofs=[]), Request.UNKNOWN,
+     None, Outcome.CLIENT_ERROR),
     (Moved(), Request.DISTCC, Exited(False, "exit status 1"), Outcome.COMMAND_FAILED),
     (Moved(), Request.DISTCC, Exited(True, "exit status 0"), Outcome.OK),
 ]
