@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from distcc_harness import (
     LOOPBACK,
+    PROGRAM,
     BuildResult,
     CompileLog,
     DistccServer,
@@ -303,6 +304,14 @@ def test_pump_builds_through_gatekeeper_are_identified_and_correct(
     needs tests/pump/sitecustomize.py to run at all (its C helper fails on
     Python 3.11); without it pump silently preprocesses locally, which the
     distccd log would show: pump jobs go through dcc_fix_debug_info."""
+    # A plain build first: what it learns is what the pump build's jobs find
+    # (pump sends the -I and -D a plain client strips; one identity for both).
+    plain = distcc_build(project, gatekeeper.port, jobs=MAKE_JOBS, host_slots=HOST_SLOTS)
+    assert plain.ok, _diagnostics(plain, distccd, gatekeeper)
+    for obj in project.objects:
+        (project.root / obj).unlink()
+    (project.root / PROGRAM).unlink(missing_ok=True)
+    seen = len(gatekeeper.log_lines)
     env = distcc_client_env(LOOPBACK, gatekeeper.port, project.root / ".distccdir",
                             host_slots=HOST_SLOTS)
     env["DISTCC_HOSTS"] += ",cpp,lzo"
@@ -312,10 +321,13 @@ def test_pump_builds_through_gatekeeper_are_identified_and_correct(
                           env=env, capture_output=True, text=True, timeout=120)
     build = BuildResult(tuple(done.args), done.returncode, done.stdout, done.stderr,
                         time.monotonic() - begin)
-    _check_build(project, build, distccd, reference, gatekeeper)
+    assert build.ok, _diagnostics(build, distccd, gatekeeper)
     pumped = distccd.log_text.count("client_path_plus_slashes")
     assert pumped == project.translation_units, distccd.log_text
-    ends = [line for line in gatekeeper.log_lines if "end peer=" in line]
+    ends = [line for line in gatekeeper.log_lines[seen:] if "end peer=" in line]
     assert len(ends) == project.translation_units, gatekeeper.log_text
     assert all("outcome=ok" in line and " job=" in line and "compile=ok" in line
-               for line in ends), gatekeeper.log_text
+               and "est_from=learned" in line for line in ends), gatekeeper.log_text
+    run = run_program(project)
+    assert run.returncode == 0 and run.stdout == reference.output
+    assert object_mismatches(reference.objects, project) == []
