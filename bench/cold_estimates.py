@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         port = free_port()
         distccd = Daemon(cgroup.enter_argv(
             [shutil.which("distccd") or "distccd", "--daemon", "--no-detach", "--log-stderr",
+             "--log-level", "info",
              "--listen", LOOPBACK, "--port", str(port), "--allow", LOOPBACK, "--jobs", "8",
              "--user", "distccd"]), work / "distccd.log",
             env=clean_env({"TMPDIR": str(work / "tmp")}), cwd=work)
