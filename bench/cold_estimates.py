@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         env = clean_env({"DISTCC_HOSTS": f"{LOOPBACK}:{gk_port}/4", "DISTCC_FALLBACK": "0",
                          "DISTCC_SKIP_LOCAL_RETRY": "1", "DISTCC_BACKOFF_PERIOD": "0",
                          "DISTCC_DIR": str(work / "distcc")})
+        (work / "distcc").mkdir()
         build = work / "build"
         configure = subprocess.run(
             ["cmake", "-S", str(tree), "-B", str(build), "-G", "Unix Makefiles",
