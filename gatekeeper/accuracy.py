@@ -5,7 +5,10 @@ Pure: no trio, no socket, no clock (tests/test_purity.py checks the imports).
 An admin wants to know how warm a build was and whether cold guesses are
 any good (issue 19), per source of the estimate (`footprints.Source`): the
 ratio estimate / measured peak of every job that taught the book something,
-as a histogram (metrics) and the share within `BAND` (/status).
+as a histogram (metrics) and the share within `BAND` (/status). A job cut
+short (OOM-killed, or paused past its bound) needed more than it was given and
+more than its measured peak: it is counted as outside the band, never in the
+histogram (its peak is not what it needed).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Tally:
     buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
     """Cumulative: jobs with a ratio at most each bound."""
     ratio_sum: float = 0.0
+    cut: int = 0
+    """Jobs cut short: outside the band, not in `buckets`."""
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
 
     def median(self) -> float | None:
@@ -45,6 +50,9 @@ class Tally:
 class Accuracy:
     def __init__(self) -> None:
         self.tallies: dict[Source, Tally] = {s: Tally() for s in Source}
+
+    def record_cut(self, source: Source) -> None:
+        self.tallies[source].cut += 1
 
     def record(self, source: Source, estimate: int, peak: int) -> None:
         if estimate <= 0 or peak <= 0:
@@ -61,13 +69,16 @@ class Accuracy:
                 tally.buckets[i] += 1
 
     def view(self) -> dict[str, object]:
-        """For /status: per source, jobs, the share within BAND, the median ratio."""
+        """For /status: per source, jobs (finished and cut short), the share
+        within BAND, the median ratio of the finished ones."""
         out: dict[str, object] = {"band": list(BAND)}
         for source, tally in self.tallies.items():
             median = tally.median()
+            judged = tally.jobs + tally.cut
             out[source.value] = {
-                "jobs": tally.jobs,
-                "within_band": round(tally.within / tally.jobs, 3) if tally.jobs else None,
+                "jobs": judged,
+                "cut_short": tally.cut,
+                "within_band": round(tally.within / judged, 3) if judged else None,
                 "median_ratio": round(median, 3) if median is not None else None,
             }
         return out

@@ -176,7 +176,7 @@ class Connections:
         key = self.config.fair_by.key(host)
         weight = self.config.priorities.weight(host)
         async with self.gate.ticket(job.estimate, key=key, weight=weight,
-                                    duration=self.book.duration(job.key)) as ticket:
+                                    duration=self.book.duration(job.key, job.features)) as ticket:
             job.ticket = ticket.job
             self.by_ticket[ticket.job] = job
             if ticket.refused is not None:
@@ -253,6 +253,8 @@ class Connections:
         teaching = lesson(outcome, job.compile, oom_struck=job.oom_seen, carried=carried,
                           observed=seen.observed)
         if teaching.lesson is Lesson.CUT_SHORT:
+            if job.estimate_from is not None:
+                self.estimates.record_cut(job.estimate_from)
             self.book.learn_cut_short(job.key, peak)
             log.warning("job %s was cut short at %s (%s); it needs more than that",
                         printable(job.name or job.key or job.peer), format_bytes(peak),
@@ -269,6 +271,7 @@ class Connections:
         """The book learned: the jobs queued on a guess (a cold build's make -jN
         queues many at once) are estimated again, head first, as far as
         backfilling looks (REESTIMATE_LIMIT)."""
+        changed: list[tuple[int, int]] = []
         for ticket, _ in self.gate.admission.queue_view(REESTIMATE_LIMIT):
             job = self.by_ticket.get(ticket)
             if job is None or job.estimate_from is Source.LEARNED:
@@ -277,7 +280,9 @@ class Connections:
             job.estimate_from = source
             if estimate != job.estimate:
                 job.estimate = estimate
-                self.gate.reestimate(ticket, estimate)
+                changed.append((ticket, estimate))
+        if changed:
+            self.gate.reestimate_many(changed)
 
 
 def refusal_of(policy: ArgvPolicy, head: DistccJob | Unparsed) -> str | None:

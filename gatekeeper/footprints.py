@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from gatekeeper.distcc.identity import Features
-from gatekeeper.prediction import SAFE_QUANTILE, TYPICAL_QUANTILE, PeakModel
+from gatekeeper.prediction import MAX_SIZE, SAFE_QUANTILE, TYPICAL_QUANTILE, PeakModel
 
 log = logging.getLogger("gatekeeper")
 
@@ -104,10 +104,12 @@ STATE_FILE = "footprints.json"
 # dropped (they cannot be turned into portable ones); its recent peaks are kept.
 FORMAT = 2
 # The state file is read whole, so it is capped: a full book (MAX_KEYS keys of
-# 3 peaks near 100 GB each) writes 1,226,176 bytes (measured by
-# tests/test_footprints.py, which builds one), so 4 MiB is room to spare, and a 100 MB
-# file (1.33 GB of RSS and 10.8 s to parse before this cap) is refused unread.
-MAX_STATE_BYTES = 4 * 2**20
+# 3 peaks near 100 GB each, their run times and request sizes, and a full
+# cold-estimate model, every name and number at its longest) writes 4,363,511
+# bytes (measured by tests/test_footprints.py, which builds one; 1,226,176
+# before issue 19 added sizes and the model), so 8 MiB is room to spare, and a
+# 100 MB file (1.33 GB of RSS and 10.8 s to parse before this cap) is refused unread.
+MAX_STATE_BYTES = 8 * 2**20
 # A key is the compile's blake2b digest (20 hex digits); anything far longer
 # did not come from us.
 MAX_KEY_LEN = 64
@@ -175,28 +177,31 @@ class FootprintBook:
             return Estimate(self.estimate(key), Source.LEARNED)
         if feats is not None:
             quantile = SAFE_QUANTILE if self.percentile >= PERCENTILE else TYPICAL_QUANTILE
-            predicted = self.model.predict(feats, quantile)
+            predicted = self.model.predict(feats, quantile, ceiling=self.ceiling())
             if predicted is not None:
-                return Estimate(min(predicted, self.ceiling()), Source.PREDICTED)
+                return Estimate(predicted, Source.PREDICTED)
         return Estimate(self.unknown_estimate(), Source.DEFAULT)
 
     def ceiling(self) -> int:
-        """No prediction above what the box has seen a job need, plus MARGIN
-        (the seed before anything was seen)."""
+        """No prediction above what the box (or the job's kind: prediction.py)
+        has seen a job need, plus MARGIN (the seed before anything was seen)."""
         return int(max(self._recent) * (1 + MARGIN)) if self._recent else self.seed
 
     def _drifted(self, key: str, feats: Features | None) -> bool:
-        if feats is None or feats.size is None:
+        """The job's request is not about the size the key was learned with.
+        Not judged in pump mode: its size is extrapolated from the files that
+        came in the first look, which vary from run to run."""
+        if feats is None or feats.size is None or feats.encoding == "pump":
             return False
         known = self._sizes.get(key)
         if known is None or known[0] != feats.encoding:
             return False
         return not known[1] / SIZE_DRIFT <= feats.size <= known[1] * SIZE_DRIFT
 
-    def duration(self, key: str | None) -> float | None:
+    def duration(self, key: str | None, feats: Features | None = None) -> float | None:
         """Expected run time of a job with this identity (None: never seen run
-        to its end)."""
-        if key is None:
+        to its end, or its request is not the one the key was learned with)."""
+        if key is None or self._drifted(key, feats):
             return None
         runs = self._seconds.get(key)
         return max(runs) * (1 + DURATION_MARGIN) if runs else None
@@ -244,7 +249,7 @@ class FootprintBook:
                 del self._peaks[key]
                 self._seconds.pop(key, None)
             self._remember(key, peak)
-            if feats is not None and feats.size is not None:
+            if feats is not None and feats.size is not None and 0 < feats.size <= MAX_SIZE:
                 self._sizes[key] = (feats.encoding, feats.size)
             if seconds is not None and 0 < seconds <= MAX_SECONDS:
                 self._seconds[key] = [*self._seconds.get(key, [])[-(PEAKS_PER_KEY - 1):],
@@ -325,7 +330,7 @@ class FootprintBook:
             for key, value in list(known_sizes.items())[-self.max_keys:]:
                 if (key in peaks and isinstance(value, list) and len(value) == 2
                         and value[0] in ("plain", "lzo", "pump") and type(value[1]) is int
-                        and 0 < value[1] <= 2**40):
+                        and 0 < value[1] <= MAX_SIZE):
                     sizes[key] = (value[0], value[1])
         model = PeakModel()
         if "model" in data:

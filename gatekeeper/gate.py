@@ -156,8 +156,17 @@ class Gate:
     def reestimate(self, job: JobId, footprint: int) -> None:
         """A queued job's footprint, estimated again (the book learned since it
         arrived): it may now fit."""
-        if self.admission.is_queued(job):
-            self.admission.estimate(job, footprint)
+        self.reestimate_many([(job, footprint)])
+
+    def reestimate_many(self, estimates: list[tuple[JobId, int]]) -> None:
+        """Several at once, then one admission decision (not one per job: a
+        job end may move the estimates of 64 queued jobs)."""
+        moved = False
+        for job, footprint in estimates:
+            if self.admission.is_queued(job):
+                self.admission.estimate(job, footprint)
+                moved = True
+        if moved:
             self._decide()
 
     def pause(self, ticket: Ticket) -> None:

@@ -145,8 +145,9 @@ class Job:
         """Settle a job whose bytes stopped moving: its outcome, and what the
         backend said of the compile unless the client left (then distccd's
         report, EXIT_IO_ERROR 107 for a vanished client, says nothing of it)."""
+        pump = self.features is not None and self.features.encoding == "pump"
         self.settle(classify(transfer, self.speaks.request, idle_timeout=idle_timeout,
-                             exited=exited))
+                             exited=exited, pump=pump))
         assert self.outcome is not None
         status = self.speaks.compile_status(transfer.reply_head)
         self.compile = None if self.outcome.client_left else status

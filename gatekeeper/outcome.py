@@ -134,12 +134,14 @@ class Verdict:
 
 
 def classify(moved: Moved, request: Request, *, idle_timeout: float | None = None,
-             exited: Exited | None = None) -> Verdict:
+             exited: Exited | None = None, pump: bool = False) -> Verdict:
     """The outcome of a job that ran, from how its bytes and its child ended.
 
     Blame goes where the fault was: a request that was not distcc at all is the
     client's error whatever distccd then did with it (it resets or closes); a
-    client that connected and closed without a byte never asked for a job."""
+    client that connected and closed without a byte never asked for a job.
+    `pump`: the request was pump mode's (protocol 3), whose client resets as
+    it closes."""
     if moved.idle:
         return Verdict(Outcome.IDLE_TIMEOUT, f"no byte either way for {idle_timeout or 0:g}s")
     if (request is Request.NOT_DISTCC and moved.failed is not Side.CLIENT
@@ -152,13 +154,15 @@ def classify(moved: Moved, request: Request, *, idle_timeout: float | None = Non
                                                  "answer it")
         if moved.failed is None:
             return Verdict(Outcome.CLIENT_GONE, "closed without sending a request")
-    if (moved.failed is Side.CLIENT and request is Request.DISTCC
+    if (pump and moved.failed is Side.CLIENT and request is Request.DISTCC
             and (moved.error or "").startswith("ConnectionResetError")
             and _finished(moved.reply_head)):
         # distccd sends its status only once the compiler has exited: the job
         # is done and the client has its verdict. A pump-mode client (protocol
         # 3) then closes with a reset, before distccd's own close (seen on every
-        # pump job with distcc 3.4): how it ends, not a failure.
+        # pump job with distcc 3.4): how it ends, not a failure. (Plain and lzo
+        # clients close cleanly: a reset from one after the status -- killed
+        # while the object streamed -- stays a client error.)
         return Verdict(Outcome.OK)
     if moved.failed is not None:
         outcome = Outcome.CLIENT_ERROR if moved.failed is Side.CLIENT else Outcome.BACKEND_FAILED

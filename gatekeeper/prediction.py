@@ -61,8 +61,16 @@ MIN_SPREAD: Final = math.log(1.1)
 # the median, a little above it so that the -20 % edge of issue 19's
 # error band is met by more than half the jobs.
 SAFE_QUANTILE: Final = 0.9
+# Above the largest peak seen (of the box, or of the job's own kind), a
+# prediction is an extrapolation: it is held to that peak plus this, the
+# unknown-job estimate's margin (footprints.MARGIN).
+CEILING_MARGIN: Final = 0.10
 TYPICAL_QUANTILE: Final = 0.6
 POOLED: Final = "*/"
+# Sizes believed: a request head's length field is 32 bits, and pump mode's
+# extrapolation (request.MAX_FILES files) stays below this; anything larger
+# is not a measurement (the state file's bound too).
+MAX_SIZE: Final = 2**50
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,9 @@ class Fit:
     """Sorted residuals of the pairs fitted."""
     lowest: int
     """The smallest peak among them: no prediction goes below it."""
+    highest: int
+    """The largest: with a margin, no prediction goes above it unless the box
+    has seen more (footprints.FootprintBook.judge)."""
 
     def at(self, size: int, quantile: float) -> int:
         index = min(len(self.residuals) - 1,
@@ -94,7 +105,7 @@ def fit(pairs: list[tuple[int, int]]) -> Fit:
         slope = min(MAX_SLOPE, max(0.0, cov / var))
     intercept = my - slope * mx
     residuals = tuple(sorted(y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)))
-    return Fit(intercept, slope, residuals, min(p for _, p in pairs))
+    return Fit(intercept, slope, residuals, min(p for _, p in pairs), max(p for _, p in pairs))
 
 
 class PeakModel:
@@ -113,7 +124,7 @@ class PeakModel:
 
     def learn(self, feats: Features, peak: int) -> None:
         """A finished job of these features peaked at `peak` bytes."""
-        if feats.size is None or feats.size <= 0 or peak <= 0:
+        if feats.size is None or not 0 < feats.size <= MAX_SIZE or peak <= 0:
             return
         for kind in (feats.kind, POOLED + feats.encoding):
             pairs = self._pairs.pop(kind, None)
@@ -126,16 +137,18 @@ class PeakModel:
             old, _ = self._pairs.popitem(last=False)
             self._fits.pop(old, None)
 
-    def predict(self, feats: Features, quantile: float) -> int | None:
+    def predict(self, feats: Features, quantile: float, *, ceiling: int) -> int | None:
         """The peak expected of a job with these features, read at `quantile`
-        of its kind's fit (or its size unit's pooled one); None when neither
-        has MIN_SAMPLES pairs or the head gave no size."""
-        if feats.size is None or feats.size <= 0:
+        of its kind's fit (or its size unit's pooled one), at most the larger
+        of `ceiling` and what that fit's own jobs needed, plus `margin`; None
+        when neither has MIN_SAMPLES pairs or the head gave no size."""
+        if feats.size is None or not 0 < feats.size <= MAX_SIZE:
             return None
         for kind in (feats.kind, POOLED + feats.encoding):
             model = self._fit(kind)
             if model is not None:
-                return model.at(feats.size, quantile)
+                return min(model.at(feats.size, quantile), max(ceiling, int(
+                    model.highest * (1 + CEILING_MARGIN))))
         return None
 
     def _fit(self, kind: str) -> Fit | None:
@@ -169,7 +182,7 @@ class PeakModel:
             kept: deque[tuple[int, int]] = deque(maxlen=self.per_kind)
             for v in values[-self.per_kind:]:
                 if (isinstance(v, list) and len(v) == 2 and type(v[0]) is int
-                        and type(v[1]) is int and 0 < v[0] <= 2**40 and 0 < v[1] <= ceiling):
+                        and type(v[1]) is int and 0 < v[0] <= MAX_SIZE and 0 < v[1] <= ceiling):
                     kept.append((v[0], v[1]))
                 else:
                     dropped += 1

@@ -18,9 +18,17 @@ def test_a_tally_per_source() -> None:
     acc.record(Source.DEFAULT, 0, 100)       # not a measurement: ignored
     view = acc.view()
     assert view["band"] == list(BAND)
-    assert view["predicted"] == {"jobs": 3, "within_band": 0.667, "median_ratio": 1.0}
-    assert view["learned"] == {"jobs": 1, "within_band": 1.0, "median_ratio": 1.02}
-    assert view["default"] == {"jobs": 0, "within_band": None, "median_ratio": None}
+    assert view["predicted"] == {"jobs": 3, "cut_short": 0, "within_band": 0.667,
+                                 "median_ratio": 1.0}
+    assert view["learned"] == {"jobs": 1, "cut_short": 0, "within_band": 1.0,
+                               "median_ratio": 1.02}
+    assert view["default"] == {"jobs": 0, "cut_short": 0, "within_band": None,
+                               "median_ratio": None}
+    # A job cut short needed more than it got: outside the band, not a ratio.
+    acc.record_cut(Source.LEARNED)
+    assert acc.view()["learned"] == {"jobs": 2, "cut_short": 1, "within_band": 0.5,
+                                     "median_ratio": 1.02}
+    assert acc.tallies[Source.LEARNED].buckets[-1] == 1
 
 
 @given(st.lists(st.tuples(st.sampled_from(list(Source)), st.integers(1, 10**9),

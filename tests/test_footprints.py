@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gatekeeper.distcc.identity import Features
 from gatekeeper.footprints import (
     CUT_SHORT_GROWTH,
     DURATION_MARGIN,
@@ -28,6 +29,7 @@ from gatekeeper.footprints import (
     FootprintBook,
     margin,
 )
+from gatekeeper.prediction import MAX_KINDS, PER_KIND
 
 MiB = 2**20
 
@@ -249,9 +251,17 @@ def test_a_full_book_fits_the_state_file_cap(tmp_path: Path) -> None:
     """MAX_STATE_BYTES is sized to MAX_KEYS: a full book of big peaks saves and loads."""
     book = FootprintBook(seed=7)
     for i in range(MAX_KEYS):
-        key = f"{i:020x}"
+        key = f"p2-{i:020x}"
         for _ in range(3):
-            book.learn(key, 99_999_999_999)
+            book.learn(key, 99_999_999_999, seconds=86_399.123456789,
+                       feats=Features(compiler="x" * 64, language="c++", optimisation="fast",
+                                      debug=True, encoding="pump", size=2**50))
+    # ...and a full model: every kind, every pair, the longest names and numbers.
+    for k in range(MAX_KINDS):
+        feats = Features(compiler=f"{k:02d}" + "c" * 62, language="l" * 64,
+                         optimisation="other", debug=True, encoding="plain", size=2**50)
+        for _ in range(PER_KIND):
+            book.model.learn(feats, 99_999_999_999)
     book.save(tmp_path)
     size = (tmp_path / STATE_FILE).stat().st_size
     print(f"full book: {size} bytes ({size / MAX_STATE_BYTES:.0%} of the cap)")
@@ -259,6 +269,7 @@ def test_a_full_book_fits_the_state_file_cap(tmp_path: Path) -> None:
     again = FootprintBook(seed=7)
     again.load(tmp_path, ceiling=CEILING)
     assert len(again) == MAX_KEYS
+    assert len(again.model.to_json()) == MAX_KINDS
 
 
 def test_state_dirs_are_created_private(tmp_path: Path) -> None:

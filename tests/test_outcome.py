@@ -71,7 +71,7 @@ TABLE = [
      Outcome.BACKEND_FAILED),
     # a pump-mode client resets as it closes, once it has distccd's status
     (Moved(failed=Side.CLIENT, error="ConnectionResetError: [Errno 104] Connection reset by peer",
-           eofs=[]), Request.DISTCC, None, Outcome.OK),
+           eofs=[]), Request.DISTCC, None, Outcome.CLIENT_ERROR),  # not pump mode: see below
     (Moved(failed=Side.CLIENT, error="ConnectionResetError: ...", eofs=[],
            reply_head=b"DONE00000003"), Request.DISTCC, None, Outcome.CLIENT_ERROR),
     (Moved(failed=Side.CLIENT, error="ConnectionResetError: ...", eofs=[],
@@ -83,6 +83,18 @@ TABLE = [
     (Moved(), Request.DISTCC, Exited(False, "exit status 1"), Outcome.COMMAND_FAILED),
     (Moved(), Request.DISTCC, Exited(True, "exit status 0"), Outcome.OK),
 ]
+
+
+def test_a_pump_client_resets_as_it_closes() -> None:
+    reset = "ConnectionResetError: [Errno 104] Connection reset by peer"
+    assert classify(Moved(failed=Side.CLIENT, error=reset, eofs=[]), Request.DISTCC,
+                    pump=True).outcome is Outcome.OK
+    # ...but only once distccd's status (of a client still there) is in.
+    for head in (b"DONE00000003", encode_reply_head(107 << 8)):
+        assert classify(Moved(failed=Side.CLIENT, error=reset, eofs=[], reply_head=head),
+                        Request.DISTCC, pump=True).outcome is Outcome.CLIENT_ERROR
+    assert classify(Moved(failed=Side.CLIENT, error="BrokenPipeError: x", eofs=[]),
+                    Request.DISTCC, pump=True).outcome is Outcome.CLIENT_ERROR
 
 
 @pytest.mark.parametrize(("moved", "request_", "exited", "expected"), TABLE)

@@ -23,6 +23,7 @@ from gatekeeper.prediction import (
 
 MiB = 2**20
 CEILING = 64 * 2**30
+NO_CEILING = 2**62  # the model alone, no box-wide bound
 
 
 def feats(size: int | None, *, compiler: str = "g++", encoding: str = "plain",
@@ -41,7 +42,7 @@ def test_a_size_law_is_learned_and_predicts_sizes_never_seen() -> None:
     for size in (200_000, 400_000, 800_000, 1_600_000, 3_200_000, 6_400_000) * 2:
         model.learn(feats(size), compiler_law(size))
     for size in (300_000, 1_000_000, 5_000_000):
-        predicted = model.predict(feats(size), TYPICAL_QUANTILE)
+        predicted = model.predict(feats(size), TYPICAL_QUANTILE, ceiling=NO_CEILING)
         assert predicted is not None
         assert 0.8 <= predicted / compiler_law(size) <= 1.5, size
 
@@ -50,14 +51,15 @@ def test_too_few_pairs_predict_nothing_then_the_pooled_fit_helps() -> None:
     model = PeakModel()
     for size in range(1, MIN_SAMPLES):
         model.learn(feats(size * 100_000), compiler_law(size * 100_000))
-    assert model.predict(feats(500_000), SAFE_QUANTILE) is None
+    assert model.predict(feats(500_000), SAFE_QUANTILE, ceiling=NO_CEILING) is None
     model.learn(feats(900_000), compiler_law(900_000))
-    assert model.predict(feats(500_000), SAFE_QUANTILE) is not None
+    assert model.predict(feats(500_000), SAFE_QUANTILE, ceiling=NO_CEILING) is not None
     # clang never seen: the plain size unit's pooled fit answers.
-    assert model.predict(feats(500_000, compiler="clang++"), SAFE_QUANTILE) is not None
+    clang = feats(500_000, compiler="clang++")
+    assert model.predict(clang, SAFE_QUANTILE, ceiling=NO_CEILING) is not None
     # lzo never seen: another unit, nothing to say.
-    assert model.predict(feats(500_000, encoding="lzo"), SAFE_QUANTILE) is None
-    assert model.predict(feats(None), SAFE_QUANTILE) is None
+    assert model.predict(feats(500_000, encoding="lzo"), SAFE_QUANTILE, ceiling=NO_CEILING) is None
+    assert model.predict(feats(None), SAFE_QUANTILE, ceiling=NO_CEILING) is None
 
 
 def test_a_higher_quantile_never_predicts_less() -> None:
@@ -66,8 +68,8 @@ def test_a_higher_quantile_never_predicts_less() -> None:
         size = 100_000 * (1 + i % 7)
         model.learn(feats(size), int(compiler_law(size) * (1 + (i % 5) / 10)))
     for size in (50_000, 350_000, 2_000_000):
-        low = model.predict(feats(size), TYPICAL_QUANTILE)
-        high = model.predict(feats(size), SAFE_QUANTILE)
+        low = model.predict(feats(size), TYPICAL_QUANTILE, ceiling=NO_CEILING)
+        high = model.predict(feats(size), SAFE_QUANTILE, ceiling=NO_CEILING)
         assert low is not None and high is not None and low <= high
 
 
@@ -104,8 +106,8 @@ def test_json_round_trip(samples: list[tuple[str, int, int]]) -> None:
     again = PeakModel()
     assert again.load_json(json.loads(json.dumps(model.to_json())), ceiling=CEILING) == 0
     for compiler in ("g++", "clang++"):
-        assert (again.predict(feats(12345, compiler=compiler), 0.9)
-                == model.predict(feats(12345, compiler=compiler), 0.9))
+        assert (again.predict(feats(12345, compiler=compiler), 0.9, ceiling=NO_CEILING)
+                == model.predict(feats(12345, compiler=compiler), 0.9, ceiling=NO_CEILING))
 
 
 @pytest.mark.parametrize("data", [
@@ -180,3 +182,36 @@ def test_the_model_and_sizes_survive_a_restart(tmp_path: object) -> None:
     again.load_json(json.loads(json.dumps(book.to_json())), ceiling=CEILING)
     assert again.judge("x", feats(123_456)) == book.judge("x", feats(123_456))
     assert again.judge("f1", feats(20_000)).source is not Source.LEARNED  # size drift kept
+
+
+def test_a_heavy_kind_is_not_capped_below_its_own_history() -> None:
+    """After a run of light jobs of other kinds the box's recent maximum is
+    low; a kind whose own jobs needed more is held to its own largest peak."""
+    model = PeakModel()
+    for i in range(MIN_SAMPLES):
+        model.learn(feats(1_000_000 * (i + 1), compiler="heavy"), (800 + 20 * i) * MiB)
+    largest = (800 + 20 * (MIN_SAMPLES - 1)) * MiB
+    predicted = model.predict(feats(4_000_000, compiler="heavy"), SAFE_QUANTILE,
+                              ceiling=50 * MiB)
+    assert predicted is not None and 800 * MiB <= predicted <= largest * 1.1
+    # Far beyond anything seen: held to that, plus the margin.
+    huge = model.predict(feats(10**12, compiler="heavy"), SAFE_QUANTILE, ceiling=50 * MiB)
+    assert huge == int(largest * 1.1)
+
+
+def test_sizes_past_the_bound_teach_nothing() -> None:
+    model = PeakModel()
+    for _ in range(MIN_SAMPLES):
+        model.learn(feats(2**51), MiB)
+    assert model.to_json() == {}
+
+
+def test_pump_sizes_are_not_judged_for_drift() -> None:
+    """A pump-mode size is extrapolated from the files in the first look:
+    it varies from run to run, and says nothing about another compile."""
+    book = FootprintBook(seed=256 * MiB)
+    book.learn("k", 300 * MiB, feats=feats(50_000, encoding="pump"))
+    assert book.judge("k", feats(400_000, encoding="pump")).source is Source.LEARNED
+    book.learn("k", 310 * MiB, feats=feats(400_000, encoding="pump"))
+    assert book.estimate("k") >= 310 * MiB  # both peaks kept: not a new compile
+    assert book.duration("k", feats(9, encoding="pump")) is None  # never timed, not drift

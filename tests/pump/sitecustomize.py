@@ -5,7 +5,7 @@ without PY_SSIZE_T_CLEAN, so on Python 3.10+ every call that passes a
 length-counted string raises SystemError and the include server dies: stock
 pump then silently preprocesses on the client (distcc-facts.md). The tests
 put this directory on the include server's PYTHONPATH; Python runs this file
-at start-up, and it installs the same seven functions, written in Python,
+at start-up, and it installs the same eight functions, written in Python,
 under the module's name before the include server imports it. Test support
 only: nothing of gatekeeper runs here.
 
