@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", action="append", metavar="NAME",
                    help="also answer /status and / to a Host header of NAME (repeatable; IP "
                         "literals, localhost and this machine's host name always work)")
+    p.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   help="a director (HAProxy send-proxy / send-proxy-v2) whose connections "
+                        "start with a PROXY header: its client's address is the client for "
+                        "--allow, fairness, limits, logs and /status (repeatable; a header "
+                        "from anyone else is just bytes)")
     p.add_argument("--agent-allow", action="append", metavar="CIDR",
                    help="who may connect to --agent (repeatable; default: as --allow)")
     p.add_argument("--log-level", default="info",
@@ -370,6 +375,10 @@ def parse_options(argv: Sequence[str]) -> Options:
         agent_allow = AllowList.parse(args.agent_allow) if args.agent_allow else allow
     except ValueError as e:
         raise UsageError(f"--agent-allow {e}") from None
+    try:
+        trusted = AllowList.parse(args.trusted_proxy) if args.trusted_proxy else None
+    except ValueError as e:
+        raise UsageError(f"--trusted-proxy {e}") from None
     metrics = _side_address("--metrics", args.metrics, "127.0.0.1")
     agent = _side_address("--agent", args.agent, None)
     config = Config(
@@ -395,6 +404,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         metrics_allow=metrics_allow,
         metrics_hosts=tuple(args.metrics_host or ()),
         agent_allow=agent_allow,
+        trusted_proxies=trusted,
         fair_by=fair_by,
         zero_copy=args.data_path == "splice",
         inetd_io=InetdIo(args.inetd_io),

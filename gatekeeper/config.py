@@ -152,4 +152,7 @@ class Config:
     """Who may connect to the metrics port (its /status names clients)."""
     agent_allow: AllowList | None = None
     """Who may connect to the agent port (None: the same as `allow`)."""
+    trusted_proxies: AllowList | None = None
+    """Directors whose connections start with a PROXY header naming the real
+    client (`--trusted-proxy`; None: nobody's)."""
     log_level: str = "info"

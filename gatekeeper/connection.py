@@ -37,6 +37,8 @@ from gatekeeper.memory.meter import Meter, SocketFinder, backend_process
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.net.copy import abort
 from gatekeeper.net.liveness import ClientWatch
+from gatekeeper.net.proxy_header import Malformed, ProxyHeader
+from gatekeeper.net.proxy_read import read_proxy_header
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.logbudget import LogBudget
 from gatekeeper.observe.units import format_bytes
@@ -45,6 +47,11 @@ from gatekeeper.outcome import Verdict as Ending
 from gatekeeper.pauses import Pauses
 
 log = logging.getLogger("gatekeeper")
+
+# A trusted director writes its PROXY header with, or just before, the client's
+# first bytes; one that has not within this long is not sending one (the
+# distcc client's own connect timeout is 4 s).
+PROXY_HEADER_TIMEOUT = 3.0
 
 # Queued jobs estimated again when the unknown-job estimate moves: those the
 # admission decisions can reach soon (admission.BACKFILL_WINDOW is 64), so a
@@ -94,7 +101,8 @@ class Connections:
         self.on_end = on_end
         self.pauses = pauses
         """Freezes running jobs when memory runs out (None: pausing is off)."""
-        self.repeatable_lines = {Outcome.DENIED: LogBudget(), Outcome.ARGV_POLICY: LogBudget()}
+        self.repeatable_lines = {Outcome.DENIED: LogBudget(), Outcome.ARGV_POLICY: LogBudget(),
+                                 Outcome.PROXY_HEADER: LogBudget()}
         """End lines any peer can cause at will, each kind rate-limited."""
         self.live: dict[int, Job] = {}
         """Live connections (by id), so /status can name the peers queued."""
@@ -150,6 +158,19 @@ class Connections:
         log.info("%s", job.line(), extra={"fields": job.fields()})
 
     async def _handle(self, stream: trio.SocketStream, host: str | None, job: Job) -> None:
+        trusted = self.config.trusted_proxies
+        if host is not None and trusted is not None and trusted.permits(host):
+            # A director: the client is the one its PROXY header names.
+            header: ProxyHeader | Malformed = Malformed(
+                f"no whole PROXY header within {PROXY_HEADER_TIMEOUT:g}s")
+            with trio.move_on_after(PROXY_HEADER_TIMEOUT):
+                header = await read_proxy_header(stream.socket)
+            if isinstance(header, Malformed):
+                job.outcome, job.detail = Outcome.PROXY_HEADER, header.why
+                return
+            if header.source is not None:
+                host, port = header.source
+                job.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if host is not None and not self.config.allow.permits(host):
             job.settle(Outcome.DENIED)
             return

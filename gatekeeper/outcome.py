@@ -33,6 +33,8 @@ class Outcome(enum.Enum):
     # not run
     DENIED = "denied"
     ARGV_POLICY = "argv-policy"
+    PROXY_HEADER = "proxy-header"
+    """A --trusted-proxy peer sent no PROXY header, or a broken one."""
     QUEUE_FULL = "queue-full"
     DRAINING = "draining"
     QUEUE_TIMEOUT = "queue-timeout"
@@ -63,13 +65,15 @@ class Outcome(enum.Enum):
                         Outcome.DRAIN_TIMEOUT, Outcome.PAUSE_TIMEOUT)
 
 
-NOT_RUN = frozenset({Outcome.DENIED, Outcome.ARGV_POLICY, Outcome.QUEUE_FULL, Outcome.DRAINING,
+NOT_RUN = frozenset({Outcome.DENIED, Outcome.ARGV_POLICY, Outcome.PROXY_HEADER,
+                     Outcome.QUEUE_FULL, Outcome.DRAINING,
                      Outcome.QUEUE_TIMEOUT, Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR,
                      Outcome.COMMAND_ERROR})
 # In the order the metrics list them (a scrape's label order stays stable).
 REJECT_REASONS: tuple[Outcome, ...] = (
     Outcome.DENIED, Outcome.QUEUE_FULL, Outcome.DRAINING, Outcome.QUEUE_TIMEOUT,
-    Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR, Outcome.COMMAND_ERROR, Outcome.ARGV_POLICY)
+    Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR, Outcome.COMMAND_ERROR, Outcome.ARGV_POLICY,
+    Outcome.PROXY_HEADER)
 COMPLETED: tuple[Outcome, ...] = (
     Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BACKEND_FAILED, Outcome.IDLE_TIMEOUT,
     Outcome.DRAIN_TIMEOUT, Outcome.PAUSE_TIMEOUT, Outcome.COMMAND_FAILED)

@@ -99,13 +99,23 @@ def test_min_free_above_memory_is_valid() -> None:
     ["--allow-compiler", ""], ["--identify", "none", "--allow-compiler", "icx"],
     ["--request-idle-timeout", "0"], ["--request-idle-timeout", "nan"], ["--clear-env"],
     ["--metrics-allow", "banana"], ["--agent-allow", "10.0.0.1/8"],
+    ["--trusted-proxy", "haproxy"], ["--trusted-proxy", "10.0.0.1/8"],
 ])
 def test_bad_flags_raise_usage_error(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         parse_config(argv)
 
 
-@pytest.mark.parametrize("argv", [["--max-jobs", "0"], ["--listen", "[x]:1"], ["--what"]])
+def test_trusted_proxies() -> None:
+    cfg = parse_config(["--trusted-proxy", "10.0.0.5", "--trusted-proxy", "fd00::/64"])
+    assert cfg.trusted_proxies is not None
+    assert cfg.trusted_proxies.permits("10.0.0.5") and cfg.trusted_proxies.permits("fd00::9")
+    assert not cfg.trusted_proxies.permits("10.0.0.6")
+    assert parse_config([]).trusted_proxies is None
+
+
+@pytest.mark.parametrize("argv", [["--max-jobs", "0"], ["--listen", "[x]:1"], ["--what"],
+                                  ["--trusted-proxy", "nope"]])
 def test_bad_flags_exit_2_with_one_line(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "gatekeeper", *argv], capture_output=True,
                           text=True, timeout=30)

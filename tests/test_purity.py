@@ -13,7 +13,7 @@ import sys
 import pytest
 
 PURE = ("admission", "backfill", "fairness", "footprints", "learning", "outcome", "pausing",
-        "prediction", "accuracy", "distcc.policy", "distcc.identity",
+        "prediction", "accuracy", "distcc.policy", "distcc.identity", "net.proxy_header",
         "observe.escape", "observe.logbudget",
         "distcc.request")
 FORBIDDEN = ("trio", "socket")
