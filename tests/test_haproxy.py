@@ -169,3 +169,80 @@ async def test_haproxy_drains_the_starved_box_and_shares_again(tmp_path: Path) -
             # Round-robin again: both take a share of the new jobs.
             assert done(a) >= JOBS // 4 and done(b) - JOBS >= JOBS // 4
             assert done(a) + done(b) == 2 * JOBS
+
+
+@asynccontextmanager
+async def director(tmp_path: Path, front: int, gk: Running, send_proxy: str
+                   ) -> AsyncIterator[None]:
+    """HAProxy in front of one gatekeeper, writing PROXY headers (`send_proxy`)."""
+    cfg = tmp_path / "director.cfg"
+    cfg.write_text(f"""defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend front
+    bind 127.0.0.1:{front}
+    default_backend box
+backend box
+    server gk 127.0.0.1:{gk.address.port} {send_proxy}
+""")
+    assert HAPROXY is not None
+    check = await trio.run_process([HAPROXY, "-c", "-f", str(cfg)], capture_stdout=True,
+                                   capture_stderr=True, check=False)
+    assert check.returncode == 0, check.stderr
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(trio.run_process, [HAPROXY, "-db", "-f", str(cfg)], check=False))
+        try:
+            yield
+        finally:
+            process.terminate()
+
+
+async def job_from(source: str, front: int, payload: bytes) -> bytes:
+    """A job from a client at `source` (a loopback address of its own)."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    # HAProxy may still be starting: its port refuses until it listens.
+    with trio.fail_after(STATE_TIMEOUT):
+        while True:
+            try:
+                await sock.connect(("127.0.0.1", front))
+                break
+            except ConnectionRefusedError:
+                sock.close()
+                sock = trio.socket.socket()
+                await sock.bind((source, 0))
+                await trio.sleep(POLL)
+    stream = trio.SocketStream(sock)
+    async with stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        return await receive_all(stream)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("send_proxy", ["send-proxy-v2", "send-proxy"])
+async def test_behind_haproxy_the_client_is_the_client(
+        tmp_path: Path, send_proxy: str, caplog: pytest.LogCaptureFixture) -> None:
+    """HAProxy connects from 127.0.0.1 for everyone; with its PROXY header the
+    client at 127.0.0.5 is the one --allow judges and the log names, the header
+    never reaches the backend, and a client not allowed is denied."""
+    import logging
+
+    from gatekeeper.net.allow import AllowList
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    front = free_port()
+    async with backend(echo) as be:
+        cfg = config(be.address, identify=False,
+                     trusted_proxies=AllowList.parse(["127.0.0.1/32"]),
+                     allow=AllowList.parse(["127.0.0.5/32"]))
+        async with gatekeeper(cfg) as gk, director(tmp_path, front, gk, send_proxy):
+            assert await job_from("127.0.0.5", front, b"ping") == b"ping"
+            assert await job_from("127.0.0.6", front, b"ping") == b""
+            assert be.connections == 1
+    ends = [line for line in caplog.text.splitlines() if "end peer=" in line]
+    assert any("end peer=127.0.0.5:" in line and "outcome=ok" in line for line in ends), ends
+    assert any("end peer=127.0.0.6:" in line and "outcome=denied" in line for line in ends), ends
+    assert not any("peer=127.0.0.1:" in line for line in ends), ends
