@@ -51,7 +51,7 @@ from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.fairness import FairBy, Priorities
 from gatekeeper.inetd.command import Command
 from gatekeeper.memory.sources import MemorySource, build_memory_source
-from gatekeeper.net.addresses import Address, parse_address
+from gatekeeper.net.addresses import Address, TcpAddress, parse_address
 from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
 from gatekeeper.net.listen import FdPlan, open_all
 from gatekeeper.observe import statuscmd
@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", action="append", metavar="NAME",
                    help="also answer /status and / to a Host header of NAME (repeatable; IP "
                         "literals, localhost and this machine's host name always work)")
+    p.add_argument("--peer", action="append", metavar="URL",
+                   help="another gatekeeper's --metrics address (http://HOST:PORT): what it "
+                        "measures is learned here, and what this box measures is served "
+                        "there, every 10 s (repeatable; give each peer --metrics-allow "
+                        "for this box)")
     p.add_argument("--trusted-proxy", action="append", metavar="CIDR",
                    help="a director (HAProxy send-proxy / send-proxy-v2) whose connections "
                         "start with a PROXY header: its client's address is the client for "
@@ -311,6 +316,18 @@ def _side_address(flag: str, text: str | None, bare_port_host: str | None) -> Ad
         return parse_address(text, bare_port_host=bare_port_host)
     except ValueError as e:
         raise UsageError(f"{flag} {e}") from None
+
+
+def _peer(text: str) -> TcpAddress:
+    """`http://HOST:PORT` (or `HOST:PORT`): a peer's --metrics address."""
+    rest = text.removeprefix("http://").removesuffix("/")
+    try:
+        address = parse_address(rest, bare_port_host=None)
+    except ValueError as e:
+        raise UsageError(f"--peer {e}") from None
+    if not isinstance(address, TcpAddress) or address.host is None:
+        raise UsageError(f"--peer {text!r}: expected http://HOST:PORT")
+    return address
 
 
 def parse_config(argv: Sequence[str]) -> Config:
@@ -375,6 +392,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         agent_allow = AllowList.parse(args.agent_allow) if args.agent_allow else allow
     except ValueError as e:
         raise UsageError(f"--agent-allow {e}") from None
+    peers = tuple(_peer(text) for text in args.peer or ())
     try:
         trusted = AllowList.parse(args.trusted_proxy) if args.trusted_proxy else None
     except ValueError as e:
@@ -405,6 +423,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         metrics_hosts=tuple(args.metrics_host or ()),
         agent_allow=agent_allow,
         trusted_proxies=trusted,
+        peers=peers,
         fair_by=fair_by,
         zero_copy=args.data_path == "splice",
         inetd_io=InetdIo(args.inetd_io),

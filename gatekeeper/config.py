@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.fairness import FairBy, Priorities
-from gatekeeper.net.addresses import Address
+from gatekeeper.net.addresses import Address, TcpAddress
 from gatekeeper.net.allow import AllowList
 
 DISTCC_PORT = 3632
@@ -152,6 +152,11 @@ class Config:
     """Who may connect to the metrics port (its /status names clients)."""
     agent_allow: AllowList | None = None
     """Who may connect to the agent port (None: the same as `allow`)."""
+    peers: tuple[TcpAddress, ...] = ()
+    """Other gatekeepers' --metrics addresses, to share learned footprints with
+    (`--peer`)."""
+    peer_interval: float = 10.0
+    """Seconds between exchanges with the peers (farm/peers.EXCHANGE_INTERVAL)."""
     trusted_proxies: AllowList | None = None
     """Directors whose connections start with a PROXY header naming the real
     client (`--trusted-proxy`; None: nobody's)."""

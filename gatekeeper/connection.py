@@ -29,6 +29,7 @@ from gatekeeper.config import Config
 from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.distcc.protocol import IDENTIFY_GRACE, identify, speaks
 from gatekeeper.distcc.request import INCOMPLETE, UNREADABLE, DistccJob, Unparsed
+from gatekeeper.farm.ledger import Entry, Ledger
 from gatekeeper.footprints import FootprintBook, Source
 from gatekeeper.gate import Gate, Ticket, Verdict
 from gatekeeper.job import Job, ProxyStart, State
@@ -90,7 +91,8 @@ class Connections:
 
     def __init__(self, config: Config, gate: Gate, runner: Runner, *, watch: ClientWatch,
                  meter: Meter, book: FootprintBook, oom: OomKills,
-                 on_end: Callable[[Job], None], pauses: Pauses | None = None) -> None:
+                 on_end: Callable[[Job], None], pauses: Pauses | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.config = config
         self.gate = gate
         self.runner = runner
@@ -108,6 +110,8 @@ class Connections:
         """Live connections (by id), so /status can name the peers queued."""
         self.by_ticket: dict[int, Job] = {}
         """Live connections that hold a gate ticket, by its id."""
+        self.ledger = ledger
+        """This box's own measurements, for its peers (farm/ledger.py)."""
         self.estimates = Accuracy()
         """How good the estimates of finished jobs were."""
 
@@ -286,9 +290,13 @@ class Connections:
             if job.estimate is not None and job.estimate_from is not None:
                 self.estimates.record(job.estimate_from, job.estimate, peak)
             self.book.learn(job.key, peak, seconds=seconds, feats=job.features)
-            self._reestimate_queued()
+            if self.ledger is not None and job.key is not None:
+                feats = job.features
+                self.ledger.record(Entry(job.key, peak, feats.encoding if feats else None,
+                                         feats.size if feats else None))
+            self.reestimate_queued()
 
-    def _reestimate_queued(self) -> None:
+    def reestimate_queued(self) -> None:
         """The book learned: the jobs queued on a guess (a cold build's make -jN
         queues many at once) are estimated again, head first, as far as
         backfilling looks (REESTIMATE_LIMIT)."""

@@ -255,6 +255,26 @@ class FootprintBook:
                 self._seconds[key] = [*self._seconds.get(key, [])[-(PEAKS_PER_KEY - 1):],
                                       seconds]
 
+    def learn_from_peer(self, key: str, peak: int, unit: str | None = None,
+                        size: int | None = None) -> None:
+        """A peak a peer measured (farm/ledger.py), learned by the same rule as
+        this box's own for the key: it informs the key's estimate only, never
+        the unknown-job distribution (each box keeps its own) nor the model."""
+        if peak <= 0:
+            return
+        self.dirty = True
+        feats_size = size if unit is not None and size is not None and 0 < size <= MAX_SIZE \
+            else None
+        if key in self._peaks and unit is not None and feats_size is not None:
+            known = self._sizes.get(key)
+            if (known is not None and known[0] == unit and unit != "pump"
+                    and not known[1] / SIZE_DRIFT <= feats_size <= known[1] * SIZE_DRIFT):
+                del self._peaks[key]  # another compile under this identity
+                self._seconds.pop(key, None)
+        self._remember(key, peak)
+        if unit is not None and feats_size is not None:
+            self._sizes[key] = (unit, feats_size)
+
     def _remember(self, key: str, peak: int) -> None:
         """Append a peak to the key's last few, most recently used, within bounds."""
         peaks = self._peaks.pop(key, [])

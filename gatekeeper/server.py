@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import resource
+import secrets
 from collections.abc import Callable, Iterable
 
 import trio
@@ -24,6 +25,9 @@ import trio
 from gatekeeper.admission import Admission, Limits
 from gatekeeper.config import Config
 from gatekeeper.connection import Connections
+from gatekeeper.farm.ledger import Ledger
+from gatekeeper.farm.ledger import encode as encode_answer
+from gatekeeper.farm.peers import Peers
 from gatekeeper.footprints import MIN_TYPICAL_SAMPLES, TYPICAL_PERCENTILE, FootprintBook
 from gatekeeper.gate import Gate
 from gatekeeper.inetd.command import Command
@@ -205,10 +209,18 @@ class Server:
                                      max_pause=config.max_pause), self.gate,
                               worst=self.book.worst_unknown)
                        if config.pause_below_bytes > 0 else None)
+        # What this box measures, for its peers (farm/ledger.py); an epoch per
+        # start tells them a restart from a ledger that moved on.
+        self.ledger = Ledger(secrets.token_hex(8))
         self.connections = Connections(
             config, self.gate, self.inetd or self.proxy, watch=self.watch, meter=self.meter,
             book=self.book, oom=self.oom, on_end=self.observatory.connection_ended,
-            pauses=self.pauses)
+            pauses=self.pauses, ledger=self.ledger)
+        self.observatory.footprints = lambda since: encode_answer(self.ledger.since(since))
+        self.peers = (Peers(config.peers, self.book, ceiling=os.sysconf("SC_PHYS_PAGES")
+                            * os.sysconf("SC_PAGE_SIZE"), interval=config.peer_interval,
+                            on_learned=self.connections.reestimate_queued)
+                      if config.peers else None)
         plan = FdPlan.of(config, inetd=command is not None)
         self.acceptor = Acceptor(plan.connection_budget(
             config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), self.connections)
@@ -244,6 +256,8 @@ class Server:
                     root.start_soon(agent_port.serve, listener)
             root.start_soon(self.watch.run)
             root.start_soon(self.meter.run)
+            if self.peers is not None:
+                root.start_soon(self.peers.run)
             if self.pauses is not None:
                 root.start_soon(self.pauses.run)
             if self.adopter is not None:

@@ -14,6 +14,7 @@ import pytest
 
 PURE = ("admission", "backfill", "fairness", "footprints", "learning", "outcome", "pausing",
         "prediction", "accuracy", "distcc.policy", "distcc.identity", "net.proxy_header",
+        "farm.ledger",
         "observe.escape", "observe.logbudget",
         "distcc.request")
 FORBIDDEN = ("trio", "socket")

@@ -100,6 +100,8 @@ class Observatory:
         """The admitted jobs' states (set by the server)."""
         self.pausing: Callable[[], PausingView | None] = lambda: None
         """Pausing's settings and counts (set by the server; None: off)."""
+        self.footprints: Callable[[int], bytes] | None = None
+        """This box's ledger after a generation, encoded (set by the server)."""
         self.estimates: Callable[[], Accuracy | None] = lambda: None
         """How good finished jobs' estimates were (set by the server)."""
         self.registry = CollectorRegistry()

@@ -127,6 +127,19 @@ def local_names() -> frozenset[str]:
     return frozenset(names)
 
 
+def footprints_since(path: str) -> int | None:
+    """`/footprints` or `/footprints?since=G` (G a generation, decimal, at
+    most 18 digits): G, 0, or None for anything else."""
+    if path == "/footprints":
+        return 0
+    prefix = "/footprints?since="
+    digits = path[len(prefix):]
+    if (not path.startswith(prefix) or not 0 < len(digits) <= 18 or not digits.isascii()
+            or not digits.isdigit()):
+        return None
+    return int(digits)
+
+
 def encode(response: Response, *, head_only: bool = False) -> bytes:
     head = (f"HTTP/1.0 {response.status} {_REASONS[response.status]}\r\n"
             f"Content-Type: {response.content_type}\r\n"
@@ -154,6 +167,11 @@ class StatusWeb:
             return _error(403)
         if path == "/metrics":
             return Response(200, CONTENT_TYPE_LATEST, self.observatory.exposition())
+        if path.startswith("/footprints") and self.observatory.footprints is not None:
+            since = footprints_since(path)
+            if since is None:
+                return _error(400)
+            return Response(200, "application/json", self.observatory.footprints(since))
         if path == "/status":
             await self.observatory.backend.refresh()
             return Response(200, "application/json", self.observatory.status_json())

@@ -1,0 +1,1 @@
+"""Many boxes as one farm: what each measured, shared with its peers."""

@@ -1,0 +1,132 @@
+"""Fetching what the peers measured (the I/O shell of `ledger`).
+
+Every EXCHANGE_INTERVAL each `--peer` is asked, all at once and each within
+EXCHANGE_TIMEOUT, for the entries of its ledger after the last answer
+(`GET /footprints?since=G` on its --metrics port); what comes back is learned
+into this box's book. A peer that is down, slow or answers garbage is logged
+once when it starts failing (and once when it answers again) and skipped:
+nothing waits on a peer but its own exchange, and admission never does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from gatekeeper.farm.ledger import MAX_ANSWER, Cursor, decode
+from gatekeeper.footprints import FootprintBook
+from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.observe.escape import printable
+
+log = logging.getLogger("gatekeeper")
+
+# How often each peer is asked: a compile measured anywhere is known
+# everywhere within this (issue 20). An answer with nothing new is ~90 bytes;
+# with a few hundred peers that is a few hundred small requests per interval.
+EXCHANGE_INTERVAL = 10.0
+# One exchange, connect to last byte: a peer on a farm's LAN answers in
+# milliseconds; one that takes seconds is skipped this round.
+EXCHANGE_TIMEOUT = 5.0
+# Pages fetched from one peer in one round (ledger.PAGE entries each): a new
+# box catches up on 8,192 entries per round, the rest the next rounds.
+PAGES_PER_ROUND = 4
+# An answer's HTTP head is small; past this plus MAX_ANSWER it is not ours.
+MAX_HEAD = 4096
+
+
+@dataclass(slots=True)
+class Peer:
+    address: TcpAddress
+    cursor: Cursor = field(default_factory=Cursor)
+    failing: str | None = None
+    """Why the last exchange failed (None: it answered)."""
+    learned: int = 0
+    """Entries learned from it since start."""
+    last_ok: float | None = None
+
+
+class Peers:
+    def __init__(self, addresses: Sequence[TcpAddress], book: FootprintBook, *,
+                 ceiling: int, interval: float = EXCHANGE_INTERVAL,
+                 on_learned: Callable[[], None] = lambda: None) -> None:
+        self.peers = [Peer(a) for a in addresses]
+        self.book = book
+        self.ceiling = ceiling
+        self.interval = interval
+        self.on_learned = on_learned
+        """Called after a round that learned something (queued jobs are
+        estimated again)."""
+        self._round = trio.Event()
+
+    async def run(self) -> None:
+        while True:
+            await self.exchange_all()
+            await trio.sleep(self.interval)
+
+    async def exchange_all(self) -> None:
+        learned_before = sum(p.learned for p in self.peers)
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers:
+                nursery.start_soon(self._exchange, peer)
+        if sum(p.learned for p in self.peers) != learned_before:
+            self.on_learned()
+        self._round.set()
+        self._round = trio.Event()
+
+    async def next_round(self) -> None:
+        """Until the next round of exchanges has ended (for tests and tools)."""
+        await self._round.wait()
+
+    async def _exchange(self, peer: Peer) -> None:
+        why: str | None = f"no answer within {EXCHANGE_TIMEOUT:g}s"
+        with trio.move_on_after(EXCHANGE_TIMEOUT):
+            try:
+                for _ in range(PAGES_PER_ROUND):
+                    body = await fetch(peer.address, f"/footprints?since={peer.cursor.query()}")
+                    answer = decode(body, ceiling=self.ceiling)
+                    for entry in peer.cursor.take(answer):
+                        self.book.learn_from_peer(entry.key, entry.peak, entry.unit, entry.size)
+                        peer.learned += 1
+                    if not answer.more:
+                        break
+                why = None
+            except (OSError, ValueError, trio.BrokenResourceError) as e:
+                # (Our own words and numbers: what a peer sent is quoted only
+                # escaped, in `fetch`.)
+                why = (str(e) or type(e).__name__)[:200]
+        if why is None:
+            peer.last_ok = trio.current_time()
+            if peer.failing is not None:
+                log.info("peer %s answers again", peer.address)
+        elif peer.failing is None:
+            log.warning("peer %s: %s; skipped until it answers", peer.address, why)
+        peer.failing = why
+
+
+async def fetch(address: TcpAddress, path: str) -> bytes:
+    """GET `path` (HTTP/1.0) and the body of a 200 answer; OSError or
+    ValueError for anything else. Reads at most MAX_HEAD + MAX_ANSWER bytes."""
+    assert address.host is not None
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_HEAD + MAX_ANSWER:
+                raise ValueError("answer too long")
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("not an HTTP answer")
+    status = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(status) < 2 or not status[0].startswith(b"HTTP/"):
+        raise ValueError("not an HTTP answer")
+    if status[1] != b"200":
+        raise ValueError(f"HTTP {printable(status[1][:3].decode('latin-1'))}")
+    return body
