@@ -221,6 +221,8 @@ class Server:
                             * os.sysconf("SC_PAGE_SIZE"), interval=config.peer_interval,
                             on_learned=self.connections.reestimate_queued)
                       if config.peers else None)
+        if self.peers is not None:
+            self.observatory.farm = self.peers.view
         plan = FdPlan.of(config, inetd=command is not None)
         self.acceptor = Acceptor(plan.connection_budget(
             config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), self.connections)

@@ -123,3 +123,55 @@ async def test_page_and_status_show_a_paused_job(
     assert status["hold"] is None and status["health"]["state"] == "drain"
     assert shown(dom, "paused") == "1"
     assert re.search(r'<tr class="paused"><td>young\.o</td><td>paused</td>', dom), dom
+
+
+@pytest.mark.timeout(120)
+async def test_the_farm_on_one_page_and_in_status_farm(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 20: box b (--peer a) shows a's state and a's running job, live, on its
+    page and in `gatekeeper status --farm`; a peer that does not answer says so."""
+    from gatekeeper.farm.peers import Peers
+    from gatekeeper.observe import statuscmd
+    release = trio.Event()
+
+    async def hold(stream: trio.SocketStream) -> None:
+        await release.wait()
+
+    async with backend(hold) as be:
+        a_cfg = config(be.address, metrics=TcpAddress("127.0.0.1", 0), max_jobs=1,
+                       identify=False)
+        async with gatekeeper(a_cfg, available=3000 * MiB) as a:
+            a_metrics = a.server.metrics_addresses[0]
+            host, _, port = a_metrics.rpartition(":")
+            down = TcpAddress("127.0.0.1", 1)
+            b_cfg = config(be.address, metrics=TcpAddress("127.0.0.1", 0),
+                           peers=(TcpAddress(host, int(port)), down), peer_interval=0.05,
+                           identify=False)
+            async with gatekeeper(b_cfg, available=2000 * MiB) as b:
+                job = await a.connect()
+                await a.wait_for(lambda s: s.gate.snapshot().running == 1)
+                peers = b.server.peers
+                assert isinstance(peers, Peers)
+
+                def a_seen_running() -> bool:
+                    status = peers.peers[0].status
+                    return status is not None and status.get("running") == 1
+
+                with trio.fail_after(20):
+                    while not a_seen_running():
+                        await peers.next_round()
+                b_metrics = b.server.metrics_addresses[0]
+                dom = (await chromium(tmp_path, "--dump-dom", f"http://{b_metrics}/")).decode()
+                code = await trio.to_thread.run_sync(
+                    statuscmd.main, "status", ["--metrics", b_metrics, "--farm"])
+                release.set()
+                await job.aclose()
+    assert code == 0
+    text = capsys.readouterr().out
+    assert f"== peer {a_metrics}: answering" in text
+    assert f"== peer {down}: NOT answering" in text
+    assert text.count("running    1/1") == 1  # a's table (b runs nothing)
+    assert f"<td>{a_metrics}</td><td>up</td><td>1 / 1</td><td>0</td>" in dom, dom
+    assert f"<td>{down}</td><td>not answering" in dom
+    assert re.search(rf"<tr><td>{re.escape(a_metrics)}</td><td>127\.0\.0\.1:\d+</td>"
+                     r"<td>running</td>", dom), dom

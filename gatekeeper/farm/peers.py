@@ -10,6 +10,7 @@ nothing waits on a peer but its own exchange, and admission never does.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ EXCHANGE_TIMEOUT = 5.0
 PAGES_PER_ROUND = 4
 # An answer's HTTP head is small; past this plus MAX_ANSWER it is not ours.
 MAX_HEAD = 4096
+# A peer's /status for the farm view: the queue and job views are bounded at
+# 200 entries each (observe/status.py), some 60 KiB; 1 MiB is room to spare.
+MAX_STATUS = 2**20
 
 
 @dataclass(slots=True)
@@ -46,6 +50,8 @@ class Peer:
     learned: int = 0
     """Entries learned from it since start."""
     last_ok: float | None = None
+    status: dict[str, object] | None = None
+    """Its last /status, as it sent it (hostile: shown escaped, never trusted)."""
 
 
 class Peers:
@@ -92,8 +98,12 @@ class Peers:
                         peer.learned += 1
                     if not answer.more:
                         break
+                status = json.loads(await fetch(peer.address, "/status", limit=MAX_STATUS))
+                if not isinstance(status, dict):
+                    raise ValueError("its /status is not a JSON object")
+                peer.status = status
                 why = None
-            except (OSError, ValueError, trio.BrokenResourceError) as e:
+            except (OSError, ValueError, RecursionError, trio.BrokenResourceError) as e:
                 # (Our own words and numbers: what a peer sent is quoted only
                 # escaped, in `fetch`.)
                 why = (str(e) or type(e).__name__)[:200]
@@ -106,9 +116,18 @@ class Peers:
         peer.failing = why
 
 
-async def fetch(address: TcpAddress, path: str) -> bytes:
+    def view(self) -> list[dict[str, object]]:
+        """The farm as this box last saw it (`/farm`): each peer, whether it
+        answered, and its /status."""
+        now = trio.current_time()
+        return [{"address": str(p.address), "ok": p.failing is None, "error": p.failing,
+                 "age_seconds": round(now - p.last_ok, 1) if p.last_ok is not None else None,
+                 "status": p.status} for p in self.peers]
+
+
+async def fetch(address: TcpAddress, path: str, *, limit: int = MAX_ANSWER) -> bytes:
     """GET `path` (HTTP/1.0) and the body of a 200 answer; OSError or
-    ValueError for anything else. Reads at most MAX_HEAD + MAX_ANSWER bytes."""
+    ValueError for anything else. Reads at most MAX_HEAD + `limit` bytes."""
     assert address.host is not None
     stream = await trio.open_tcp_stream(address.host, address.port)
     async with stream:
@@ -119,7 +138,7 @@ async def fetch(address: TcpAddress, path: str) -> bytes:
             if not chunk:
                 break
             data += chunk
-            if len(data) > MAX_HEAD + MAX_ANSWER:
+            if len(data) > MAX_HEAD + limit:
                 raise ValueError("answer too long")
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:

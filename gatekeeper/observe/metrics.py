@@ -100,6 +100,8 @@ class Observatory:
         """The admitted jobs' states (set by the server)."""
         self.pausing: Callable[[], PausingView | None] = lambda: None
         """Pausing's settings and counts (set by the server; None: off)."""
+        self.farm: Callable[[], list[dict[str, object]]] = list
+        """The peers as this box last saw them (set by the server)."""
         self.footprints: Callable[[int], bytes] | None = None
         """This box's ledger after a generation, encoded (set by the server)."""
         self.estimates: Callable[[], Accuracy | None] = lambda: None
@@ -179,6 +181,11 @@ class Observatory:
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
+
+    def farm_json(self) -> bytes:
+        """This box's /status and each peer's last one (`/farm`)."""
+        return json.dumps({"self": self.status(), "peers": self.farm()},
+                          separators=(",", ":")).encode()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

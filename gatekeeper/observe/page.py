@@ -1,5 +1,6 @@
 """The `/` page of `--metrics`: one self-contained HTML file (no CDN, no build
-step) that polls `/status` every REFRESH seconds and draws the last minutes.
+step) that polls `/farm` (this box's `/status`, and each `--peer`'s as this box
+last fetched it) every REFRESH seconds and draws the last minutes.
 
 The history lives in the browser only (gatekeeper keeps none): a page opened
 just now starts with an empty chart.
@@ -53,6 +54,13 @@ tr.paused td { color: #b00; font-weight: bold; }
 <tbody id="jobs"></tbody></table>
 <table><thead><tr><th>queued peer</th><th>waiting</th></tr></thead>
 <tbody id="queue"></tbody></table>
+<div id="farm_view" hidden>
+<h2>farm</h2>
+<table><thead><tr><th>box</th><th>state</th><th>running</th><th>queued</th><th>paused</th>
+<th>available</th><th>seen</th></tr></thead><tbody id="farm"></tbody></table>
+<table><thead><tr><th>box</th><th>job</th><th>state</th><th>for</th><th>estimate</th>
+<th>charged now</th></tr></thead><tbody id="farm_jobs"></tbody></table>
+</div>
 <script>
 "use strict";
 const REFRESH = @REFRESH@, KEEP = @KEEP@, MiB = 1048576;
@@ -87,6 +95,15 @@ function draw() {
   line("#06c", "running", yJobs); line("#c60", "queued", yJobs);
 }
 
+function row(texts, cls) {
+  const tr = document.createElement("tr");
+  if (cls) tr.className = cls;
+  for (const text of texts) {
+    const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
+  }
+  return tr;
+}
+
 function show(s) {
   $("version").textContent = s.version;
   $("state").textContent = s.health.state;
@@ -103,14 +120,6 @@ function show(s) {
   const p = s.pausing;
   $("paused").textContent = p ? p.paused : "off";
   $("pauses").textContent = p ? p.pauses_total + " pauses, " + p.cuts_total + " cut" : "";
-  const row = (texts, cls) => {
-    const tr = document.createElement("tr");
-    if (cls) tr.className = cls;
-    for (const text of texts) {
-      const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
-    }
-    return tr;
-  };
   $("jobs").replaceChildren(...(s.jobs || []).map(j => row(
     [j.job || j.peer, j.state, j.running_seconds.toFixed(1) + " s",
      j.pauses ? j.paused_seconds.toFixed(1) + " s (" + j.pauses + ")" : "",
@@ -125,15 +134,48 @@ function show(s) {
   draw();
 }
 
+function num(v) { return typeof v === "number" ? v : null; }
+
+function showFarm(peers) {
+  // Every field of a peer's status came over the network twice: shown as text
+  // only (textContent), numbers checked before they are formatted.
+  $("farm_view").hidden = peers.length === 0;
+  const boxes = [], jobs = [];
+  for (const p of peers) {
+    const s = (p && typeof p.status === "object" && p.status) || {};
+    const h = (typeof s.health === "object" && s.health) || {};
+    const pausing = (typeof s.pausing === "object" && s.pausing) || null;
+    const name = String(p.address);
+    boxes.push(row([name, p.ok ? String(h.state || "?") : "not answering: " + String(p.error),
+                    String(num(s.running) ?? "?") + " / " + String(num(s.max_jobs) ?? "?"),
+                    String(num(s.queued) ?? "?"),
+                    pausing ? String(num(pausing.paused) ?? "?") : "off",
+                    mib(num(s.available_bytes)) + " MiB",
+                    num(p.age_seconds) === null ? "never" : p.age_seconds + " s ago"],
+                   p.ok ? "" : "paused"));
+    for (const j of Array.isArray(s.jobs) ? s.jobs : []) {
+      if (!j || typeof j !== "object") continue;
+      jobs.push(row([name, String(j.job || j.peer || "?"), String(j.state || "?"),
+                     (num(j.running_seconds) ?? 0).toFixed(1) + " s",
+                     mib(num(j.estimate_bytes)) + " MiB", mib(num(j.charge_bytes)) + " MiB"],
+                    j.state === "paused" ? "paused" : ""));
+    }
+  }
+  $("farm").replaceChildren(...boxes);
+  $("farm_jobs").replaceChildren(...jobs);
+}
+
 async function poll() {
   try {
-    const r = await fetch("/status", {cache: "no-store"});
+    const r = await fetch("/farm", {cache: "no-store"});
     if (!r.ok) throw new Error("HTTP " + r.status);
-    show(await r.json());
+    const farm = await r.json();
+    show(farm.self);
+    showFarm(Array.isArray(farm.peers) ? farm.peers : []);
     $("error").textContent = "";
     document.body.dataset.loaded = "1";
   } catch (e) {
-    $("error").textContent = "cannot read /status: " + e.message;
+    $("error").textContent = "cannot read /farm: " + e.message;
   }
   setTimeout(poll, REFRESH);
 }

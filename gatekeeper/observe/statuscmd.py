@@ -26,8 +26,9 @@ FETCH_TIMEOUT = 3.0
 # /status is at most a few tens of KiB (the queue view is bounded).
 MAX_RESPONSE = 4 * 2**20
 
-def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[str, Any]:
-    """GET /status; raises OSError or ValueError with a one-line reason."""
+def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT,
+                 path: str = "/status") -> dict[str, Any]:
+    """GET /status (or `path`); raises OSError or ValueError with a one-line reason."""
     if isinstance(address, UnixAddress):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -41,7 +42,7 @@ def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[st
         sock = socket.create_connection((address.host or "127.0.0.1", address.port),
                                         timeout=timeout)
     with sock:
-        sock.sendall(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
         chunks: list[bytes] = []
         size = 0
         while size <= MAX_RESPONSE:
@@ -54,7 +55,10 @@ def fetch_status(address: Address, *, timeout: float = FETCH_TIMEOUT) -> dict[st
     first = head.split(b"\r\n", 1)[0].split(b" ")
     if len(first) < 2 or not first[0].startswith(b"HTTP/") or first[1] != b"200":
         raise ValueError(f"unexpected answer: {head[:80]!r}")
-    status = json.loads(body)
+    try:
+        status = json.loads(body)
+    except RecursionError:
+        raise ValueError("answer nested too deep") from None
     if not isinstance(status, dict):
         raise ValueError("/status is not a JSON object")
     return status
@@ -165,16 +169,43 @@ def format_status(status: Mapping[str, Any], where: str) -> str:
     return "\n".join(lines)
 
 
-def _parse(command: str, argv: Sequence[str]) -> Address:
+def format_farm(farm: Mapping[str, Any], where: str) -> str:
+    """`gatekeeper status --farm`: this box, then every peer as this box last
+    saw it. A peer's status came over the network twice: escaped, bounded."""
+    own = farm.get("self")
+    parts = [format_status(own if isinstance(own, Mapping) else {}, where)]
+    peers = farm.get("peers")
+    for peer in peers if isinstance(peers, list) else []:
+        if not isinstance(peer, Mapping):
+            continue
+        address = printable(str(peer.get("address", "?")))[:80]
+        age = peer.get("age_seconds")
+        seen = f"seen {age:.0f}s ago" if isinstance(age, (int, float)) else "never seen"
+        if peer.get("ok") is True:
+            head = f"== peer {address}: answering ({seen}) =="
+        else:
+            why = printable(str(peer.get("error") or "?"))[:200]
+            head = f"== peer {address}: NOT answering: {why} ({seen}) =="
+        status = peer.get("status")
+        parts.append(head + ("\n" + format_status(status, address)
+                             if isinstance(status, Mapping) else ""))
+    return "\n\n".join(parts)
+
+
+def _parse(command: str, argv: Sequence[str]) -> tuple[Address, bool]:
     p = Parser(prog=f"gatekeeper {command}", allow_abbrev=False,
                 description="Show a running gatekeeper's status." if command == "status"
                 else "Exit with keepalived's MISC_CHECK misc_dynamic code: 1 failed, "
                      "2 draining (weight 0), 2+PCT up with PCT%% capacity free.")
     p.add_argument("--metrics", default=DEFAULT_METRICS, metavar="ADDR",
                    help=f"the gatekeeper's --metrics address (default: {DEFAULT_METRICS})")
+    if command == "status":
+        p.add_argument("--farm", action="store_true",
+                       help="also every --peer, as this gatekeeper last saw it")
     args = p.parse_args(list(argv))
     try:
-        return parse_address(args.metrics, bare_port_host="127.0.0.1")
+        return (parse_address(args.metrics, bare_port_host="127.0.0.1"),
+                bool(getattr(args, "farm", False)))
     except ValueError as e:
         raise UsageError(f"--metrics {e}") from None
 
@@ -182,15 +213,19 @@ def _parse(command: str, argv: Sequence[str]) -> Address:
 def main(command: str, argv: Sequence[str]) -> int:
     """`gatekeeper status|weight [--metrics ADDR]`."""
     try:
-        address = _parse(command, argv)
+        address, farm = _parse(command, argv)
     except UsageError as e:
         print(f"gatekeeper {command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    path = "/farm" if farm else "/status"
     try:
-        status = fetch_status(address)
+        status = fetch_status(address, path=path)
     except (OSError, ValueError) as e:
-        print(f"gatekeeper {command}: cannot read {address}/status: {e}", file=sys.stderr)
+        print(f"gatekeeper {command}: cannot read {address}{path}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    if farm:
+        print(format_farm(status, str(address)))
+        return 0
     if command == "weight":
         return keepalived_exit(health(status))
     print(format_status(status, str(address)))

@@ -163,7 +163,7 @@ class StatusWeb:
     async def respond(self, method: str, path: str, host: str | None = None) -> Response:
         if method not in ("GET", "HEAD"):
             return _error(405)
-        if path in ("/status", "/") and not host_allowed(host, self.names):
+        if path in ("/status", "/", "/farm") and not host_allowed(host, self.names):
             return _error(403)
         if path == "/metrics":
             return Response(200, CONTENT_TYPE_LATEST, self.observatory.exposition())
@@ -175,6 +175,9 @@ class StatusWeb:
         if path == "/status":
             await self.observatory.backend.refresh()
             return Response(200, "application/json", self.observatory.status_json())
+        if path == "/farm":
+            await self.observatory.backend.refresh()
+            return Response(200, "application/json", self.observatory.farm_json())
         if path == "/" and self.page is not None:
             return Response(200, "text/html; charset=utf-8", self.page())
         return _error(404)
