@@ -28,7 +28,7 @@ from gatekeeper.accuracy import Accuracy
 from gatekeeper.config import Config
 from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.distcc.protocol import IDENTIFY_GRACE, identify, speaks
-from gatekeeper.distcc.request import INCOMPLETE, UNREADABLE, DistccJob, Unparsed
+from gatekeeper.distcc.request import INCOMPLETE, NOT_DISTCC, UNREADABLE, DistccJob, Unparsed
 from gatekeeper.farm.ledger import Entry, Ledger
 from gatekeeper.footprints import FootprintBook, Source
 from gatekeeper.gate import Gate, Ticket, Verdict
@@ -149,6 +149,11 @@ class Connections:
             stream.socket.close()  # no checkpoint: nothing after it to lose
 
     def _log_end(self, job: Job) -> None:
+        if job.director_own and job.outcome is Outcome.CLIENT_GONE:
+            # The director's own connection that asked for nothing: its health
+            # check (HAProxy `check check-send-proxy`), every few seconds.
+            # Counted (rejected client-gone), not logged.
+            return
         budget = self.repeatable_lines.get(job.outcome) if job.outcome else None
         if budget is not None:  # a peer can repeat these at will
             unwritten = budget.admit(trio.current_time())
@@ -175,6 +180,8 @@ class Connections:
             if header.source is not None:
                 host, port = header.source
                 job.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            else:
+                job.director_own = True
         if host is not None and not self.config.allow.permits(host):
             job.settle(Outcome.DENIED)
             return
@@ -187,6 +194,11 @@ class Connections:
                                   else self.config.request_idle_timeout,
                                   want_doti=policy is not None)
             job.speaks = speaks(head)
+            if job.director_own and head is NOT_DISTCC:
+                # The director's health check (LOCAL header, then nothing):
+                # not a job, never queued nor sent to the backend.
+                job.settle(Outcome.CLIENT_GONE)
+                return
             if isinstance(head, DistccJob):
                 job.key, job.name = head.key, head.output
                 job.request_bytes = head.request_bytes

@@ -129,6 +129,8 @@ class Job:
     paused_seconds: float = 0.0
     """How long it was frozen before, in all."""
     pauses: int = 0
+    director_own: bool = False
+    """A trusted director's own connection (its PROXY header named no client)."""
 
     def settle(self, verdict: Verdict | Outcome) -> None:
         if isinstance(verdict, Outcome):

@@ -44,9 +44,9 @@ def picture(**changes: Any) -> dict[str, Any]:
     ({"pausing": "garbage"}, "up ready 100% maxconn:4\n", 102),
     ({"available_bytes": None}, "up ready 100% maxconn:4\n", 102),  # no reading yet
     ({"backend": {"ok": False, "error": "connect x:1: refused"}},
-     "down#backend unreachable: connect x:1: refused\n", 1),
+     "down #backend unreachable: connect x:1: refused\n", 1),
     ({"backend": {"ok": None, "error": None}}, "up ready 100% maxconn:4\n", 102),
-    ({"stopping": True, "available_bytes": 0}, "down#stopping\n", 1),
+    ({"stopping": True, "available_bytes": 0}, "down #stopping\n", 1),
 ])
 def test_mapping(changes: dict[str, Any], line: str, code: int) -> None:
     h = health(picture(**changes))
@@ -86,7 +86,7 @@ async def test_agent_over_loopback_follows_memory_and_backend() -> None:
 
     async with gatekeeper(config(closed_port(), agent=agent)) as gk:
         line = await agent_says(gk)
-        assert line.startswith("down#backend unreachable: connect 127.0.0.1:")
+        assert line.startswith("down #backend unreachable: connect 127.0.0.1:")
         assert line.endswith("\n") and line.count("\n") == 1
 
 

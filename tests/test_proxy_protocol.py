@@ -101,3 +101,22 @@ async def test_a_local_header_is_the_directors_own_connection(
             await client.send_eof()
             assert await receive_all(client) == PAYLOAD
     assert "end peer=127.0.0.1:" in caplog.text
+
+
+async def test_a_directors_health_check_is_counted_not_run_nor_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """HAProxy's `check check-send-proxy`: a LOCAL header, then a close. Not a
+    job: never queued, never sent to the backend, no end line every second."""
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    async with backend(echo) as be:
+        cfg = config(be.address, trusted_proxies=DIRECTOR)
+        async with gatekeeper(cfg) as gk:
+            for _ in range(3):
+                client = await gk.connect()
+                await client.send_all(encode_v2(None))
+                await client.send_eof()
+                assert await receive_until_closed(client) == b""
+            await gk.wait_for(lambda s: not s.connections.live)
+            assert be.connections == 0
+            assert gk.server.observatory.rejected["client-gone"] == 3
+    assert "end peer=" not in caplog.text

@@ -121,6 +121,7 @@ class Peers:
         answered, and its /status."""
         now = trio.current_time()
         return [{"address": str(p.address), "ok": p.failing is None, "error": p.failing,
+                 "learned": p.learned,
                  "age_seconds": round(now - p.last_ok, 1) if p.last_ok is not None else None,
                  "status": p.status} for p in self.peers]
 

@@ -5,7 +5,7 @@ lines and as keepalived MISC_CHECK exit codes.
 serves, so `gatekeeper weight` reading it over HTTP decides exactly as the
 in-process agent does) to a `Health`. The mapping, also in the README:
 
-- ``down#<why>``: gatekeeper is stopping, or the backend did not accept a
+- ``down #<why>``: gatekeeper is stopping, or the backend did not accept a
   connection at the last check. Nothing new should come here.
 - ``drain``: the memory rule would hold a new job right now (a new unknown job
   does not fit: available - reserved - its footprint < min free), memory
@@ -115,7 +115,9 @@ def health_view(status: Mapping[str, Any]) -> HealthView:
 def agent_line(h: Health) -> str:
     """One HAProxy agent-check response line, newline included."""
     if h.state is State.DOWN:
-        return f"down#{_one_line(h.reason)}\n"
+        # "down #why": HAProxy 2.6 takes "down#why" (no space) for no state at
+        # all and leaves the server up (tried: tests/test_farm_netns.py).
+        return f"down #{_one_line(h.reason)}\n"
     if h.state is State.DRAIN:
         return "drain\n"
     return f"up ready {h.percent}% maxconn:{h.max_jobs}\n"
