@@ -219,8 +219,12 @@ class Server:
         self.observatory.footprints = lambda since: encode_answer(self.ledger.since(since))
         self.peers = (Peers(config.peers, self.book, ceiling=os.sysconf("SC_PHYS_PAGES")
                             * os.sysconf("SC_PAGE_SIZE"), interval=config.peer_interval,
-                            on_learned=self.connections.reestimate_queued)
+                            on_learned=self.connections.reestimate_queued,
+                            own_epoch=self.ledger.epoch)
                       if config.peers else None)
+        if self.peers is not None and config.state_dir is not None:
+            # Read the peers' ledgers on from where the saved book had them.
+            self.peers.load(config.state_dir)
         if self.peers is not None:
             self.observatory.farm = self.peers.view
         plan = FdPlan.of(config, inetd=command is not None)
@@ -320,10 +324,15 @@ class Server:
         return self._side
 
     def save_footprints(self) -> None:
-        if self.config.state_dir is None or not self.book.dirty:
+        if self.config.state_dir is None:
             return
         try:
-            self.book.save(self.config.state_dir)
+            if self.book.dirty:
+                self.book.save(self.config.state_dir)
+            # After the book: a crash between the two leaves cursors behind the
+            # book (a few entries learned twice), never ahead of it (lost).
+            if self.peers is not None and self.peers.dirty:
+                self.peers.save(self.config.state_dir)
         except OSError as e:
             log.warning("could not save learned footprints in %s: %s",
                         self.config.state_dir, e)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -52,6 +53,10 @@ async def test_a_compile_measured_on_one_box_is_known_on_its_peer() -> None:
                 with trio.fail_after(10):
                     while peer.peers[0].learned == before:
                         await peer.next_round()
+                assert peer.peers[0].learned == before + 1
+                # ...and never again: later rounds ask only for what is new.
+                for _ in range(3):
+                    await peer.next_round()
                 assert peer.peers[0].learned == before + 1
 
 
@@ -109,3 +114,49 @@ async def test_a_slow_or_down_peer_never_holds_admission(
             assert all(p.failing for p in peers.peers)
     assert "no answer within 5s" in caplog.text
     assert caplog.text.count(f"peer {down}:") == 1
+
+
+async def test_a_box_in_its_own_peer_list_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """One peer list pushed to every box names each box itself too: its own
+    measurements must not come back as a peer's (each key keeps three peaks)."""
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    async with backend(echo) as be:
+        cfg = config(be.address, metrics=TcpAddress("127.0.0.1", 0), peer_interval=INTERVAL)
+        async with gatekeeper(cfg) as a:
+            peers = Peers([metrics_address(a)], a.server.book, ceiling=2**40,
+                          own_epoch=a.server.ledger.epoch)
+            a.server.ledger.record(Entry("p2-mine", 100 * MiB))
+            await peers.exchange_all()
+            assert peers.peers[0].learned == 0 and not a.server.book.knows("p2-mine")
+            assert "this box itself" in (peers.peers[0].failing or "")
+
+
+async def test_a_restarted_box_reads_its_peers_on_from_where_it_was(tmp_path: Path) -> None:
+    """The cursors are saved beside the book: after a restart on the saved book,
+    the peer's ledger is not learned again from its start."""
+    async with backend(echo) as be:
+        cfg = config(be.address, metrics=TcpAddress("127.0.0.1", 0))
+        async with gatekeeper(cfg) as a:
+            a.server.ledger.record(Entry("p2-k", 100 * MiB))
+            book = FootprintBook(seed=1)
+            first = Peers([metrics_address(a)], book, ceiling=2**40)
+            await first.exchange_all()
+            assert first.peers[0].learned == 1
+            first.save(tmp_path)
+            again = Peers([metrics_address(a)], book, ceiling=2**40)
+            again.load(tmp_path)
+            await again.exchange_all()
+            assert again.peers[0].learned == 0  # nothing new since the saved cursor
+            a.server.ledger.record(Entry("p2-k2", 100 * MiB))
+            await again.exchange_all()
+            assert again.peers[0].learned == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"format": 2}',
+                                     b'{"format": 1, "cursors": {"x": [1, 2]}}',
+                                     b"[" * 100_000])
+def test_a_bad_cursor_file_is_a_fresh_start(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "peers.json").write_bytes(content)
+    peers = Peers([TcpAddress("127.0.0.1", 9)], FootprintBook(seed=1), ceiling=2**40)
+    peers.load(tmp_path)
+    assert peers.peers[0].cursor.query() == 0

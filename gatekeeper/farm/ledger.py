@@ -40,6 +40,9 @@ MAX_ANSWER: Final = 2**20
 MAX_KEY_LEN: Final = 64
 UNITS: Final = ("plain", "lzo", "pump")
 MAX_SIZE: Final = 2**50
+# A generation past this is not a ledger's (the /footprints route reads at most
+# 18 digits).
+MAX_GENERATION: Final = 10**18 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ def decode(data: bytes, *, ceiling: int) -> Answer:
                                     doc.get("more"), doc.get("entries"))
     if not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
         raise ValueError("bad epoch")
-    if type(generation) is not int or generation < 0:
+    if type(generation) is not int or not 0 <= generation <= MAX_GENERATION:
         raise ValueError("bad generation")
     if type(more) is not bool or not isinstance(raw, list) or len(raw) > PAGE:
         raise ValueError("bad entries")
@@ -132,20 +135,25 @@ def decode(data: bytes, *, ceiling: int) -> Answer:
         if not isinstance(item, list) or len(item) != 4:
             raise ValueError("bad entry")
         key, peak, unit, size = item
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
-            raise ValueError("bad key")
-        if type(peak) is not int or not 0 < peak <= ceiling:
-            raise ValueError("a peak that is not a measurement")
-        if unit is not None and unit not in UNITS:
-            raise ValueError("bad unit")
-        if size is not None and (type(size) is not int or not 0 < size <= MAX_SIZE):
-            raise ValueError("bad size")
+        if type(peak) is not int or (size is not None and type(size) is not int):
+            raise ValueError("bad entry")
+        # Well formed but of no use here -- a peak above this box's memory (a
+        # bigger peer measured it), a unit or key from a newer version --:
+        # skipped, and the cursor still moves past it. (Rejecting the answer
+        # would stop all learning from that peer at this entry, for good.)
+        if (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN
+                or not 0 < peak <= ceiling or (unit is not None and unit not in UNITS)
+                or (size is not None and not 0 < size <= MAX_SIZE)):
+            continue
         entries.append(Entry(key, peak, unit, size))
     return Answer(epoch, generation, tuple(entries), more)
 
 
 class Cursor:
-    """Where this box is in one peer's ledger."""
+    """Where this box is in one peer's ledger. Saved beside the book
+    (`farm.peers.Peers.save`): a box that restarts on its saved book must not
+    learn its peers' ledgers again from the start (each key keeps only its
+    last three peaks: repeats would push out real ones)."""
 
     def __init__(self) -> None:
         self.epoch: str | None = None

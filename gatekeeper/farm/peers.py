@@ -10,15 +10,20 @@ nothing waits on a peer but its own exchange, and admission never does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
-from gatekeeper.farm.ledger import MAX_ANSWER, Cursor, decode
-from gatekeeper.footprints import FootprintBook
+from gatekeeper.farm.ledger import MAX_ANSWER, MAX_GENERATION, Cursor, decode
+from gatekeeper.farm.view import sanitize
+from gatekeeper.footprints import FootprintBook, make_private_dirs, read_state_file
 from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.observe.escape import printable
 
@@ -39,6 +44,8 @@ MAX_HEAD = 4096
 # A peer's /status for the farm view: the queue and job views are bounded at
 # 200 entries each (observe/status.py), some 60 KiB; 1 MiB is room to spare.
 MAX_STATUS = 2**20
+# Where the cursors are kept beside the book (--state-dir).
+STATE_FILE = "peers.json"
 
 
 @dataclass(slots=True)
@@ -51,14 +58,19 @@ class Peer:
     """Entries learned from it since start."""
     last_ok: float | None = None
     status: dict[str, object] | None = None
-    """Its last /status, as it sent it (hostile: shown escaped, never trusted)."""
+    """Its last /status, cut down to what the farm view shows (farm/view.py)."""
 
 
 class Peers:
     def __init__(self, addresses: Sequence[TcpAddress], book: FootprintBook, *,
                  ceiling: int, interval: float = EXCHANGE_INTERVAL,
-                 on_learned: Callable[[], None] = lambda: None) -> None:
+                 on_learned: Callable[[], None] = lambda: None,
+                 own_epoch: str | None = None) -> None:
         self.peers = [Peer(a) for a in addresses]
+        self.own_epoch = own_epoch
+        """This box's ledger's epoch: a --peer that answers with it is this box
+        itself (a farm-wide peer list), and is skipped."""
+        self.dirty = False
         self.book = book
         self.ceiling = ceiling
         self.interval = interval
@@ -93,15 +105,19 @@ class Peers:
                 for _ in range(PAGES_PER_ROUND):
                     body = await fetch(peer.address, f"/footprints?since={peer.cursor.query()}")
                     answer = decode(body, ceiling=self.ceiling)
+                    if self.own_epoch is not None and answer.epoch == self.own_epoch:
+                        raise ValueError("that is this box itself; skipped")
+                    self.dirty = True
                     for entry in peer.cursor.take(answer):
                         self.book.learn_from_peer(entry.key, entry.peak, entry.unit, entry.size)
                         peer.learned += 1
                     if not answer.more:
                         break
-                status = json.loads(await fetch(peer.address, "/status", limit=MAX_STATUS))
+                status = json.loads(await fetch(peer.address, "/status", limit=MAX_STATUS),
+                                    parse_constant=_no_constant)
                 if not isinstance(status, dict):
                     raise ValueError("its /status is not a JSON object")
-                peer.status = status
+                peer.status = sanitize(status)
                 why = None
             except (OSError, ValueError, RecursionError, trio.BrokenResourceError) as e:
                 # (Our own words and numbers: what a peer sent is quoted only
@@ -115,6 +131,48 @@ class Peers:
             log.warning("peer %s: %s; skipped until it answers", peer.address, why)
         peer.failing = why
 
+
+    # -- the cursors, beside the book ----------------------------------------
+
+    def save(self, state_dir: Path) -> None:
+        """Atomically, like the book (footprints.FootprintBook.save)."""
+        make_private_dirs(state_dir)
+        payload = json.dumps({"format": 1, "cursors": {
+            str(p.address): [p.cursor.epoch, p.cursor.generation] for p in self.peers
+            if p.cursor.epoch is not None}}, separators=(",", ":")).encode()
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".peers.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, state_dir / STATE_FILE)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self.dirty = False
+
+    def load(self, state_dir: Path) -> None:
+        """Where each peer's ledger was read up to, as saved with the book; a
+        missing or bad file is a fresh start (peers read from their start)."""
+        path = state_dir / STATE_FILE
+        try:
+            data = json.loads(read_state_file(path))
+            cursors = data.get("cursors") if isinstance(data, dict) else None
+            if not isinstance(cursors, dict) or data.get("format") != 1:
+                raise ValueError("not a gatekeeper peers file of format 1")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, RecursionError) as e:
+            log.warning("ignoring peer cursors in %s: %s", path, str(e)[:200])
+            return
+        for peer in self.peers:
+            saved = cursors.get(str(peer.address))
+            if (isinstance(saved, list) and len(saved) == 2 and isinstance(saved[0], str)
+                    and 0 < len(saved[0]) <= 64 and type(saved[1]) is int
+                    and 0 <= saved[1] <= MAX_GENERATION):
+                peer.cursor.epoch, peer.cursor.generation = saved[0], saved[1]
 
     def view(self) -> list[dict[str, object]]:
         """The farm as this box last saw it (`/farm`): each peer, whether it
@@ -132,8 +190,10 @@ async def fetch(address: TcpAddress, path: str, *, limit: int = MAX_ANSWER) -> b
     assert address.host is not None
     stream = await trio.open_tcp_stream(address.host, address.port)
     async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
-        data = b""
+        # No Host header (HTTP/1.0): the peer's /status refuses names it does
+        # not know as its own, and a farm may name a peer by an alias.
+        await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = bytearray()
         while True:
             chunk = await stream.receive_some(65536)
             if not chunk:
@@ -141,7 +201,7 @@ async def fetch(address: TcpAddress, path: str, *, limit: int = MAX_ANSWER) -> b
             data += chunk
             if len(data) > MAX_HEAD + limit:
                 raise ValueError("answer too long")
-    head, sep, body = data.partition(b"\r\n\r\n")
+    head, sep, body = bytes(data).partition(b"\r\n\r\n")
     if not sep:
         raise ValueError("not an HTTP answer")
     status = head.split(b"\r\n", 1)[0].split(b" ")
@@ -150,3 +210,8 @@ async def fetch(address: TcpAddress, path: str, *, limit: int = MAX_ANSWER) -> b
     if status[1] != b"200":
         raise ValueError(f"HTTP {printable(status[1][:3].decode('latin-1'))}")
     return body
+
+
+def _no_constant(name: str) -> object:
+    """json: NaN and Infinity are not JSON (a browser's JSON.parse refuses them)."""
+    raise ValueError(f"{name} in a peer's /status")

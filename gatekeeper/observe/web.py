@@ -86,6 +86,14 @@ def parse_request_line(head: bytes) -> tuple[str, str] | None:
     return method, target.partition("?")[0]
 
 
+def request_query(head: bytes) -> str:
+    """The request target's query (after `?`; "" if none), of a head that
+    `parse_request_line` accepted."""
+    line = head.partition(b"\n")[0].rstrip(b"\r")
+    parts = line.split(b" ")
+    return parts[1].decode("ascii", "replace").partition("?")[2] if len(parts) == 3 else ""
+
+
 def host_header(head: bytes) -> str | None:
     """The Host header's value (the last one), or None if there is none."""
     found = None
@@ -127,14 +135,14 @@ def local_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def footprints_since(path: str) -> int | None:
-    """`/footprints` or `/footprints?since=G` (G a generation, decimal, at
+def footprints_since(query: str) -> int | None:
+    """`/footprints`'s query: "" or `since=G` (G a generation, decimal, at
     most 18 digits): G, 0, or None for anything else."""
-    if path == "/footprints":
+    if query == "":
         return 0
-    prefix = "/footprints?since="
-    digits = path[len(prefix):]
-    if (not path.startswith(prefix) or not 0 < len(digits) <= 18 or not digits.isascii()
+    prefix = "since="
+    digits = query[len(prefix):]
+    if (not query.startswith(prefix) or not 0 < len(digits) <= 18 or not digits.isascii()
             or not digits.isdigit()):
         return None
     return int(digits)
@@ -160,15 +168,16 @@ class StatusWeb:
         self._limiter = trio.CapacityLimiter(MAX_CLIENTS)
         self.names = local_names() | {n.lower().rstrip(".") for n in host_names}
 
-    async def respond(self, method: str, path: str, host: str | None = None) -> Response:
+    async def respond(self, method: str, path: str, host: str | None = None,
+                      query: str = "") -> Response:
         if method not in ("GET", "HEAD"):
             return _error(405)
         if path in ("/status", "/", "/farm") and not host_allowed(host, self.names):
             return _error(403)
         if path == "/metrics":
             return Response(200, CONTENT_TYPE_LATEST, self.observatory.exposition())
-        if path.startswith("/footprints") and self.observatory.footprints is not None:
-            since = footprints_since(path)
+        if path == "/footprints" and self.observatory.footprints is not None:
+            since = footprints_since(query)
             if since is None:
                 return _error(400)
             return Response(200, "application/json", self.observatory.footprints(since))
@@ -214,7 +223,7 @@ class StatusWeb:
             await _refuse(stream, 400)
             return
         method, path = request
-        response = await self.respond(method, path, host_header(head))
+        response = await self.respond(method, path, host_header(head), request_query(head))
         await stream.send_all(encode(response, head_only=method == "HEAD"))
 
 
