@@ -5,7 +5,7 @@ Run as root from the repository root:
     python3 -m bench.farm [--results PATH]
 
 The farm of bench/farmnet.py: three boxes in network namespaces, each a v1
-memory cgroup of its own size (1 GiB, 768 MiB, 512 MiB) with a real distccd in
+memory cgroup of its own size (1 GiB, 768 MiB, 384 MiB) with a real distccd in
 it; a director with the real HAProxy; two clients, each its own namespace: a
 heavy user (`make -j32` of a project of heavy and light C++ files,
 bench/hungry.py) and a light user (`make -j4` of light files only), building at
@@ -64,7 +64,9 @@ from bench.hungry import Spec, generate
 
 HEAVY_USER, LIGHT_USER = "10.77.0.3", "10.77.0.4"
 CLIENTS = {"gkf-heavy": HEAVY_USER, "gkf-light": LIGHT_USER}
-HEAVY_SPEC = Spec(heavy=6, light=36, heavy_per_group=3, lights_per_group=12)
+# All six heavy files first in the Makefile: make -j32 sends them at once, and
+# round-robin puts two on each box.
+HEAVY_SPEC = Spec(heavy=6, light=36, heavy_per_group=6, lights_per_group=36)
 LIGHT_SPEC = Spec(heavy=0, light=24, lights_per_group=24)
 END = re.compile(r"end peer=(?P<peer>[\d.]+):\d+ outcome=(?P<outcome>\S+) wait=(?P<wait>[\d.]+)s"
                  r" run=(?P<run>[\d.]+)s.*? job=(?P<job>\S+)"
