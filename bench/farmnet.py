@@ -43,9 +43,8 @@ class Box:
     memory_mib: int
 
 
-# Sizes that make round-robin hurt: the bench's heavy files are charged ~243
-# MiB each, and two of them land on each box at once; the smallest box cannot
-# hold two.
+# Sizes that make round-robin hurt (bench/farm.py): the bench's heavy files are
+# charged ~243 MiB each; the smallest box holds one, not two.
 BOXES = (Box("gkf-box1", "10.77.0.11", 1024), Box("gkf-box2", "10.77.0.12", 768),
          Box("gkf-box3", "10.77.0.13", 384))
 
