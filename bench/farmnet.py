@@ -256,18 +256,28 @@ backend farm
 
 def haproxy_state(sock: Path) -> dict[str, str]:
     """Each box's status as HAProxy's stats socket says it."""
+    return {name: row[17] for name, row in haproxy_rows(sock).items()}
+
+
+def haproxy_sessions(sock: Path) -> dict[str, int]:
+    """Each box's sessions so far (`stot`): connections HAProxy sent it."""
+    return {name: int(row[7] or 0) for name, row in haproxy_rows(sock).items()}
+
+
+def haproxy_rows(sock: Path) -> dict[str, list[str]]:
+    """`show stat` rows of the farm's servers, by box name."""
     out = subprocess.run(in_ns("gkf-dir", [
         sys.executable, "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX);"
         f"s.connect({str(sock)!r}); s.sendall(b'show stat\\n');"
         "sys.stdout.write(s.makefile().read())"]), capture_output=True, text=True,
         timeout=10).stdout
     names = {b.name for b in BOXES}
-    state = {}
+    rows = {}
     for line in out.splitlines():
         fields = line.split(",")
         if len(fields) > 17 and fields[0] == "farm" and fields[1] in names:
-            state[fields[1]] = fields[17]
-    return state
+            rows[fields[1]] = fields
+    return rows
 
 
 def until(what: str, check: object, timeout: float = 30.0) -> None:

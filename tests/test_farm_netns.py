@@ -15,7 +15,7 @@ Asserted (not timings; those are bench/farm.py's):
 - after one farm-wide build, a second build's jobs are known (est_from=learned)
   on whichever box runs them: over 90 %, including jobs on boxes that never
   compiled that file before (shared footprints);
-- a box whose distccd is killed is taken out by HAProxy after the agent's
+- a box whose distccd is killed mid-build is taken out by HAProxy after the agent's
   next check, and a build with client fallback still completes.
 """
 
@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ from bench.farmnet import (
     Procs,
     cgroups,
     farm_view,
+    haproxy_sessions,
     haproxy_state,
     make,
     network,
@@ -57,6 +60,14 @@ END = re.compile(r"end peer=(?P<peer>\S+) outcome=(?P<outcome>\S+) .*? job=(?P<j
 def ends(procs: Procs, box: str, skip: int = 0) -> list[re.Match[str]]:
     return [m for line in procs.log(f"{box}-gk").splitlines()[skip:]
             if (m := END.search(line)) is not None]
+
+
+def running(box: Box) -> int:
+    """Jobs running on the box now, from its /farm (0 if it does not answer)."""
+    try:
+        return int(json.loads(farm_view(box))["self"]["running"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def learned_from_peers(box: Box) -> int:
@@ -126,15 +137,27 @@ def run_farm(work: Path) -> None:
             assert len(known) > 0.9 * len(jobs), jobs
             assert strangers and all(m["source"] == "learned" for _, m in strangers)
 
-            # A box's distccd dies: HAProxy takes the box out at the agent's next
-            # check, and a build with client fallback completes.
-            procs.stop("gkf-box2-distccd")
-            until("box2 taken out", lambda: haproxy_state(sock).get("gkf-box2") not in (
-                "UP", "no check"), timeout=20)
+            # A box's distccd dies mid-build: HAProxy takes the box out at the
+            # agent's next check and sends it nothing more; the jobs it held
+            # fail cleanly, their clients compile them locally, the build ends.
             for obj in project.objects:
                 (project.root / obj).unlink()
-            third, _ = make("gkf-cli", project.root, work, "3", jobs=12, fallback=True)
-            assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+            box2 = next(b for b in BOXES if b.name == "gkf-box2")
+            third: list[subprocess.CompletedProcess[str]] = []
+            builder = threading.Thread(target=lambda: third.append(make(
+                "gkf-cli", project.root, work, "3", jobs=12, fallback=True)[0]))
+            builder.start()
+            try:
+                until("a job running on box2", lambda: running(box2) > 0, timeout=60)
+                procs.stop("gkf-box2-distccd")
+                until("box2 taken out", lambda: haproxy_state(sock).get("gkf-box2") not in (
+                    "UP", "no check"), timeout=20)
+                sent = haproxy_sessions(sock)["gkf-box2"]
+            finally:
+                builder.join(300)
+            assert third and third[0].returncode == 0, (
+                third[0].stdout[-2000:] + third[0].stderr[-2000:] if third else "no build")
             assert all((project.root / obj).exists() for obj in project.objects)
+            assert haproxy_sessions(sock)["gkf-box2"] == sent  # nothing after it was out
         finally:
             procs.stop_all()
