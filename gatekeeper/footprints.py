@@ -396,21 +396,26 @@ class FootprintBook:
         log.info("loaded %d learned job footprints from %s", len(self._peaks), path)
 
     def save(self, state_dir: Path) -> None:
-        """Write atomically: a crash leaves the old file or the new one, never half."""
-        make_private_dirs(state_dir)
-        payload = json.dumps(self.to_json(), separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".footprints.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, state_dir / STATE_FILE)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_state_file(state_dir, STATE_FILE, self.to_json())
         self.dirty = False
+
+
+def write_state_file(state_dir: Path, name: str, document: object) -> None:
+    """`document` as JSON in `state_dir/name`, atomically: a crash leaves the
+    old file or the new one, never half."""
+    make_private_dirs(state_dir)
+    payload = json.dumps(document, separators=(",", ":")).encode()
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_dir / name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 

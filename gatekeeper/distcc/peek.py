@@ -31,7 +31,7 @@ from gatekeeper.distcc.request import (
     Unparsed,
 )
 from gatekeeper.net.liveness import peer_gone
-from gatekeeper.net.sockqueue import receive_queue
+from gatekeeper.net.sockqueue import peek_now, receive_queue
 
 # A partial head on a unix socket is looked at again after this, doubling up
 # to RETRY_MAX: rare (a distcc client writes its head at once), so a short
@@ -83,15 +83,7 @@ def _buffer_full(sock: trio.socket.SocketType) -> bool:
 def _peek(sock: trio.socket.SocketType, size: int) -> bytes | None:
     """What is in the buffer (up to `size`) now; None if nothing yet; b"" when
     the client closed before sending anything or the socket failed."""
-    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
-    try:
-        return raw.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b""
-    finally:
-        raw.detach()  # the fd stays the caller's
+    return peek_now(sock, size)  # type: ignore[arg-type]
 
 
 def peek_distcc_job_now(sock: trio.socket.SocketType,

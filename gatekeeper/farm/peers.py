@@ -10,11 +10,8 @@ nothing waits on a peer but its own exchange, and admission never does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,7 @@ import trio
 
 from gatekeeper.farm.ledger import MAX_ANSWER, MAX_GENERATION, Cursor, decode
 from gatekeeper.farm.view import sanitize
-from gatekeeper.footprints import FootprintBook, make_private_dirs, read_state_file
+from gatekeeper.footprints import FootprintBook, read_state_file, write_state_file
 from gatekeeper.net.addresses import TcpAddress
 from gatekeeper.observe.escape import printable
 
@@ -135,22 +132,10 @@ class Peers:
     # -- the cursors, beside the book ----------------------------------------
 
     def save(self, state_dir: Path) -> None:
-        """Atomically, like the book (footprints.FootprintBook.save)."""
-        make_private_dirs(state_dir)
-        payload = json.dumps({"format": 1, "cursors": {
+        """Atomically, like the book."""
+        write_state_file(state_dir, STATE_FILE, {"format": 1, "cursors": {
             str(p.address): [p.cursor.epoch, p.cursor.generation] for p in self.peers
-            if p.cursor.epoch is not None}}, separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".peers.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, state_dir / STATE_FILE)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            if p.cursor.epoch is not None}})
         self.dirty = False
 
     def load(self, state_dir: Path) -> None:

@@ -16,24 +16,13 @@ import socket
 import trio
 
 from gatekeeper.net.proxy_header import INCOMPLETE, MAX_HEADER, Malformed, ProxyHeader, parse
+from gatekeeper.net.sockqueue import peek_now
 
 # A director writes the header at once: a look finding only part of it waits
 # this long, doubling up to RETRY_MAX (as the request head's reader does on a
 # unix socket; distcc/peek.py).
 RETRY = 0.005
 RETRY_MAX = 0.05
-
-
-def _peek(sock: trio.socket.SocketType, size: int) -> bytes | None:
-    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
-    try:
-        return raw.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b""
-    finally:
-        raw.detach()
 
 
 def _consume(sock: trio.socket.SocketType, length: int) -> bool:
@@ -60,7 +49,7 @@ async def read_proxy_header(sock: trio.socket.SocketType) -> ProxyHeader | Malfo
     retry = RETRY
     seen = -1
     while True:
-        data = _peek(sock, MAX_HEADER)
+        data = peek_now(sock, MAX_HEADER)  # type: ignore[arg-type]
         if data == b"":
             return Malformed("the director closed before a whole PROXY header")
         if data is not None and len(data) > seen:
