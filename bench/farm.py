@@ -79,6 +79,7 @@ END = re.compile(r"end peer=(?P<peer>[\d.]+):\d+ outcome=(?P<outcome>\S+) wait=(
 class Run:
     name: str
     label: str
+    round: int = 1
     kills: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -118,7 +119,12 @@ def build_both(work: Path, projects: dict[str, tuple[Path, list[str]]], tag: str
 
 
 def scenario(work: Path, projects: dict[str, tuple[Path, list[str]]], *, gatekeeper: bool,
-             runs: list[Run]) -> None:
+             runs: list[Run], round_: int = 1) -> None:
+    # Each scenario of each round in a directory of its own: fresh state dirs
+    # (a cold run is cold), its own logs.
+    work = work / f"{'gatekeeper' if gatekeeper else 'baseline'}-{round_}"
+    work.mkdir()
+    work.chmod(0o755)
     procs = Procs(work)
     with cgroups() as groups:
         try:
@@ -139,6 +145,7 @@ def scenario(work: Path, projects: dict[str, tuple[Path, list[str]]], *, gatekee
             first = Run("b", "gatekeeper, cold") if gatekeeper else Run(
                 "a", "HAProxy round-robin over bare distccd")
             for run in [first, *[Run(n, label) for n, label in passes]]:
+                run.round = round_
                 marks = {b.name: len(procs.log(f"{b.name}-gk").splitlines())
                          for b in BOXES} if gatekeeper else {}
                 kills = {b.name: oom_kills(groups[b.name]) for b in BOXES}
@@ -178,15 +185,37 @@ def judge_gatekeeper(procs: Procs, marks: dict[str, int], run: Run) -> None:
     run.learned = (known, total)
 
 
+def medians(runs: list[Run]) -> list[str]:
+    """Per configuration: the median of each figure over the rounds."""
+    out = ["| run | rounds | OOM kills (all) | failed (all) | median makespan heavy / light s | "
+           "median of the light user's mean wait s | median of its median job s |",
+           "|---|---|---|---|---|---|---|"]
+    for name in sorted({r.name for r in runs}):
+        mine = [r for r in runs if r.name == name]
+
+        def med(values: list[float | None]) -> str:
+            known = [v for v in values if v is not None]
+            return f"{statistics.median(known):.2f}" if known else "-"
+        out.append(
+            f"| {name}: {mine[0].label} | {len(mine)} | {sum(r.kills for r in mine)} | "
+            f"{sum(sum(r.failed.values()) for r in mine)} | "
+            f"{med([r.seconds.get('gkf-heavy') for r in mine])} / "
+            f"{med([r.seconds.get('gkf-light') for r in mine])} | "
+            f"{med([r.light_wait for r in mine])} | {med([r.light_job for r in mine])} |")
+    return out
+
+
 def report(runs: list[Run], seconds: float) -> str:
+    rounds = max((r.round for r in runs), default=0)
     lines = ["# Farm bench (issue 20)", "",
-             "Written by `python3 -m bench.farm` (see its docstring). One run; the whole "
-             "farm shares this machine's 2 CPUs.", "",
+             f"Written by `python3 -m bench.farm` (see its docstring). {rounds} round(s), "
+             "interleaved (a, b, c in each); the whole farm shares this machine's 2 CPUs.", "",
              f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
              f"runtime {seconds:.0f} s",
              f"- boxes: {', '.join(f'{b.memory_mib} MiB' for b in BOXES)} memory cgroups; "
              f"heavy user: {HEAVY_SPEC.heavy} heavy + {HEAVY_SPEC.light} light files, "
              f"make -j32; light user: {LIGHT_SPEC.light} light files, make -j4", "",
+             *medians(runs), "", "Every run:", "",
              "| run | OOM kills | failed (heavy / light user) | makespan heavy / light s | "
              "light user's mean wait s | its median job s | jobs known where they ran |",
              "|---|---|---|---|---|---|---|"]
@@ -194,7 +223,7 @@ def report(runs: list[Run], seconds: float) -> str:
         wait = f"{r.light_wait:.2f}" if r.light_wait is not None else "-"
         job = f"{r.light_job:.2f}" if r.light_job is not None else "-"
         learned = f"{r.learned[0]}/{r.learned[1]}" if r.learned else "-"
-        lines.append(f"| {r.name}: {r.label} | {r.kills} | {r.failed.get('gkf-heavy')} / "
+        lines.append(f"| {r.name}{r.round}: {r.label} | {r.kills} | {r.failed.get('gkf-heavy')} / "
                      f"{r.failed.get('gkf-light')} | {r.seconds.get('gkf-heavy', 0):.1f} / "
                      f"{r.seconds.get('gkf-light', 0):.1f} | {wait} | {job} | {learned} |")
     return "\n".join(lines) + "\n"
@@ -203,6 +232,8 @@ def report(runs: list[Run], seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench.farm")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS-farm.md")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="every configuration this many times, interleaved (default 3)")
     args = p.parse_args(argv)
     why = why_not()
     if why is not None:
@@ -218,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         projects = {"gkf-heavy": (heavy.root, list(heavy.objects)),
                     "gkf-light": (light.root, list(light.objects))}
         with network(CLIENTS):
-            scenario(work, projects, gatekeeper=False, runs=runs)
-            scenario(work, projects, gatekeeper=True, runs=runs)
+            for round_ in range(1, args.rounds + 1):
+                scenario(work, projects, gatekeeper=False, runs=runs, round_=round_)
+                scenario(work, projects, gatekeeper=True, runs=runs, round_=round_)
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(work, ignore_errors=True)
