@@ -449,6 +449,19 @@ def read_state_file(path: Path) -> bytes:
     return data
 
 
+def state_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot hold the state file (made if missing, 0700), or None."""
+    try:
+        make_private_dirs(path)
+    except OSError as e:
+        return f"cannot be made: {e.strerror or e}"
+    if not path.is_dir():
+        return "not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
+
+
 def make_private_dirs(path: Path) -> None:
     """mkdir -p, each directory it creates 0700 (learned footprints name
     compiles: nobody else's business), whatever the umask."""

@@ -307,9 +307,11 @@ class Server:
         """The --metrics and --agent listeners. Call before `run` (outside any
         nursery) so a port in use is a plain startup OSError; `run` opens them
         itself otherwise."""
-        web = await open_all(() if self.config.metrics is None else (self.config.metrics,))
+        web = await open_all(() if self.config.metrics is None else (self.config.metrics,),
+                             flag="--metrics")
         try:
-            agent = await open_all(() if self.config.agent is None else (self.config.agent,))
+            agent = await open_all(() if self.config.agent is None else (self.config.agent,),
+                                   flag="--agent")
         except BaseException:
             for listener in web:
                 await trio.aclose_forcefully(listener)

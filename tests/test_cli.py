@@ -215,3 +215,43 @@ def test_bad_memory_flags_exit_2(argv: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["/proc/nonexistent/x", "/dev/null"])
+def test_an_unusable_state_dir_is_a_one_line_error(where: str) -> None:
+    """Found at start, not at the first save a run later (issue 21)."""
+    proc = subprocess.run([sys.executable, "-m", "gatekeeper", "--state-dir", where,
+                           "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gatekeeper: --state-dir {where}: ")
+
+
+def test_a_port_in_use_names_the_flag_and_address() -> None:
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gatekeeper", "--listen", "127.0.0.1:0",
+                               "--metrics", f"127.0.0.1:{port}"], capture_output=True,
+                              text=True, timeout=30)
+    finally:
+        holder.close()
+    assert proc.returncode != 0
+    assert f"--metrics 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
+
+
+def test_inetd_io_reason_says_why() -> None:
+    from gatekeeper.cli import inetd_io_reason
+    from gatekeeper.config import InetdIo
+    from gatekeeper.inetd.command import Command
+    direct = inetd_io_reason(InetdIo.AUTO, Command(("distccd", "--inetd", "--allow",
+                                                     "10.0.0.0/8"), "/usr/bin/distccd"))
+    assert "direct" in direct and "--allow" in direct
+    relayed = inetd_io_reason(InetdIo.AUTO, Command(("distccd", "--inetd"), "/usr/bin/distccd"))
+    assert "relayed" in relayed
+    asked = inetd_io_reason(InetdIo.DIRECT, Command(("distccd",), "/usr/bin/distccd"))
+    assert asked == "--inetd-io direct: as asked"

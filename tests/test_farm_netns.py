@@ -62,14 +62,6 @@ def ends(procs: Procs, box: str, skip: int = 0) -> list[re.Match[str]]:
             if (m := END.search(line)) is not None]
 
 
-def running(box: Box) -> int:
-    """Jobs running on the box now, from its /farm (0 if it does not answer)."""
-    try:
-        return int(json.loads(farm_view(box))["self"]["running"])
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
 def learned_from_peers(box: Box) -> int:
     try:
         return sum(int(p.get("learned", 0)) for p in json.loads(farm_view(box))["peers"])
@@ -142,13 +134,16 @@ def run_farm(work: Path) -> None:
             # fail cleanly, their clients compile them locally, the build ends.
             for obj in project.objects:
                 (project.root / obj).unlink()
-            box2 = next(b for b in BOXES if b.name == "gkf-box2")
+            mark = len(procs.log("gkf-box2-gk").splitlines())
             third: list[subprocess.CompletedProcess[str]] = []
             builder = threading.Thread(target=lambda: third.append(make(
                 "gkf-cli", project.root, work, "3", jobs=12, fallback=True)[0]))
             builder.start()
             try:
-                until("a job running on box2", lambda: running(box2) > 0, timeout=60)
+                # Once box2 is working on this build (its first job of it
+                # ended: more are queued or running there, the build is not).
+                until("box2 working on the third build",
+                      lambda: len(ends(procs, "gkf-box2", mark)) > 0, timeout=60)
                 procs.stop("gkf-box2-distccd")
                 until("box2 taken out", lambda: haproxy_state(sock).get("gkf-box2") not in (
                     "UP", "no check"), timeout=20)

@@ -116,12 +116,18 @@ def enable_keepalive(sock: trio.socket.SocketType) -> None:
         pass  # already gone: the handler will find out
 
 
-async def open_all(addresses: tuple[Address, ...]) -> list[trio.SocketListener]:
-    """Every listener for `addresses`, or none (the ones opened are closed)."""
+async def open_all(addresses: tuple[Address, ...], *,
+                   flag: str = "--listen") -> list[trio.SocketListener]:
+    """Every listener for `addresses`, or none (the ones opened are closed).
+    An address that cannot be opened is an OSError naming it and its flag
+    ("--metrics 127.0.0.1:3634: Address already in use"), not the bare errno."""
     listeners: list[trio.SocketListener] = []
     try:
         for address in addresses:
-            listeners.extend(await open_listeners(address))
+            try:
+                listeners.extend(await open_listeners(address))
+            except OSError as e:
+                raise OSError(e.errno, f"{flag} {address}: {e.strerror or e}") from None
     except BaseException:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
