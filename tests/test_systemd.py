@@ -4,9 +4,10 @@ waits for the first connection, then execs gatekeeper with LISTEN_FDS/LISTEN_PID
 the same protocol PID 1 uses.
 
 No systemd as PID 1 is needed: `systemd-analyze verify` and `security --offline`
-read unit files directly. The units name /usr/local/bin/gatekeeper (where `pip
-install .` as root puts the script); the verify test points that one path at the
-script this checkout really has, since verify insists the program exists.
+read unit files directly. The units name /usr/bin/gatekeeper (where the Debian
+package puts the script); the verify test points that one path at the script this
+checkout really has, since verify insists the program exists. The package itself,
+booted under a real systemd, is tests/test_deb_container.py.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from gatekeeper.cli import parse_options
 pytestmark = pytest.mark.timeout(60)
 
 UNITS = PROJECT_ROOT / "systemd"
-INSTALLED_GATEKEEPER = "/usr/local/bin/gatekeeper"
+INSTALLED_GATEKEEPER = "/usr/bin/gatekeeper"
+DEFAULTS = UNITS / "gatekeeper.default"  # /etc/default/gatekeeper
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 SYSV_GENERATOR = Path("/lib/systemd/system-generators/systemd-sysv-generator")
@@ -60,7 +62,40 @@ requires_activate = pytest.mark.skipif(
 
 
 def unit_files() -> list[Path]:
-    return sorted(p for p in UNITS.rglob("*") if p.is_file())
+    return sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".socket"))
+
+
+def environment_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (quotes removed)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = " ".join(shlex.split(value))
+    return env
+
+
+def unit_environment(path: Path) -> dict[str, str]:
+    """The unit's Environment= assignments (its defaults when the file is missing)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("Environment="):
+            for word in shlex.split(line.partition("=")[2]):
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
+
+
+def expand(argv: list[str], env: dict[str, str]) -> list[str]:
+    """systemd's ExecStart= expansion: ${VAR} stays one word, a bare $VAR splits into
+    words (an empty one vanishes)."""
+    out: list[str] = []
+    for word in argv:
+        if re.fullmatch(r"\$[A-Za-z_][A-Za-z0-9_]*", word):
+            out.extend(env[word[1:]].split())
+        else:
+            out.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env[m[1]], word))
+    return out
 
 
 def read_unit(path: Path) -> configparser.ConfigParser:
@@ -94,14 +129,13 @@ def unit_dir(tmp_path: Path) -> Path:
     """systemd/ copied with the install path of gatekeeper made real, next to Debian's
     stock distcc.service as systemd-sysv-generator makes it from /etc/init.d/distcc."""
     dest = tmp_path / "units"
-    shutil.copytree(UNITS, dest)
+    dest.mkdir()
     program = gatekeeper_program(tmp_path)
-    for path in dest.rglob("*"):
-        if path.is_file():
-            path.write_text(path.read_text().replace(INSTALLED_GATEKEEPER, program))
+    for path in unit_files():
+        (dest / path.name).write_text(path.read_text().replace(INSTALLED_GATEKEEPER, program))
     if not (SYSV_GENERATOR.exists() and DISTCC_INIT_SCRIPT.exists()):
         pytest.skip("needs Debian's distcc package and systemd-sysv-generator for the stock "
-                    "distcc.service the drop-in applies to")
+                    "distcc.service the units conflict with")
     generated = tmp_path / "generated"
     generated.mkdir()
     proc = subprocess.run([str(SYSV_GENERATOR), str(generated), str(generated), str(generated)],
@@ -117,12 +151,12 @@ def unit_dir(tmp_path: Path) -> Path:
 @requires_analyze
 def test_systemd_analyze_verify_every_unit(unit_dir: Path) -> None:
     units = sorted(p for p in unit_dir.iterdir() if p.is_file())
-    dropins = sorted(unit_dir.glob("*.d/*.conf"))
-    covered = {p.relative_to(unit_dir) for p in units} | {p.relative_to(unit_dir) for p in dropins}
-    shipped = {p.relative_to(UNITS) for p in unit_files()}
+    covered = {p.name for p in units}
+    shipped = {p.name for p in unit_files()}
     assert shipped <= covered, f"not verified: {shipped - covered}"
-    # Drop-ins are read from <unit>.d/ next to the unit that is verified.
-    assert {p.parent.name for p in dropins} == {"distcc.service.d"}
+    # The package installs exactly these (debian/gatekeeper.install).
+    installed = (PROJECT_ROOT / "debian" / "gatekeeper.install").read_text().split()
+    assert {Path(x).name for x in installed if x.startswith("systemd/")} == shipped
     argv = [str(SYSTEMD_ANALYZE), "verify", "--man=no", *map(str, units)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=unit_dir)
     # verify exits 0 even for unknown keys or bad values ("..., ignoring"): any output
@@ -132,12 +166,11 @@ def test_systemd_analyze_verify_every_unit(unit_dir: Path) -> None:
 
 
 @requires_analyze
-def test_verify_catches_a_broken_dropin(unit_dir: Path) -> None:
-    """The check above can fail: a typo in the drop-in is reported."""
-    dropin = unit_dir / "distcc.service.d" / "gatekeeper-backend.conf"
-    dropin.write_text(dropin.read_text() + "\nKilMode=mixed\n")
-    proc = subprocess.run([str(SYSTEMD_ANALYZE), "verify", "--man=no",
-                           str(unit_dir / "distcc.service")],
+def test_verify_catches_a_broken_unit(unit_dir: Path) -> None:
+    """The check above can fail: a typo in a unit is reported."""
+    unit = unit_dir / "gatekeeper-distccd.service"
+    unit.write_text(unit.read_text() + "\nKilMode=mixed\n")
+    proc = subprocess.run([str(SYSTEMD_ANALYZE), "verify", "--man=no", str(unit)],
                           capture_output=True, text=True, timeout=60)
     assert "KilMode" in proc.stderr
 
@@ -155,9 +188,21 @@ def test_hardening_exposure(unit_dir: Path, unit: str, threshold: float) -> None
 
 
 def test_units_agree_with_each_other_and_with_the_cli() -> None:
-    proxy = exec_start(UNITS / "gatekeeper.service")
-    inetd = exec_start(UNITS / "gatekeeper-inetd.service")
-    distccd = exec_start(UNITS / "distcc.service.d" / "gatekeeper-backend.conf")
+    defaults = environment_file(DEFAULTS)
+    for name in ("gatekeeper.service", "gatekeeper-inetd.service",
+                 "gatekeeper-distccd.service"):
+        # A missing /etc/default/gatekeeper means the same limits as the shipped one.
+        unit_env = unit_environment(UNITS / name)
+        assert unit_env and all(defaults[k] == v for k, v in unit_env.items()), name
+        assert "EnvironmentFile=-/etc/default/gatekeeper" in (UNITS / name).read_text()
+    proxy = expand(exec_start(UNITS / "gatekeeper.service"), defaults)
+    inetd = expand(exec_start(UNITS / "gatekeeper-inetd.service"), defaults)
+    distccd = expand(exec_start(UNITS / "gatekeeper-distccd.service"), defaults)
+    # An admin's extra flags land as flags (a bare $VAR splits into words).
+    extra = expand(exec_start(UNITS / "gatekeeper.service"),
+                   {**defaults, "GATEKEEPER_OPTS": "--agent 3634 --allow 10.0.0.0/8"})
+    assert extra[-4:] == ["--agent", "3634", "--allow", "10.0.0.0/8"]
+    assert parse_options(extra[1:]).command is None
     assert proxy[0] == inetd[0] == INSTALLED_GATEKEEPER
     # The command lines parse (a flag typo in a unit would fail the service at start).
     proxy_options = parse_options(proxy[1:])
@@ -165,7 +210,7 @@ def test_units_agree_with_each_other_and_with_the_cli() -> None:
     if shutil.which(inetd[inetd.index("--") + 1]):
         inetd_options = parse_options(inetd[1:])
         assert inetd_options.command is not None and "--inetd" in inetd_options.command.argv
-    # The drop-in puts distccd exactly where gatekeeper.service forwards to.
+    # gatekeeper-distccd puts distccd exactly where gatekeeper.service forwards to.
     assert distccd[0].endswith("/distccd") and "--no-detach" in distccd
     port = distccd[distccd.index("--port") + 1]
     listen = distccd[distccd.index("--listen") + 1]
@@ -186,11 +231,18 @@ def test_units_agree_with_each_other_and_with_the_cli() -> None:
         assert service["StateDirectory"] == "gatekeeper"
         argv = exec_start(UNITS / name)
         assert argv[argv.index("--state-dir") + 1] == "/var/lib/gatekeeper"
+        assert read_unit(UNITS / name)["Unit"]["Conflicts"].split()
     # Proxy mode measures jobs through distccd's processes: same user, /proc
     # visible, real uids (DynamicUser + ProtectProc=invisible measured nothing).
     proxy_service = read_unit(UNITS / "gatekeeper.service")["Service"]
-    dropin = read_unit(UNITS / "distcc.service.d" / "gatekeeper-backend.conf")["Service"]
-    assert proxy_service["User"] == dropin["User"] == "distccd"
+    backend = read_unit(UNITS / "gatekeeper-distccd.service")
+    assert proxy_service["User"] == backend["Service"]["User"] == "distccd"
+    # Installing the package changes nothing about a running distccd: the backend is a
+    # unit of its own, started only with gatekeeper.service, never with distcc.service.
+    assert "distcc.service" in backend["Unit"]["Conflicts"].split()
+    assert "gatekeeper-distccd.service" in read_unit(
+        UNITS / "gatekeeper.service")["Unit"]["Wants"].split()
+    assert "Install" not in backend
     for hidden in ("DynamicUser", "ProtectProc", "PrivateUsers"):
         assert hidden not in proxy_service, hidden
     # inetd mode may make job cgroups where the kernel delegates memory (v2).
