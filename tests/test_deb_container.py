@@ -311,9 +311,12 @@ QUICK_START_CHECK = r"""
 set -u
 cd /root/gatekeeper
 bash -c "$GK_COMMAND" > /root/quick-start.log 2>&1 &
-# Until gatekeeper listens (apt-get update, the venv and pip come first).
+command=$!
+# Until gatekeeper listens (apt-get update, the venv and pip come first), or the
+# command has failed.
 for _ in $(seq 1800); do
     ss -ltnH "( sport = :3632 )" | grep -q LISTEN && break
+    kill -0 "$command" 2>/dev/null || { echo "the command exited"; break; }
     sleep 0.2
 done
 echo 'int answer(void) { return 42; }' > /root/t.c
@@ -347,8 +350,16 @@ def test_readme_quick_start_runs_on_debians_python(box: Path, tmp_path: Path) ->
         if src.is_file():
             (checkout / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, checkout / name)
-    proc = nspawn(box, f"--setenv=GK_COMMAND={command}", "/bin/bash", "-c", QUICK_START_CHECK,
-                  timeout=600)
+    # This machine reaches the registries through a TLS proxy whose CA is in its own
+    # bundle (pip is told so by PIP_CERT); the box gets that bundle and that setting,
+    # as a box on this network would. The command itself is untouched.
+    trust = []
+    host_cert = os.environ.get("PIP_CERT")
+    if host_cert and Path(host_cert).is_file():
+        trust = [f"--bind-ro={host_cert}:/etc/gatekeeper-test-ca.crt",
+                 "--setenv=PIP_CERT=/etc/gatekeeper-test-ca.crt"]
+    proc = nspawn(box, *trust, f"--setenv=GK_COMMAND={command}", "/bin/bash", "-c",
+                  QUICK_START_CHECK, timeout=600)
     print(proc.stdout[-3000:])
     assert "client-rc=0" in proc.stdout, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert "objects-identical" in proc.stdout
