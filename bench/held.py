@@ -279,6 +279,8 @@ def _run(args: argparse.Namespace, tcp_mem: str) -> None:
         [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}", "--backend",
          f"127.0.0.1:{lsock.getsockname()[1]}", "-j", "1", "--min-free-mb", "0",
          "--identify", "none", "--fair-by", "none", "--max-queue", str(args.clients + 100),
+         # Every bench client is 127.0.0.1: the per-client cap must not bite here.
+         "--max-queued-per-client", str(args.clients + 100),
          "--queue-timeout", "3600", "--data-path", args.data_path, "--log-level", args.log_level],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=log)
     lsock.close()

@@ -11,6 +11,9 @@ Invariants (checked by the property tests after every step):
 
 * ``running <= max_jobs``.
 * ``queued <= max_queue``; an arrival past that is refused, never queued.
+* ``queued(client) <= max_queued_per_client`` for every client (the peer's
+  address, whatever the fairness key): one peer cannot fill the queue and turn
+  everyone else away; its arrival past that is refused, never queued.
 * Fair queueing between keys (a client, a subnet; the shell decides): one FIFO
   per key, served round-robin, a key getting `weight` turns in a row. Within a
   key, admission order equals arrival order; with one key (or fairness off)
@@ -62,6 +65,8 @@ from gatekeeper.backfill import backfill, shadow
 
 JobId = int
 Key = str | None
+# A queued job's client (its peer's address), for the per-client queue cap.
+Client = str | None
 """Who a job belongs to for fairness (None: the one shared queue)."""
 
 
@@ -88,6 +93,8 @@ class Refusal(enum.Enum):
     """Why an arrival was refused instead of queued."""
 
     QUEUE_FULL = "queue-full"
+    CLIENT_QUEUE_FULL = "client-queue-full"
+    """The arrival's client already has max_queued_per_client jobs queued."""
     DRAINING = "draining"
 
 
@@ -104,6 +111,8 @@ class Limits:
     """Bytes a job is expected to need when its arrival names no estimate."""
     max_per_key: int | None = None
     """At most this many running jobs per key (None: no such limit)."""
+    max_queued_per_client: int | None = None
+    """At most this many queued jobs per client (None: no such limit)."""
     backfill: bool = False
     """While the job whose turn it is waits for memory, let later jobs start
     that cannot delay it (`backfill`)."""
@@ -121,6 +130,8 @@ class Limits:
             raise ValueError("default_footprint must not be negative")
         if self.max_per_key is not None and self.max_per_key < 1:
             raise ValueError("max_per_key must be at least 1")
+        if self.max_queued_per_client is not None and self.max_queued_per_client < 1:
+            raise ValueError("max_queued_per_client must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +188,8 @@ class Admission:
         self._turns = 0  # turns the key at the ring's front has had in a row
         self._weight: dict[Key, int] = {}
         self._running_by_key: Counter[Key] = Counter()
+        self._client: dict[JobId, Client] = {}  # queued jobs that name a client
+        self._queued_by_client: Counter[Client] = Counter()
         self._draining = False
         self._hold: Hold | None = None
         self._pressure_high = False
@@ -195,11 +208,12 @@ class Admission:
 
     def arrive(self, job: JobId, now: float, footprint: int | None = None, *,
                key: Key = None, weight: int = 1,
-               duration: float | None = None) -> Refusal | None:
+               duration: float | None = None, client: Client = None) -> Refusal | None:
         """A new connection wants to run, expected to need `footprint` bytes at
         its peak (None: the default) for `duration` seconds (None: unknown), on
-        behalf of `key` whose turns count `weight` in a row. Returns why it is
-        refused, or None if queued."""
+        behalf of `key` whose turns count `weight` in a row, from `client` (its
+        peer; None: not counted against max_queued_per_client). Returns why it
+        is refused, or None if queued."""
         if weight < 1:
             raise ValueError("weight must be at least 1")
         if duration is not None and not 0 <= duration < float("inf"):
@@ -209,6 +223,9 @@ class Admission:
         refusal: Refusal | None = None
         if self._draining:
             refusal = Refusal.DRAINING
+        elif (client is not None and self.limits.max_queued_per_client is not None
+              and self._queued_by_client[client] >= self.limits.max_queued_per_client):
+            refusal = Refusal.CLIENT_QUEUE_FULL
         elif len(self._queue) >= self.limits.max_queue:
             refusal = Refusal.QUEUE_FULL
         if refusal is not None:
@@ -220,6 +237,9 @@ class Admission:
         self._key[job] = key
         self._weight[key] = weight
         self._duration[job] = duration
+        if client is not None:
+            self._client[job] = client
+            self._queued_by_client[client] += 1
         fifo = self._by_key.get(key)
         if fifo is None:
             fifo = self._by_key[key] = OrderedDict()
@@ -228,8 +248,17 @@ class Admission:
         self._update_hold()
         return None
 
+    def _uncount(self, job: JobId) -> None:
+        """A queued job no longer counts against its client's queue cap."""
+        client = self._client.pop(job, None)
+        if client is not None:
+            self._queued_by_client[client] -= 1
+            if not self._queued_by_client[client]:
+                del self._queued_by_client[client]
+
     def _unqueue(self, job: JobId) -> None:
         """Take a job out of its key's FIFO (the global queue is the caller's)."""
+        self._uncount(job)
         key = self._key[job]
         fifo = self._by_key[key]
         del fifo[job]
@@ -317,6 +346,7 @@ class Admission:
         drained = list(self._queue)
         self._queue.clear()
         for job in drained:
+            self._uncount(job)
             self._forget(job)
         self._by_key.clear()
         self._ring.clear()

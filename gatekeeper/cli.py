@@ -46,6 +46,7 @@ from gatekeeper.config import (
     PAUSE_FLOOR_SHARE,
     Config,
     InetdIo,
+    default_max_queued_per_client,
 )
 from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.fairness import FairBy, Priorities
@@ -240,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N",
                    help=f"at most N jobs waiting; more are closed at once "
                         f"(default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-queued-per-client", type=_positive_int, metavar="N",
+                   help="at most N jobs waiting from one client address; more from it are "
+                        "closed at once, others still queue (default: a quarter of "
+                        "--max-queue, at least 1)")
     p.add_argument("--allow", action="append", metavar="CIDR",
                    help="clients that may connect, repeatable (default: loopback and "
                         "private ranges, as distccd)")
@@ -435,6 +440,9 @@ def parse_options(argv: Sequence[str]) -> Options:
         max_pause=args.max_pause,
         idle_timeout=args.idle_timeout,
         max_per_client=args.max_per_client,
+        max_queued_per_client=(args.max_queued_per_client
+                               if args.max_queued_per_client is not None
+                               else default_max_queued_per_client(args.max_queue)),
         priorities=priorities,
     )
     return Options(config, command=command, drain_timeout=args.drain_timeout,
@@ -512,10 +520,12 @@ async def run(config: Config, options: Options | None = None, *,
     await server.open_side_listeners()  # before the nursery: in use = exit 1
     target = (f"command {options.command}" if options.command is not None
               else f"backend {config.backend}")
-    log.info("gatekeeper %s: max-jobs %d, min-free %s, max-queue %d, "
+    per_client = ("" if config.max_queued_per_client is None
+                  else f" ({config.max_queued_per_client} per client)")
+    log.info("gatekeeper %s: max-jobs %d, min-free %s, max-queue %d%s, "
              "queue-timeout %gs, drain-timeout %gs, %s", __version__, config.max_jobs,
-             format_mib(config.min_free_bytes), config.max_queue, config.queue_timeout,
-             options.drain_timeout, target)
+             format_mib(config.min_free_bytes), config.max_queue, per_client,
+             config.queue_timeout, options.drain_timeout, target)
     if options.command is not None:
         log.info("inetd: %s", inetd_io_reason(config.inetd_io, options.command))
     if server.pauses is None:

@@ -22,6 +22,18 @@ DEFAULT_QUEUE_TIMEOUT = 240.0
 # distccd's own listen backlog is 1024; holding as many is nothing for us
 # (one socket and one small task each) and covers a few make -j64 clients.
 DEFAULT_MAX_QUEUE = 1024
+# A client's fair share of the queue (--max-queued-per-client's default): a
+# quarter, so one peer can never hold more than that and at least three others
+# of its size still fit. At the default 1024 that is 256 waiting jobs per
+# client, more than a `make -j256` can have outstanding at once (a distcc
+# client host sends at most its DISTCC_HOSTS slots together), so no honest
+# build is ever refused by it; 1,100 idle connections from one address (the
+# issue 22 finding) are cut at 256 instead of turning everyone away.
+QUEUE_SHARE_PER_CLIENT = 4
+
+
+def default_max_queued_per_client(max_queue: int) -> int:
+    return max(1, max_queue // QUEUE_SHARE_PER_CLIENT)
 
 # 512 MiB: enough for a typical C++ compile to start and grow for a while
 # without swapping, small enough not to idle a modest build box. Raise it to the
@@ -118,6 +130,9 @@ class Config:
     """How clients are grouped for round-robin sharing of the queue."""
     max_per_client: int | None = None
     """At most this many running jobs per fairness key."""
+    max_queued_per_client: int | None = None
+    """At most this many queued jobs per client address (None: no such limit;
+    the command line's default is a quarter of max_queue)."""
     priorities: Priorities = NO_PRIORITIES
     """Weights of keys in the round-robin."""
     idle_timeout: float | None = None

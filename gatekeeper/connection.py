@@ -213,7 +213,8 @@ class Connections:
         key = self.config.fair_by.key(host)
         weight = self.config.priorities.weight(host)
         async with self.gate.ticket(job.estimate, key=key, weight=weight,
-                                    duration=self.book.duration(job.key, job.features)) as ticket:
+                                    duration=self.book.duration(job.key, job.features),
+                                    client=host) as ticket:
             job.ticket = ticket.job
             self.by_ticket[ticket.job] = job
             if ticket.refused is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from gatekeeper.admission import Admission, Hold, JobId, Key, Refusal, Snapshot
+from gatekeeper.admission import Admission, Client, Hold, JobId, Key, Refusal, Snapshot
 from gatekeeper.memory.sources import MemorySource
 from gatekeeper.observe.units import format_mib
 
@@ -63,17 +63,17 @@ class TicketScope:
     @asynccontextmanager: one is entered per connection, and the generator
     machinery cost more than the arrival itself."""
 
-    __slots__ = ("_duration", "_footprint", "_gate", "_key", "_ticket", "_weight")
+    __slots__ = ("_client", "_duration", "_footprint", "_gate", "_key", "_ticket", "_weight")
 
     def __init__(self, gate: Gate, footprint: int | None, key: Key, weight: int,
-                 duration: float | None) -> None:
+                 duration: float | None, client: Client) -> None:
         self._gate, self._footprint, self._key, self._weight = gate, footprint, key, weight
-        self._duration = duration
+        self._duration, self._client = duration, client
         self._ticket: Ticket | None = None
 
     async def __aenter__(self) -> Ticket:
         self._ticket = self._gate._arrive(self._footprint, self._key, self._weight,
-                                          self._duration)
+                                          self._duration, self._client)
         return self._ticket
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -99,18 +99,19 @@ class Gate:
         self._watchers = trio.lowlevel.ParkingLot()
 
     def ticket(self, footprint: int | None = None, *, key: Key = None,
-               weight: int = 1, duration: float | None = None) -> TicketScope:
+               weight: int = 1, duration: float | None = None,
+               client: Client = None) -> TicketScope:
         """``async with gate.ticket(...) as ticket``: join the queue, expected to
         need `footprint` bytes (None: the policy's default) for `duration`
         seconds (None: unknown); the slot or queue place is released on exit,
         exactly once, however the block ends (including cancellation)."""
-        return TicketScope(self, footprint, key, weight, duration)
+        return TicketScope(self, footprint, key, weight, duration, client)
 
     def _arrive(self, footprint: int | None, key: Key, weight: int,
-                duration: float | None = None) -> Ticket:
+                duration: float | None = None, client: Client = None) -> Ticket:
         job = next(self._ids)
         refused = self.admission.arrive(job, self._clock(), footprint, key=key, weight=weight,
-                                        duration=duration)
+                                        duration=duration, client=client)
         ticket = Ticket(job, refused)
         if refused is None:
             self._tickets[job] = ticket

@@ -36,6 +36,8 @@ class Outcome(enum.Enum):
     PROXY_HEADER = "proxy-header"
     """A --trusted-proxy peer sent no PROXY header, or a broken one."""
     QUEUE_FULL = "queue-full"
+    CLIENT_QUEUE_FULL = "client-queue-full"
+    """Its client already had --max-queued-per-client jobs queued."""
     DRAINING = "draining"
     QUEUE_TIMEOUT = "queue-timeout"
     CLIENT_GONE = "client-gone"
@@ -66,14 +68,14 @@ class Outcome(enum.Enum):
 
 
 NOT_RUN = frozenset({Outcome.DENIED, Outcome.ARGV_POLICY, Outcome.PROXY_HEADER,
-                     Outcome.QUEUE_FULL, Outcome.DRAINING,
+                     Outcome.QUEUE_FULL, Outcome.CLIENT_QUEUE_FULL, Outcome.DRAINING,
                      Outcome.QUEUE_TIMEOUT, Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR,
                      Outcome.COMMAND_ERROR})
 # In the order the metrics list them (a scrape's label order stays stable).
 REJECT_REASONS: tuple[Outcome, ...] = (
     Outcome.DENIED, Outcome.QUEUE_FULL, Outcome.DRAINING, Outcome.QUEUE_TIMEOUT,
     Outcome.CLIENT_GONE, Outcome.BACKEND_ERROR, Outcome.COMMAND_ERROR, Outcome.ARGV_POLICY,
-    Outcome.PROXY_HEADER)
+    Outcome.PROXY_HEADER, Outcome.CLIENT_QUEUE_FULL)
 COMPLETED: tuple[Outcome, ...] = (
     Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BACKEND_FAILED, Outcome.IDLE_TIMEOUT,
     Outcome.DRAIN_TIMEOUT, Outcome.PAUSE_TIMEOUT, Outcome.COMMAND_FAILED)

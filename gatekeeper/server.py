@@ -71,6 +71,7 @@ def limits_from(config: Config) -> Limits:
         max_queue=config.max_queue,
         queue_timeout=config.queue_timeout,
         max_per_key=config.max_per_client,
+        max_queued_per_client=config.max_queued_per_client,
         backfill=config.backfill,
     )
 

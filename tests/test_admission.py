@@ -93,6 +93,35 @@ def test_queue_full_refuses_and_counts() -> None:
     assert a.arrive(3, 0.0) is None
 
 
+def test_a_client_at_its_queue_cap_is_refused_while_others_still_queue() -> None:
+    a = Admission(Limits(max_jobs=1, min_free=0, max_queue=10, queue_timeout=60.0,
+                         max_queued_per_client=2))
+    assert a.arrive(1, 0.0, client="10.0.0.1") is None  # runs at once
+    a.admit(0.0, 100)
+    assert a.arrive(2, 0.0, client="10.0.0.1") is None
+    assert a.arrive(3, 0.0, client="10.0.0.1") is None
+    assert a.arrive(4, 0.0, client="10.0.0.1") is Refusal.CLIENT_QUEUE_FULL
+    assert a.arrive(5, 0.0, client="10.0.0.2") is None  # another client still queues
+    assert a.arrive(6, 0.0) is None  # a unix peer names no client: not counted
+    assert a.statistics().refused_total["client-queue-full"] == 1
+    # Running jobs do not count against the queue cap; leaving the queue frees a place.
+    a.finish(1)
+    assert a.admit(0.0, 100) == [2]
+    assert a.arrive(7, 0.0, client="10.0.0.1") is None
+    a.abandon(3)
+    assert a.arrive(8, 0.0, client="10.0.0.1") is None
+    assert a.arrive(9, 0.0, client="10.0.0.1") is Refusal.CLIENT_QUEUE_FULL
+    # Drained and expired jobs are uncounted too.
+    a.drain()
+    b = Admission(Limits(max_jobs=1, min_free=0, max_queue=10, queue_timeout=1.0,
+                         max_queued_per_client=1))
+    assert b.arrive(1, 0.0, client="x") is None
+    b.admit(0.0, 100)
+    assert b.arrive(2, 0.0, client="x") is None
+    assert b.expire(5.0) == [2]
+    assert b.arrive(3, 5.0, client="x") is None
+
+
 def test_max_queue_zero_refuses_everything() -> None:
     a = make(max_queue=0)
     assert a.arrive(1, 0.0) is Refusal.QUEUE_FULL
@@ -186,17 +215,21 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.keyed = False
         self.weights: dict[str | None, int] = {None: 1}
         self.key: dict[int, str | None] = {}
+        self.client: dict[int, str] = {}
 
     @precondition(lambda self: self.core is None)
     @rule(max_jobs=st.integers(1, 4), min_free=st.integers(0, 3),
           max_queue=st.integers(0, 6), timeout=st.integers(1, 20), reserve=st.integers(0, 2),
           keyed=st.booleans(), max_per_key=st.none() | st.integers(1, 3),
-          weights=st.lists(st.integers(1, 3), min_size=3, max_size=3))
+          weights=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+          per_client=st.none() | st.integers(1, 3))
     def setup(self, max_jobs: int, min_free: int, max_queue: int, timeout: int,
-              reserve: int, keyed: bool, max_per_key: int | None, weights: list[int]) -> None:
+              reserve: int, keyed: bool, max_per_key: int | None, weights: list[int],
+              per_client: int | None) -> None:
         self.core = Admission(Limits(max_jobs=max_jobs, min_free=min_free, max_queue=max_queue,
                                      queue_timeout=float(timeout), default_footprint=reserve,
-                                     max_per_key=max_per_key))
+                                     max_per_key=max_per_key,
+                                     max_queued_per_client=per_client))
         self.keyed = keyed
         if keyed:
             self.weights = dict(zip("abc", weights, strict=True))
@@ -204,21 +237,32 @@ class AdmissionMachine(RuleBasedStateMachine):
     def running_of(self, key: str | None) -> int:
         return sum(1 for j in self.running if self.key[j] == key)
 
+    def queued_of(self, client: str) -> int:
+        return sum(1 for j in self.arrival_order if self.client[j] == client)
+
     def queued_keys(self) -> set[str | None]:
         return {self.key[j] for j in self.arrival_order}
 
     @precondition(lambda self: self.core is not None)
-    @rule(footprint=st.none() | st.integers(0, 4), which=st.integers(0, 2))
-    def arrive(self, footprint: int | None, which: int) -> None:
+    @rule(footprint=st.none() | st.integers(0, 4), which=st.integers(0, 2),
+          client=st.sampled_from(["10.0.0.1", "10.0.0.2"]))
+    def arrive(self, footprint: int | None, which: int, client: str) -> None:
         assert self.core is not None
         job = self.next_id
         self.next_id += 1
+        cap = self.core.limits.max_queued_per_client
+        mine = self.queued_of(client)
         full = len(self.arrival_order) >= self.core.limits.max_queue
         key = "abc"[which] if self.keyed else None
         self.key[job] = key
-        refusal = self.core.arrive(job, self.now, footprint, key=key, weight=self.weights[key])
+        self.client[job] = client
+        refusal = self.core.arrive(job, self.now, footprint, key=key, weight=self.weights[key],
+                                   client=client)
         if self.draining:
             assert refusal is Refusal.DRAINING
+        elif cap is not None and mine >= cap:
+            # The client's own cap comes first: it is that client's doing.
+            assert refusal is Refusal.CLIENT_QUEUE_FULL
         else:
             assert (refusal is Refusal.QUEUE_FULL) == full
         if refusal is None:
@@ -368,6 +412,10 @@ class AdmissionMachine(RuleBasedStateMachine):
             return
         assert core.running == len(self.running) <= core.limits.max_jobs
         assert core.queued == len(self.arrival_order) <= core.limits.max_queue
+        cap = core.limits.max_queued_per_client
+        if cap is not None:
+            for client in ("10.0.0.1", "10.0.0.2"):
+                assert self.queued_of(client) <= cap
         assert [job for job, _ in core.queue_view(1000)] == self.arrival_order
         s = core.statistics()
         assert s.finished_total == len(self.finished)

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 from fakes import (
     DATA_PATH,
+    Backend,
     Running,
     answer_reversed,
     backend,
@@ -31,6 +32,7 @@ from fakes import (
 from gatekeeper import job as serve
 from gatekeeper.distcc.reply import encode_reply_head
 from gatekeeper.distcc.request import encode_request_head
+from gatekeeper.fairness import FairBy
 from gatekeeper.job import ProxyStart
 from gatekeeper.net import addresses
 from gatekeeper.net.allow import AllowList
@@ -195,6 +197,44 @@ async def test_max_queue_closes_excess_at_once() -> None:
             await be.wait_for(lambda b: b.connections == 2)
             await queued.send_eof()
             assert await receive_all(queued) == b"done"
+
+
+def has_connections(n: int, b: Backend) -> bool:
+    return b.connections == n
+
+
+async def connect_from(source: str, gk: Running) -> trio.SocketStream:
+    """A connection from another loopback address (127.0.0.0/8 is all this host's)."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect((str(gk.address.host), gk.address.port))
+    return trio.SocketStream(sock)
+
+
+async def test_a_client_at_its_queue_cap_is_refused_while_another_still_queues() -> None:
+    """--max-queued-per-client (issue 22): one peer cannot fill the queue."""
+    async with backend(hold_until_eof) as be:
+        # One FIFO (no round-robin between the two clients), so the order is known.
+        async with gatekeeper(config(be.address, max_jobs=1, max_queue=10,
+                                     max_queued_per_client=2,
+                                     fair_by=FairBy.parse("none"))) as gk:
+            running = await gk.connect()
+            await be.wait_for(lambda b: b.connections == 1)
+            mine = [await gk.connect() for _ in range(2)]
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 2)
+            excess = await gk.connect()
+            assert await receive_until_closed(excess) == b""  # closed at once
+            assert gk.server.gate.snapshot().refused_total["client-queue-full"] == 1
+            other = await connect_from("127.0.0.2", gk)
+            await gk.wait_for(lambda s: s.gate.snapshot().queued == 3)
+            assert gk.server.gate.snapshot().refused_total["queue-full"] == 0
+            # Everyone queued is served, in order.
+            await running.send_eof()
+            assert await receive_all(running) == b"done"
+            for n, stream in enumerate((*mine, other), start=2):
+                await be.wait_for(functools.partial(has_connections, n))
+                await stream.send_eof()
+                assert await receive_all(stream) == b"done"
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
