@@ -39,6 +39,7 @@ from gatekeeper.memory.meter import Meter
 from gatekeeper.memory.oom import OomKills
 from gatekeeper.memory.sources import MemorySource
 from gatekeeper.net.addresses import TcpAddress, listener_address
+from gatekeeper.net.backend_check import warn_if_absent
 from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
 from gatekeeper.net.listen import Acceptor, FdPlan, open_all
 from gatekeeper.net.liveness import ClientWatch
@@ -277,6 +278,9 @@ class Server:
                 root.start_soon(self.waker.run)
             if self.config.state_dir is not None:
                 root.start_soon(self._save_periodically)
+            if self.inetd is None:
+                # Said once, at start: jobs still fall back while it is absent.
+                root.start_soon(warn_if_absent, self.config.backend)
             async with trio.open_nursery() as handlers:
                 accept_scope = trio.CancelScope()
 
