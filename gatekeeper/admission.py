@@ -65,9 +65,9 @@ from gatekeeper.backfill import backfill, shadow
 
 JobId = int
 Key = str | None
-# A queued job's client (its peer's address), for the per-client queue cap.
-Client = str | None
 """Who a job belongs to for fairness (None: the one shared queue)."""
+Client = str | None
+"""A queued job's client (its peer's address), for the per-client queue cap."""
 
 
 class Hold(enum.Enum):

@@ -104,7 +104,9 @@ class Connections:
         self.pauses = pauses
         """Freezes running jobs when memory runs out (None: pausing is off)."""
         self.repeatable_lines = {Outcome.DENIED: LogBudget(), Outcome.ARGV_POLICY: LogBudget(),
-                                 Outcome.PROXY_HEADER: LogBudget()}
+                                 Outcome.PROXY_HEADER: LogBudget(),
+                                 Outcome.CLIENT_QUEUE_FULL: LogBudget(),
+                                 Outcome.QUEUE_FULL: LogBudget()}
         """End lines any peer can cause at will, each kind rate-limited."""
         self.live: dict[int, Job] = {}
         """Live connections (by id), so /status can name the peers queued."""

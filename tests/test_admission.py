@@ -264,7 +264,8 @@ class AdmissionMachine(RuleBasedStateMachine):
             # The client's own cap comes first: it is that client's doing.
             assert refusal is Refusal.CLIENT_QUEUE_FULL
         else:
-            assert (refusal is Refusal.QUEUE_FULL) == full
+            # Exactly: a cap counter leaking upward would refuse where this says queue.
+            assert refusal is (Refusal.QUEUE_FULL if full else None)
         if refusal is None:
             self.arrival_order.append(job)
             self.footprints[job] = (self.core.limits.default_footprint if footprint is None

@@ -41,9 +41,18 @@ def test_the_kernel_table_is_read_as_it_is_written() -> None:
     assert listening(TcpAddress("127.0.0.1", 3634), table) is False
     assert listening(TcpAddress("::1", 3632), table) is True  # the wildcard takes it
     assert listening(TcpAddress("127.0.0.1", 3632), table) is True
+    # A v6 socket bound to the IPv4-mapped loopback serves an IPv4 backend.
+    mapped = listeners([TCP6.replace("00000000000000000000000000000000:0E30",
+                                     "0000000000000000FFFF00000100007F:0E32")])
+    assert listening(TcpAddress("127.0.0.1", 3634), mapped) is True
     # Where the table cannot tell: a remote backend, a name.
     assert listening(TcpAddress("10.1.2.3", 3633), table) is None
     assert listening(TcpAddress("buildbox", 3633), table) is None
+
+
+def test_big_endian_hosts_print_the_address_as_it_is() -> None:
+    assert backend_check._address("7F000001", "big") == ipaddress.ip_address("127.0.0.1")
+    assert backend_check._address("0100007F", "little") == ipaddress.ip_address("127.0.0.1")
 
 
 def test_real_sockets_are_seen_and_a_closed_port_is_not() -> None:
@@ -92,12 +101,13 @@ def test_gatekeeper_in_front_of_nothing_says_so_once() -> None:
              f"127.0.0.1:{port}", "--min-free-mb", "0"], stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
         try:
-            seen = []
-            for line in proc.stderr:
+            seen: list[str] = []
+            for line in proc.stderr:  # ends at EOF if it exits instead
                 seen.append(line)
-                if "nothing listens at backend" in line:
+                if "nothing listens at backend" in line or len(seen) > 50:
                     break
-            assert f"WARNING: nothing listens at backend 127.0.0.1:{port}" in seen[-1], seen
+            assert seen and f"WARNING: nothing listens at backend 127.0.0.1:{port}" in seen[-1], \
+                seen
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
             assert "nothing listens" not in proc.stderr.read()  # once

@@ -16,7 +16,6 @@ import trio
 import trio.testing
 from fakes import (
     DATA_PATH,
-    Backend,
     Running,
     answer_reversed,
     backend,
@@ -199,10 +198,6 @@ async def test_max_queue_closes_excess_at_once() -> None:
             assert await receive_all(queued) == b"done"
 
 
-def has_connections(n: int, b: Backend) -> bool:
-    return b.connections == n
-
-
 async def connect_from(source: str, gk: Running) -> trio.SocketStream:
     """A connection from another loopback address (127.0.0.0/8 is all this host's)."""
     sock = trio.socket.socket()
@@ -213,10 +208,11 @@ async def connect_from(source: str, gk: Running) -> trio.SocketStream:
 
 async def test_a_client_at_its_queue_cap_is_refused_while_another_still_queues() -> None:
     """--max-queued-per-client (issue 22): one peer cannot fill the queue."""
-    async with backend(hold_until_eof) as be:
-        # One FIFO (no round-robin between the two clients), so the order is known.
+    async with backend(answer_reversed_4) as be:
+        # One FIFO (no round-robin between the two clients), so the order is known;
+        # no identification, so a connection queues the moment it is accepted.
         async with gatekeeper(config(be.address, max_jobs=1, max_queue=10,
-                                     max_queued_per_client=2,
+                                     max_queued_per_client=2, identify=False,
                                      fair_by=FairBy.parse("none"))) as gk:
             running = await gk.connect()
             await be.wait_for(lambda b: b.connections == 1)
@@ -228,13 +224,18 @@ async def test_a_client_at_its_queue_cap_is_refused_while_another_still_queues()
             other = await connect_from("127.0.0.2", gk)
             await gk.wait_for(lambda s: s.gate.snapshot().queued == 3)
             assert gk.server.gate.snapshot().refused_total["queue-full"] == 0
-            # Everyone queued is served, in order.
-            await running.send_eof()
-            assert await receive_all(running) == b"done"
-            for n, stream in enumerate((*mine, other), start=2):
-                await be.wait_for(functools.partial(has_connections, n))
-                await stream.send_eof()
-                assert await receive_all(stream) == b"done"
+            # Everyone queued is served, in order: a whole request each, answered
+            # (no half-close, which while queued would mean "gone").
+            for n, stream in enumerate((running, *mine, other), start=1):
+                await stream.send_all(b"abc%d" % n)
+                answer = b""
+                while len(answer) < 4:
+                    data = await stream.receive_some(4 - len(answer))
+                    assert data, n
+                    answer += data
+                assert answer == (b"abc%d" % n)[::-1]
+                assert be.connections == n
+                await stream.aclose()
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])

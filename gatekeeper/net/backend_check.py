@@ -7,7 +7,7 @@ and disturb nobody: /proc/net/tcp and tcp6 list every LISTEN socket of this
 network namespace, and a unix backend is a socket file. A remote backend
 cannot be known this way and is not checked.
 
-`listening` (parsing) is pure; `warn_if_absent` is the thin shell that reads
+`listeners` and `listening` (parsing) are pure; `warn_if_absent` is the thin shell that reads
 the files, allows the backend a grace period (under systemd it is started
 just before gatekeeper and binds a moment later) and says so once.
 """
@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import stat
+import sys
 from collections.abc import Iterable
 
 import trio
@@ -36,13 +37,17 @@ _LISTEN = "0A"  # TCP_LISTEN in the st column
 Ip = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _address(hex_addr: str) -> Ip:
-    """/proc/net/tcp's address: 32-bit words in host (little-endian) byte order."""
+def _address(hex_addr: str, byteorder: str = sys.byteorder) -> Ip:
+    """/proc/net/tcp's address: 32-bit words printed in host byte order. An
+    IPv4-mapped IPv6 address (a v6 socket bound to ::ffff:127.0.0.1) is its IPv4
+    address, so it compares with an IPv4 backend."""
     raw = bytes.fromhex(hex_addr)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    if len(words) == 4:
-        return ipaddress.IPv4Address(words)
-    return ipaddress.IPv6Address(words)
+    if byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw)
+    v6 = ipaddress.IPv6Address(raw)
+    return v6.ipv4_mapped or v6
 
 
 def listeners(tables: Iterable[str]) -> set[tuple[Ip, int]]:
@@ -72,17 +77,15 @@ def listening(backend: TcpAddress, table: set[tuple[Ip, int]]) -> bool | None:
         want = ipaddress.ip_address(backend.host)
     except ValueError:
         return None  # a name: not resolved at start
+    if isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped is not None:
+        want = want.ipv4_mapped
     if not want.is_loopback:
         return None
-    mapped = want.ipv4_mapped if isinstance(want, ipaddress.IPv6Address) else None
-    for address, port in table:
-        if port != backend.port:
-            continue
-        if address.is_unspecified or address == want or (mapped is not None and
-                                                         address == mapped):
-            return True
-        # An IPv6 wildcard socket (not v6only) takes IPv4 too; [::] is unspecified above.
-    return False
+    # A wildcard of either family counts (0.0.0.0 for ::1, or a v6only [::] for
+    # 127.0.0.1, would be wrong): the table has no v6only flag, and erring this
+    # way only spares a warning, never causes a false one.
+    return any(port == backend.port and (address.is_unspecified or address == want)
+               for address, port in table)
 
 
 def _read_tables() -> list[str]:
@@ -110,7 +113,8 @@ async def warn_if_absent(backend: TcpAddress | UnixAddress, grace: float = GRACE
     """One warning if nothing listens at the backend `grace` seconds after start."""
     deadline = trio.current_time() + grace
     while True:
-        found = present(backend)
+        # (A thread: a busy box's socket tables are megabytes.)
+        found = await trio.to_thread.run_sync(present, backend)
         if found is None or found:
             return
         if trio.current_time() >= deadline:

@@ -115,12 +115,21 @@ ports proxy.ports
 ps -eo user,args | grep -E '[g]atekeeper|[d]istccd' > "$OUT/proxy.ps"
 mode_checks gatekeeper.service proxy
 
-step "upgrade keeps the socket and what was learned"
+step "upgrade keeps the socket, distccd, the running job and what was learned"
 systemctl start gatekeeper.service
 systemctl show -p MainPID --value gatekeeper.service > "$OUT/upgrade.before"
 systemctl show -p NRefused,NConnections,ActiveEnterTimestampMonotonic --value gatekeeper.socket >> "$OUT/upgrade.before"
+systemctl show -p MainPID --value gatekeeper-distccd.service > "$OUT/upgrade.distccd-before"
+rm -rf /root/upgrade-job && mkdir /root/upgrade-job && cp /mnt/gk/slow.cc /root/upgrade-job/
+(cd /root/upgrade-job && DISTCC_HOSTS=127.0.0.1:3632/1 DISTCC_FALLBACK=0 \
+    timeout 300 distcc g++ -O2 -c slow.cc -o slow.o > "$OUT/upgrade-job.client" 2>&1
+ echo $? > "$OUT/upgrade-job.rc") &
+job=$!
+if wait_running gatekeeper.service; then echo running-seen; else echo never-running; fi > "$OUT/upgrade-job.seen"
 dpkg -i /mnt/gk/gatekeeper.deb > "$OUT/upgrade.log" 2>&1
 echo "$?" > "$OUT/upgrade.rc"
+wait "$job"
+systemctl show -p MainPID --value gatekeeper-distccd.service > "$OUT/upgrade.distccd-after"
 systemctl show -p MainPID --value gatekeeper.service > "$OUT/upgrade.after"
 systemctl show -p NRefused,NConnections,ActiveEnterTimestampMonotonic --value gatekeeper.socket >> "$OUT/upgrade.after"
 ls -l /var/lib/gatekeeper >> "$OUT/upgrade.after" 2>&1
