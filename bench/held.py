@@ -1,21 +1,31 @@
-"""Held: many queued clients, each having sent 256 KiB, and what holding them costs.
+"""Held: many queued clients, each writing a request, and what holding them costs.
 
-Run from the repository root: ``python3 bench/held.py [--clients N] [--idle S]``.
+Run from the repository root: ``python3 bench/held.py [--clients N] [--idle S]
+[--request-kib K] [--queued-window BYTES]``.
 
 gatekeeper runs with ``-j 1 --fair-by none``; a blocker job takes the one slot
 (the backend holds it until told), then one client process opens N connections
-one after another, each sending a 256 KiB request that starts with its
-sequence number. With all of them queued and sent, the bench reads:
+one after another, each writing a K KiB request (default 256) that starts with
+its sequence number, as far as TCP lets it: a request that does not fit waits
+on the client, its write blocked, as a real distcc client's does. With all of
+them queued, the bench reads:
 
 * gatekeeper's RSS (``VmRSS`` in /proc/PID/status), before and while holding;
-* the kernel's TCP memory (/proc/net/sockstat ``TCP ... mem``, in pages);
+* the server side's kernel memory per queued connection: the receive memory
+  of gatekeeper's accepted sockets as ``ss -tm`` shows it (skmem ``r``), apart
+  from the clients' send buffers, which share this box only in the bench;
+* the clients' side likewise (skmem ``t``, the send queue), for the record;
+* the kernel's TCP memory (/proc/net/sockstat ``TCP ... mem``, in pages) and
+  the MemAvailable drop (/proc/meminfo), both ends together;
 * the CPU gatekeeper used (utime + stime, /proc/PID/stat) over `idle` seconds
   of holding.
 
-Then the blocker is released and every queued job runs, one at a time; the
-backend records the order in which the sequence numbers arrive, which must be
-0, 1, 2, ... (global FIFO). Every phase is bounded in time; past a bound the
-bench reports how far it got. RLIMIT_NOFILE is raised to the hard limit in the
+Then the blocker is released and every queued job runs, one at a time, the
+clients writing the rest of their requests; the backend records the order in
+which the sequence numbers arrive, which must be 0, 1, 2, ... (global FIFO),
+and compares each request's body with the pattern every client sends (a short
+or corrupted request is recorded negated). Every phase is bounded in time; past
+a bound the bench reports how far it got. RLIMIT_NOFILE is raised to the hard limit in the
 bench's processes (gatekeeper raises its own). The kernel must be allowed to hold
 every request: ``--raise-tcp-mem`` (root) raises net.ipv4.tcp_mem for the run if
 it is too small, and puts it back after (``python3 -m bench`` passes it).
@@ -28,6 +38,8 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import os
+import random
+import re
 import resource
 import selectors
 import socket
@@ -46,6 +58,9 @@ from bench.bulk import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = 256 * 1024
+# Every request's body (after its 8-byte sequence number): pseudo-random, so a
+# byte lost, doubled or moved shows when the backend compares.
+PATTERN = b""
 BLOCKER = 2**64 - 1
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -93,8 +108,9 @@ def _backend_main(lsock: socket.socket, conn: Connection) -> None:
                 conn.recv()  # "release"
                 deadline = time.monotonic() + 600
                 continue
-            if _recv_exact(c, REQUEST - 8, buf[8:]) < REQUEST - 8:
-                order.append(-job - 1)  # short request: recorded, negated
+            if (_recv_exact(c, REQUEST - 8, buf[8:]) < REQUEST - 8
+                    or buf[8:REQUEST] != PATTERN):
+                order.append(-job - 1)  # short or corrupt request: recorded, negated
                 continue
             order.append(job)
             c.sendall(b"ok")
@@ -102,10 +118,11 @@ def _backend_main(lsock: socket.socket, conn: Connection) -> None:
 
 
 def _clients_main(port: int, n: int, serve_timeout: float, conn: Connection) -> None:
-    """Open n connections in order, send each 256 KiB; after "release", read replies."""
+    """Open n connections in order, write each its request as far as TCP takes
+    it; after "release", write the rest and read the replies."""
     raise_nofile()
     sel = selectors.DefaultSelector()
-    payload = bytes(REQUEST - 8)
+    payload = PATTERN
     socks: list[socket.socket] = []
     left: dict[int, memoryview] = {}
     error = ""
@@ -128,10 +145,6 @@ def _clients_main(port: int, n: int, serve_timeout: float, conn: Connection) -> 
     for i in range(n):
         try:
             s = socket.socket()
-            # Room for the whole request in the kernel, as the queued gatekeeper
-            # side does not read: the default 16 KiB send buffer plus the peer's
-            # initial window would stall the write at about 100 KiB.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REQUEST)
             s.settimeout(10)
             s.connect(("127.0.0.1", port))
         except OSError as e:
@@ -151,21 +164,41 @@ def _clients_main(port: int, n: int, serve_timeout: float, conn: Connection) -> 
         if i % 64 == 0:
             pump(0)
     connect_time = time.monotonic() - t0
+    # Write until every write blocks: nothing more moves while all are queued.
     deadline = time.monotonic() + 60
     while left and time.monotonic() < deadline:
-        pump(1)
+        before = sum(len(v) for v in left.values())
+        pump(0.5)
+        if sum(len(v) for v in left.values()) == before:
+            break
     conn.send((len(socks), len(socks) - len(left), connect_time, time.monotonic() - t0, error))
-    conn.recv()  # "release": now read every reply to EOF
+    conn.recv()  # "release": write the rest, read every reply to EOF
     for s in socks:
         if s.fileno() in left:
-            sel.unregister(s)
-        sel.register(s, selectors.EVENT_READ)
+            sel.modify(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        else:
+            sel.register(s, selectors.EVENT_READ)
     served = 0
     deadline = time.monotonic() + serve_timeout
     open_ = len(socks)
     while open_ and time.monotonic() < deadline:
-        for key, _ in sel.select(1):
+        for key, events in sel.select(1):
             s = key.fileobj  # type: ignore[assignment]
+            if events & selectors.EVENT_WRITE:
+                view = left[s.fileno()]
+                try:
+                    k = s.send(view)
+                except BlockingIOError:
+                    k = 0
+                except OSError:
+                    k = len(view)
+                if k == len(view):
+                    del left[s.fileno()]
+                    sel.modify(s, selectors.EVENT_READ)
+                else:
+                    left[s.fileno()] = view[k:]
+            if not events & selectors.EVENT_READ:
+                continue
             try:
                 data = s.recv(64)
             except BlockingIOError:
@@ -176,6 +209,7 @@ def _clients_main(port: int, n: int, serve_timeout: float, conn: Connection) -> 
                 served += data == b"ok"
                 continue
             sel.unregister(s)
+            left.pop(s.fileno(), None)
             s.close()
             open_ -= 1
     conn.send(served)
@@ -201,6 +235,21 @@ def tcp_mem_pages() -> int:
     return -1
 
 
+def mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return -1
+
+
+def skmem(port: int, side: str, field: str) -> list[int]:
+    """One skmem field (``ss -tm``) of every established TCP socket whose
+    `side` ("sport" or "dport") is `port`: a value per socket, in bytes."""
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"( {side} = :{port} )"],
+                         capture_output=True, text=True, check=False).stdout
+    return [int(m) for m in re.findall(rf"skmem:\([^)]*?\b{field}(\d+)", out)]
+
+
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 
 
@@ -224,8 +273,8 @@ def enough_tcp_mem(pages: int, allowed: bool) -> Iterator[str]:
         yield f"enough ({high} pages >= ~{pages} needed)"
         return
     if not allowed:
-        yield (f"TOO LOW: {high} pages < ~{pages} needed; requests will stall "
-               "(run as root with --raise-tcp-mem, or lower --request-kib)")
+        yield (f"unchanged: {high} pages, below the ~{pages} whole requests would take "
+               "(with a narrow --queued-window most of each waits unsent, outside it)")
         return
     TCP_MEM.write_text(f"{low} {max(pressure, pages)} {pages * 5 // 4}\n")
     try:
@@ -243,22 +292,28 @@ def main() -> None:
     ap.add_argument("--log-level", default="warning", help="gatekeeper's")
     ap.add_argument("--request-kib", type=int, default=256,
                     help="each client's request (the issue's case: 256)")
+    ap.add_argument("--queued-window", type=int, default=None, metavar="BYTES",
+                    help="gatekeeper's --queued-window (default: gatekeeper's default)")
     ap.add_argument("--serve-timeout", type=float, default=300.0,
                     help="bound on serving everyone after the release")
     ap.add_argument("--raise-tcp-mem", action="store_true",
                     help="if net.ipv4.tcp_mem is too small for the run, raise it for the "
                          "run and put it back after (root)")
     args = ap.parse_args()
-    global REQUEST  # read by the forked backend and client processes
+    global REQUEST, PATTERN  # read by the forked backend and client processes
     REQUEST = args.request_kib * 1024
+    PATTERN = random.Random(22).randbytes(REQUEST - 8)
     with enough_tcp_mem(tcp_mem_needed(args.clients, REQUEST), args.raise_tcp_mem) as tcp_mem:
         _run(args, tcp_mem)
 
 
 def _run(args: argparse.Namespace, tcp_mem: str) -> None:
     nofile = raise_nofile()
+    window = ("gatekeeper's default" if args.queued_window is None
+              else str(args.queued_window))
     print(f"held: {args.clients} clients x {REQUEST // 1024} KiB, -j 1, --fair-by none, "
-          f"data path {args.data_path}, {os.cpu_count()} CPUs; bench RLIMIT_NOFILE {nofile}")
+          f"--queued-window {window}, data path {args.data_path}, {os.cpu_count()} CPUs; "
+          f"bench RLIMIT_NOFILE {nofile}")
     print("| measure | value |")
     print("|---|---|", flush=True)
 
@@ -281,7 +336,8 @@ def _run(args: argparse.Namespace, tcp_mem: str) -> None:
          "--identify", "none", "--fair-by", "none", "--max-queue", str(args.clients + 100),
          # Every bench client is 127.0.0.1: the per-client cap must not bite here.
          "--max-queued-per-client", str(args.clients + 100),
-         "--queue-timeout", "3600", "--data-path", args.data_path, "--log-level", args.log_level],
+         "--queue-timeout", "3600", "--data-path", args.data_path, "--log-level", args.log_level,
+         *(() if args.queued_window is None else ("--queued-window", str(args.queued_window)))],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=log)
     lsock.close()
     mem0 = tcp_mem_pages()
@@ -291,6 +347,7 @@ def _run(args: argparse.Namespace, tcp_mem: str) -> None:
         wait_port(port)
         time.sleep(0.5)
         rss0 = rss_kib(gk.pid)
+        avail0 = mem_available_kib()
         row("kernel tcp_mem (pressure / max)", f"{int(limits[1]) * PAGE / 2**30:.2f} / "
             f"{int(limits[2]) * PAGE / 2**30:.2f} GiB: {tcp_mem}")
         row("gatekeeper RSS idle, before clients", f"{rss0 / 1024:.1f} MiB")
@@ -309,14 +366,25 @@ def _run(args: argparse.Namespace, tcp_mem: str) -> None:
         opened, sent, connect_time, send_time, error = c_mine.recv()
         if error:
             row("client error", error)
-        row("connections opened / request fully sent", f"{opened} / {sent}")
+        row("connections opened / request wholly written (the rest: writer blocked)",
+            f"{opened} / {sent}")
         row("time to open all / to send all (send bounded at 60 s)",
             f"{connect_time:.1f} s / {send_time:.1f} s")
         time.sleep(2)  # let gatekeeper settle after the burst
         rss1 = rss_kib(gk.pid)
         mem1 = tcp_mem_pages()
+        avail1 = mem_available_kib()
+        server = skmem(port, "sport", "r")
+        client = skmem(port, "dport", "w")
         row("gatekeeper RSS holding", f"{rss1 / 1024:.1f} MiB "
             f"({(rss1 - rss0) / max(opened, 1):.1f} KiB per queued client)")
+        row("server side: receive memory per queued connection (ss skmem r; max)",
+            f"{sum(server) / max(len(server), 1) / 1024:.1f} KiB "
+            f"({max(server, default=0) / 1024:.1f} KiB; {len(server)} sockets)")
+        row("client side: send queue per connection (ss skmem w)",
+            f"{sum(client) / max(len(client), 1) / 1024:.1f} KiB")
+        row("MemAvailable drop (both ends and gatekeeper)",
+            f"{(avail0 - avail1) / 1024:.0f} MiB")
         row("kernel TCP memory (sockstat mem) before / holding",
             f"{mem0 * PAGE / 2**20:.0f} / {mem1 * PAGE / 2**20:.0f} MiB ({mem1} pages)")
         cpu0, w0 = cpu_seconds(gk.pid), time.monotonic()

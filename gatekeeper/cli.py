@@ -56,6 +56,7 @@ from gatekeeper.memory.sources import MemorySource, build_memory_source
 from gatekeeper.net.addresses import Address, TcpAddress, parse_address
 from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
 from gatekeeper.net.listen import FdPlan, open_all
+from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW
 from gatekeeper.observe import statuscmd
 from gatekeeper.observe.logformat import JsonFormatter
 from gatekeeper.observe.metrics import DEFAULT_METRICS
@@ -245,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N jobs waiting from one client address; more from it are "
                         "closed at once, others still queue (default: a quarter of "
                         "--max-queue, at least 1)")
+    p.add_argument("--queued-window", type=_non_negative_int, default=DEFAULT_QUEUED_WINDOW,
+                   metavar="BYTES",
+                   help="receive buffer of a TCP connection until its job is admitted, so a "
+                        "waiting request stays on the client; 0 keeps the kernel's and "
+                        f"window scaling (default: {DEFAULT_QUEUED_WINDOW})")
     p.add_argument("--allow", action="append", metavar="CIDR",
                    help="clients that may connect, repeatable (default: loopback and "
                         "private ranges, as distccd)")
@@ -444,6 +450,7 @@ def parse_options(argv: Sequence[str]) -> Options:
                                if args.max_queued_per_client is not None
                                else default_max_queued_per_client(args.max_queue)),
         priorities=priorities,
+        queued_window=args.queued_window,
     )
     return Options(config, command=command, drain_timeout=args.drain_timeout,
                    listen_given=args.listen is not None, log_format=args.log_format)

@@ -10,6 +10,7 @@ from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.fairness import FairBy, Priorities
 from gatekeeper.net.addresses import Address, TcpAddress
 from gatekeeper.net.allow import AllowList
+from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW
 
 DISTCC_PORT = 3632
 
@@ -131,6 +132,9 @@ class Config:
     max_per_client: int | None = None
     """At most this many running jobs per fairness key."""
     max_queued_per_client: int | None = None
+    queued_window: int = DEFAULT_QUEUED_WINDOW
+    """The receive buffer (bytes) a TCP connection has until it is admitted,
+    set on the listeners (net/window.py); 0: the kernel's."""
     """At most this many queued jobs per client address (None: no such limit;
     the command line's default is a quarter of max_queue)."""
     priorities: Priorities = NO_PRIORITIES

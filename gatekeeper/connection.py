@@ -40,6 +40,8 @@ from gatekeeper.net.copy import abort
 from gatekeeper.net.liveness import ClientWatch
 from gatekeeper.net.proxy_header import Malformed, ProxyHeader
 from gatekeeper.net.proxy_read import read_proxy_header
+from gatekeeper.net.sockqueue import receive_memory_of
+from gatekeeper.net.window import open_window
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.logbudget import LogBudget
 from gatekeeper.observe.units import format_bytes
@@ -121,6 +123,12 @@ class Connections:
         """The job has its slot: when, and the OOM-kill count to judge it by."""
         now = trio.current_time()
         job.mark_admitted(now, self.oom.baseline(now))
+
+    def queued_memory(self) -> int:
+        """Kernel memory the queued connections' receive queues hold now (the
+        request bytes that came before the job's admission), in bytes: one
+        getsockopt each, so read for /status and metrics, not per decision."""
+        return sum(receive_memory_of(fd) for fd in self.watch.fds())
 
     def queue_peers(self) -> dict[int, tuple[str, str | None]]:
         """Each ticket's (peer, job) for /status; the job's name escaped (the
@@ -253,6 +261,8 @@ class Connections:
                     job.settle(Outcome(verdict.value))
                     return
                 if job.admitted is None:
+                    if self.config.queued_window:
+                        open_window(stream.socket)  # type: ignore[arg-type]
                     self.mark_admitted(job)
                 with self.meter.measuring(
                         lambda hints, finder: _locate(job, hints, finder),

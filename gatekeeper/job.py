@@ -49,6 +49,7 @@ from gatekeeper.net.copy import Transfer, abort
 from gatekeeper.net.datapath import move_bytes, open_on_relay
 from gatekeeper.net.relay import Relay, RelayJob
 from gatekeeper.net.sockqueue import send_queue
+from gatekeeper.net.window import open_window
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.units import format_mib
 from gatekeeper.outcome import Exited, Outcome, Verdict, classify
@@ -318,6 +319,8 @@ class ProxyJobs:
             raw = start.raw = start_connect(self.config.backend)
             if raw is None or not connected_now(raw):
                 return
+            if self.config.queued_window:
+                open_window(stream.socket)  # type: ignore[arg-type]
             transfer = job.transfer = Transfer()
             start.client = stream
             start.moving = open_on_relay(

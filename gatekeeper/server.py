@@ -206,6 +206,7 @@ class Server:
         self.observatory.running_jobs = lambda: running_jobs(self.connections.live.values())
         self.observatory.pausing = lambda: pausing_view(self.pauses)
         self.observatory.estimates = lambda: self.connections.estimates
+        self.observatory.queued_memory = lambda: self.connections.queued_memory()
         self.pauses = (Pauses(Pauser(floor=config.pause_below_bytes,
                                      resume=2 * config.pause_below_bytes,
                                      max_pause=config.max_pause), self.gate,
@@ -231,7 +232,8 @@ class Server:
             self.observatory.farm = self.peers.view
         plan = FdPlan.of(config, inetd=command is not None)
         self.acceptor = Acceptor(plan.connection_budget(
-            config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), self.connections)
+            config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), self.connections,
+            queued_window=config.queued_window)
         self.addresses: list[str] = []
         self.metrics_addresses: list[str] = []
         self.agent_addresses: list[str] = []

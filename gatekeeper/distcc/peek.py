@@ -5,7 +5,8 @@ backend. A distcc client sends its request head right after connecting, so
 the first peek almost always has it. A partial head is looked at again only
 when more bytes have arrived: on TCP the kernel says so (SO_RCVLOWAT set one
 byte past what is there, so the socket turns readable on the next byte, a FIN
-or an error, and nothing is polled); on a unix socket, whose poll ignores
+or an error, and nothing is polled); a head that fills the receive buffer (a queued
+connection's is narrow: net/window.py) opens it once; on a unix socket, whose poll ignores
 SO_RCVLOWAT, and for heads past 4 KiB (LOWAT_SHARE), after a short
 sleep that backs off, and FIONREAD tells whether anything came before any
 byte is copied. Each look resumes the parse
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 
 import trio
 
@@ -31,7 +31,8 @@ from gatekeeper.distcc.request import (
     Unparsed,
 )
 from gatekeeper.net.liveness import peer_gone
-from gatekeeper.net.sockqueue import peek_now, receive_queue
+from gatekeeper.net.sockqueue import peek_now, receive_memory, receive_queue
+from gatekeeper.net.window import open_window
 
 # A partial head on a unix socket is looked at again after this, doubling up
 # to RETRY_MAX: rare (a distcc client writes its head at once), so a short
@@ -48,21 +49,10 @@ RETRY_MAX = 0.05
 LOWAT_SHARE = 32
 # Most command lines fit in 4 KiB; peeking copies, so start small.
 FIRST_PEEK = 4096
-# SO_MEMINFO (linux/sock_diag.h; not in Python's socket module): the
-# receive buffer's allocation and size, to tell a full buffer from a slow client.
-SO_MEMINFO = 55
-_MEMINFO = struct.Struct("9I")  # SK_MEMINFO_VARS; [0] rmem_alloc, [1] rcvbuf
 # A receive buffer with less than this fraction free takes no more: the
 # window it advertises is below a segment. Measured on loopback: a 200 KB head
 # stalls with 1,856 of 131,072 bytes free; a 90 KB one still has 40,240.
 FULL_FRACTION = 8
-
-
-def _receive_buffer(sock: trio.socket.SocketType) -> tuple[int, int]:
-    """(bytes allocated to the receive queue, the receive buffer's size)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
-    values = _MEMINFO.unpack(raw[:_MEMINFO.size].ljust(_MEMINFO.size, b"\0"))
-    return values[0], values[1]
 
 
 def _rcvbuf(sock: trio.socket.SocketType) -> int:
@@ -74,7 +64,7 @@ def _rcvbuf(sock: trio.socket.SocketType) -> int:
 
 def _buffer_full(sock: trio.socket.SocketType) -> bool:
     try:
-        allocated, size = _receive_buffer(sock)
+        allocated, size = receive_memory(sock)  # type: ignore[arg-type]
     except OSError:
         return False
     return size - allocated < size // FULL_FRACTION
@@ -113,6 +103,7 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
     tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
     retry = RETRY
     woken = False  # the kernel said "readable" last round
+    widened = False  # the receive buffer was opened for a long head
     fd = sock.fileno()
     try:
         while True:
@@ -144,6 +135,19 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
                     if last and len(last) > reader.seen:
                         return reader.feed(last)
                     return INCOMPLETE if reader.seen else NOT_DISTCC
+                if tcp and reader.seen and not widened and (
+                        _buffer_full(sock) or reader.seen * 2 >= _rcvbuf(sock)):
+                    # A head longer than the queued window (net/window.py) or
+                    # than the kernel's first buffer (the window is all but
+                    # closed: free space is counted with per-packet overhead,
+                    # so a narrow buffer never looks "full"): let the rest in.
+                    widened = True
+                    open_window(sock)  # type: ignore[arg-type]
+                    # A look that copies a byte makes the kernel tell the
+                    # client at once (tcp_cleanup_rbuf) instead of at its next
+                    # window probe.
+                    _peek(sock, 1)
+                    continue
                 if tcp and reader.seen and _buffer_full(sock):
                     return UNREADABLE
             want = reader.seen + 1

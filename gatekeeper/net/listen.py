@@ -32,6 +32,7 @@ from gatekeeper.config import Config, InetdIo
 from gatekeeper.net.addresses import Address, open_listeners
 from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
 from gatekeeper.net.relay import SPARE_PIPES
+from gatekeeper.net.window import narrow_listener
 
 log = logging.getLogger("gatekeeper")
 
@@ -143,8 +144,9 @@ class Acceptor:
     """Accept loops over the client listeners, within one connection budget;
     each connection goes to `handler.handle` (looked up per connection)."""
 
-    def __init__(self, size: int, handler: Handler) -> None:
+    def __init__(self, size: int, handler: Handler, *, queued_window: int = 0) -> None:
         self.size = size
+        self.queued_window = queued_window
         self._budget = trio.Semaphore(size)
         self._spent = False
         self._handler = handler
@@ -155,6 +157,12 @@ class Acceptor:
         if listener.socket.family in (socket.AF_INET, socket.AF_INET6):
             # Accepted sockets inherit these (Linux), so no client costs setsockopts.
             enable_keepalive(listener.socket)
+            # And their receive buffer, narrow until admission (net/window.py).
+            try:
+                narrow_listener(listener.socket, self.queued_window)  # type: ignore[arg-type]
+            except OSError as e:
+                log.warning("--queued-window: %s; queued requests take the kernel's "
+                            "buffers", e.strerror or e)
         async with listener:
             # Accepting through our own handle on the listening socket (a dup):
             # a plain non-blocking accept() per connection, and trio's

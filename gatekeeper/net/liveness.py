@@ -59,6 +59,10 @@ class ClientWatch:
         closed fds only when no dup remains)."""
         return _Watching(self, sock.fileno(), on_gone)
 
+    def fds(self) -> list[int]:
+        """The sockets watched now: every queued client's."""
+        return list(self._callbacks)
+
     def _start(self, fd: int, on_gone: Callable[[], None]) -> None:
         if self._epoll is None:
             return  # no epoll: departure is only noticed at admission time

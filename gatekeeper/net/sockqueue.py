@@ -1,6 +1,7 @@
 """What waits in a socket's kernel queues: how many bytes (Linux ioctls with
-an int result: one syscall, the data untouched), and a copy of the first ones
-(MSG_PEEK: they stay for whoever reads next)."""
+an int result: one syscall, the data untouched), what the receive queue costs
+the kernel (SO_MEMINFO), and a copy of the first bytes (MSG_PEEK: they stay
+for whoever reads next)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,37 @@ def send_queue(fd: int) -> int:
     """Bytes we sent that the peer has not taken yet (TIOCOUTQ; for AF_UNIX, 0
     exactly when the peer has read everything)."""
     return _int_ioctl(fd, termios.TIOCOUTQ)
+
+
+# SO_MEMINFO (linux/sock_diag.h; not in Python's socket module): the socket's
+# memory as `ss -tm` shows it (skmem), SK_MEMINFO_VARS u32s; [0] is rmem_alloc,
+# the receive queue's memory with the kernel's per-packet overhead, [1] the
+# receive buffer's size.
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")
+
+
+def receive_memory(sock: socket.socket) -> tuple[int, int]:
+    """(kernel memory the receive queue holds, the receive buffer's size), in
+    bytes. `sock` is any object with getsockopt (a trio socket too)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    values = _MEMINFO.unpack(raw[:_MEMINFO.size].ljust(_MEMINFO.size, b"\0"))
+    return values[0], values[1]
+
+
+def receive_memory_of(fd: int) -> int:
+    """The kernel memory the receive queue of the socket at `fd` holds (0 if
+    it is not a socket any more)."""
+    try:
+        raw = socket.socket(fileno=fd)
+    except OSError:
+        return 0
+    try:
+        return receive_memory(raw)[0]
+    except OSError:
+        return 0
+    finally:
+        raw.detach()
 
 
 def peek_now(sock: socket.socket, size: int) -> bytes | None:

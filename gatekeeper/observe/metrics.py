@@ -104,6 +104,9 @@ class Observatory:
         """The peers as this box last saw them (set by the server)."""
         self.footprints: Callable[[int], bytes] | None = None
         """This box's ledger after a generation, encoded (set by the server)."""
+        self.queued_memory: Callable[[], int | None] = lambda: None
+        """Kernel memory held by queued connections' receive queues (set by
+        the server)."""
         self.estimates: Callable[[], Accuracy | None] = lambda: None
         """How good finished jobs' estimates were (set by the server)."""
         self.registry = CollectorRegistry()
@@ -177,7 +180,8 @@ class Observatory:
             unknown_footprint=self.unknown_footprint(), pressure=self.gate.pressure,
             completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
             health=health_view, measuring=self.measuring(), jobs=self.running_jobs(),
-            pausing=self.pausing(), estimates=_view(self.estimates()))
+            pausing=self.pausing(), estimates=_view(self.estimates()),
+            queued_memory=self.queued_memory())
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
@@ -231,6 +235,9 @@ class _Picture(Collector):
         metrics: list[Metric | None] = [
             gauge("gatekeeper_running", "Jobs running now", s.running),
             gauge("gatekeeper_queued", "Jobs waiting in the queue", s.queued),
+            gauge("gatekeeper_queued_kernel_memory_bytes",
+                  "Kernel memory the queued connections' receive queues hold (what of "
+                  "their requests arrived before admission)", o.queued_memory()),
             gauge("gatekeeper_max_jobs", "--max-jobs", s.max_jobs),
             gauge("gatekeeper_max_queue", "--max-queue", s.max_queue),
             gauge("gatekeeper_min_free_memory_bytes", "--min-free-mb in bytes", s.min_free),

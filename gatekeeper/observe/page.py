@@ -38,7 +38,8 @@ tr.paused td { color: #b00; font-weight: bold; }
 <div id="error"></div>
 <div class="tiles">
  <div class="tile">running<br><b id="running">?</b> / <span id="max_jobs">?</span></div>
- <div class="tile">queued<br><b id="queued">?</b> <span id="hold"></span></div>
+ <div class="tile">queued<br><b id="queued">?</b> <span id="hold"></span><br>
+  <span id="queued_kernel">?</span> KiB in the kernel</div>
  <div class="tile">available memory<br><b id="available">?</b> MiB<br>
   min free <span id="min_free">?</span> MiB, reserved <span id="reserved">?</span> MiB</div>
  <div class="tile">admitted<br><b id="admitted">?</b></div>
@@ -113,6 +114,8 @@ function show(s) {
   $("max_jobs").textContent = s.max_jobs;
   $("queued").textContent = s.queued;
   $("hold").textContent = s.hold ? "held for " + s.hold : "";
+  $("queued_kernel").textContent = s.queued_kernel_bytes == null ? "?"
+    : Math.round(s.queued_kernel_bytes / 1024);
   $("available").textContent = mib(s.available_bytes);
   $("min_free").textContent = mib(s.min_free_bytes);
   $("reserved").textContent = mib(s.reserved_bytes);

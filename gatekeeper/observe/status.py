@@ -76,6 +76,8 @@ class StatusPicture(TypedDict, total=False):
     running: int
     max_jobs: int
     queued: int
+    queued_kernel_bytes: int | None
+    """Kernel memory the queued connections' receive queues hold."""
     max_queue: int
     hold: str | None
     available_bytes: int | None
@@ -113,7 +115,8 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
             health: Callable[[StatusPicture], HealthView],
             measuring: str = "process-tree sampling", jobs: list[RunningJob] | None = None,
             pausing: PausingView | None = None,
-            estimates: Mapping[str, object] | None = None) -> StatusPicture:
+            estimates: Mapping[str, object] | None = None,
+            queued_memory: int | None = None) -> StatusPicture:
     """The whole picture from the gate's snapshot and the counters."""
     entries: list[QueueEntry] = []
     for job, arrived in queue:
@@ -125,6 +128,7 @@ def picture(s: Snapshot, *, now: float, queue: list[tuple[JobId, float]],
         "running": s.running,
         "max_jobs": s.max_jobs,
         "queued": s.queued,
+        "queued_kernel_bytes": queued_memory,
         "max_queue": s.max_queue,
         "hold": None if s.hold is None else s.hold.value,
         "available_bytes": available,
