@@ -7,6 +7,7 @@ arrived in gatekeeper's receive queue."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -20,6 +21,7 @@ from fakes import Running, backend, config, gatekeeper
 from gatekeeper.distcc.request import encode_request_head
 from gatekeeper.net.sockqueue import send_queue
 from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW
+from gatekeeper.server import Server
 
 # The issue's target for a queued connection: at most 16 KiB of this box's memory.
 TARGET = 16 * 1024
@@ -88,18 +90,22 @@ async def receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return data
 
 
+def _queued_is(n: int, server: Server) -> bool:
+    return server.gate.snapshot().queued == n
+
+
 async def _queued_behind_a_running_job(gk: Running, nursery: trio.Nursery, names: list[str]
                                        ) -> tuple[trio.SocketStream, list[tuple[Writer, bytes]]]:
     first = await gk.connect()
     await first.send_all(request("first.c"))
     await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
-    writers = []
+    writers: list[tuple[Writer, bytes]] = []
     for i, name in enumerate(names):
         data = request(name)
         w = Writer(await gk.connect(), data)
         nursery.start_soon(w.run)
         writers.append((w, data))
-        await gk.wait_for(lambda s, n=i + 1: s.gate.snapshot().queued == n)
+        await gk.wait_for(functools.partial(_queued_is, i + 1))
     await trio.testing.wait_all_tasks_blocked()
     return first, writers
 
