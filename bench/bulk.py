@@ -172,9 +172,11 @@ def process(argv: list[str], port: int, **kw: object) -> Iterator[int]:
             proc.wait()
 
 
-def gatekeeper(backend: int, data_path: str, *, scraped: bool = False) -> Callable[[], object]:
+def gatekeeper(backend: int, data_path: str, *, scraped: bool = False,
+               extra: tuple[str, ...] = ()) -> Callable[[], object]:
     """A gatekeeper peer; with `scraped`, --metrics on and /metrics fetched every 0.2 s
-    while it works (issue 5: metrics must not slow the data path)."""
+    while it works (issue 5: metrics must not slow the data path); `extra`
+    flags appended."""
     @contextmanager
     def start() -> Iterator[int]:
         # Ports are picked at each start, not up front: a port picked early could be
@@ -182,7 +184,7 @@ def gatekeeper(backend: int, data_path: str, *, scraped: bool = False) -> Callab
         port = free_port()
         argv = [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}",
                 "--backend", f"127.0.0.1:{backend}", "--min-free-mb", "0", "--identify",
-                "none", "--data-path", data_path, "--log-level", "warning"]
+                "none", "--data-path", data_path, "--log-level", "warning", *extra]
         metrics_port = free_port()
         if scraped:
             argv += ["--metrics", f"127.0.0.1:{metrics_port}"]
@@ -260,6 +262,10 @@ def run_mode(mode: str, total: int, rounds: int) -> dict[str, float]:
             "gatekeeper (splice, --metrics scraped 5/s)": gatekeeper(backend.port, "splice",
                                                                      scraped=True),
             "gatekeeper (copy)": gatekeeper(backend.port, "copy"),
+            # The kernel's windows (with window scaling) instead of the narrow
+            # queued window that opens to 64 KiB at admission (net/window.py).
+            "gatekeeper (splice, --queued-window 0)": gatekeeper(
+                backend.port, "splice", extra=("--queued-window", "0")),
         }
         best: dict[str, float] = {}
         for _ in range(rounds):

@@ -8,6 +8,7 @@ import contextlib
 import os
 import select
 import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -168,3 +169,66 @@ def test_plain_close_with_a_leftover_nudge_resets_the_peer(
     assert ours.recv(100) == b"reply"
     with pytest.raises(ConnectionResetError):
         ours.recv(1)
+
+
+# distccd's wait for its compiler in miniature (dcc_collect_child): waitpid with
+# WNOHANG, then select() on its non-blocking client socket (here with a 60 s
+# timeout instead of distccd's 1 s, so only a nudge can end it early), then
+# the reply.
+_FAKE_DISTCCD = """
+import os, select, socket, subprocess, sys
+s = socket.socket(fileno=0)
+s.setblocking(False)
+child = subprocess.Popen(["sleep", sys.argv[1]])
+while child.poll() is None:
+    if select.select([s], [], [], 60)[0]:
+        try:
+            s.recv(1)
+        except BlockingIOError:
+            pass  # the nudge: skipped by an ordinary read
+s.send(b"done")
+"""
+
+
+async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    waker = Waker(interval=0.02)
+    if not waker.following:
+        pytest.skip("this kernel has no pidfds or /proc/PID/task/TID/children")
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _FAKE_DISTCCD, "1.0"], stdin=theirs.fileno())
+    theirs.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waker.run)
+        with waker.waking(ours) as wake:
+            start = trio.current_time()
+            waker.started(wake, proc.pid)
+            with trio.fail_after(30):
+                await trio.lowlevel.wait_readable(ours)
+            took = trio.current_time() - start
+            assert ours.recv(16) == b"done"
+            assert 1.0 <= took < 10, took  # woken, not at its 60 s timeout
+            assert waker.pokes == 1  # one nudge for the one compile
+            # The children were listed only before the compiler was found:
+            # never through its second of running (50 ticks at 20 ms).
+            assert waker.looks < 25, waker.looks
+        await proc.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_pidfds_the_waker_nudges_by_the_clock(
+        pair: tuple[socket.socket, socket.socket],
+        autojump_clock: trio.testing.MockClock) -> None:
+    ours, theirs = pair
+    waker = Waker(interval=0.02, follow_children=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waker.run)
+        with waker.waking(ours) as wake:
+            waker.started(wake, os.getpid())
+            await trio.lowlevel.wait_readable(theirs)
+            with pytest.raises(BlockingIOError):
+                theirs.recv(1)
+            await trio.lowlevel.wait_readable(theirs)
+            assert waker.pokes == 2 and waker.looks == 0
+        nursery.cancel_scope.cancel()

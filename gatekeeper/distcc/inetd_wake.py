@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
+import select
 import socket
 from collections.abc import Iterator
 
@@ -103,34 +106,162 @@ def oob_available() -> bool:
             return False
 
 
-class Waker:
-    """Pokes every registered socket each `interval` (see the module docstring)."""
+def can_follow_children() -> bool:
+    """Whether a job's compiler can be watched: pidfds (Linux >= 5.3) and
+    /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)."""
+    me = os.getpid()
+    return hasattr(os, "pidfd_open") and os.path.exists(f"/proc/{me}/task/{me}/children")
 
-    def __init__(self, interval: float = WAKE_INTERVAL) -> None:
+
+def children(pid: int) -> list[int]:
+    """The children of a single-threaded process (distccd), [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(word) for word in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+class Wake:
+    """One relayed job's registration: its socket, distccd's pid once started,
+    and pidfds of the children (compilers) being waited for."""
+
+    __slots__ = ("pid", "pidfds", "sock")
+
+    def __init__(self, sock: socket.socket, pid: int | None) -> None:
+        self.sock, self.pid = sock, pid
+        self.pidfds: dict[int, int] = {}
+        """child pid -> its pidfd."""
+
+    @property
+    def looking(self) -> bool:
+        """Started, and no compiler known yet (or the last one ended)."""
+        return self.pid is not None and not self.pidfds
+
+
+class Waker:
+    """Wakes each registered job's distccd once its compiler has ended.
+
+    Following children (the default where the kernel can): while a job has
+    no compiler running, its distccd's children are listed every `interval`
+    (while it receives the request, a few ms; and after the compiler ended,
+    until distccd answers); a compiler found is waited for through its pidfd,
+    in one epoll set that one task sleeps on, and its end sends one nudge. So
+    a long compile costs nothing while it runs (measured before: a nudge and a
+    distccd wake-up every 20 ms, 2.5 % of a core per running job). A job not
+    yet started, or a kernel without pidfds, is nudged every `interval`, as
+    before (see the module docstring)."""
+
+    def __init__(self, interval: float = WAKE_INTERVAL, *,
+                 follow_children: bool | None = None) -> None:
         self.interval = interval
-        self._socks: dict[int, socket.socket] = {}
-        self._some = trio.Event()
+        follow = can_follow_children() if follow_children is None else follow_children
+        self._epoll: select.epoll | None = select.epoll() if follow else None
+        self._jobs: dict[int, Wake] = {}
+        self._by_fd: dict[int, Wake] = {}
+        self._nap: trio.CancelScope | None = None
         self.pokes = 0
         """Nudges sent or attempted (for tests and curiosity)."""
+        self.looks = 0
+        """Children listings read (for tests and curiosity)."""
+
+    @property
+    def following(self) -> bool:
+        return self._epoll is not None
 
     @contextlib.contextmanager
-    def waking(self, sock: socket.socket) -> Iterator[None]:
-        """Poke `sock` while the block runs (the caller owns and closes it)."""
-        key = id(sock)
-        self._socks[key] = sock
-        self._some.set()
+    def waking(self, sock: socket.socket, pid: int | None = None) -> Iterator[Wake]:
+        """Wake `sock`'s reader while the block runs (the caller owns and
+        closes it); tell `started` the child's pid when it has one."""
+        wake = Wake(sock, pid)
+        self._jobs[id(wake)] = wake
+        self._changed()
         try:
-            yield
+            yield wake
         finally:
-            self._socks.pop(key, None)
+            self._jobs.pop(id(wake), None)
+            for fd in list(wake.pidfds.values()):
+                self._unwatch(wake, fd)
+
+    def started(self, wake: Wake, pid: int) -> None:
+        wake.pid = pid
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._nap is not None:
+            self._nap.cancel()
+
+    def _unwatch(self, wake: Wake, fd: int) -> None:
+        self._by_fd.pop(fd, None)
+        for child, child_fd in list(wake.pidfds.items()):
+            if child_fd == fd:
+                del wake.pidfds[child]
+        if self._epoll is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+        os.close(fd)
+
+    def _stop_following(self) -> None:
+        for wake in self._jobs.values():
+            for fd in wake.pidfds.values():
+                os.close(fd)
+            wake.pidfds.clear()
+        self._by_fd.clear()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+
+    def _poke(self, key: int, wake: Wake) -> None:
+        self.pokes += 1
+        if not poke(wake.sock):
+            self._jobs.pop(key, None)
+
+    def _look(self, wake: Wake) -> None:
+        """Find the compiler(s) distccd started; one already gone is a poke."""
+        assert wake.pid is not None and self._epoll is not None
+        self.looks += 1
+        for child in children(wake.pid):
+            try:
+                fd = os.pidfd_open(child)
+            except ProcessLookupError:
+                self._poke(id(wake), wake)  # ended (and reaped) before we looked
+                continue
+            except OSError:
+                self._stop_following()  # no pidfds after all: nudge by the clock
+                return
+            wake.pidfds[child] = fd
+            self._by_fd[fd] = wake
+            self._epoll.register(fd, select.EPOLLIN)
 
     async def run(self) -> None:
+        next_tick: float | None = None
         while True:
-            if not self._socks:
-                self._some = trio.Event()
-                await self._some.wait()
-            await trio.sleep(self.interval)
-            for key, sock in list(self._socks.items()):
-                self.pokes += 1
-                if not poke(sock):
-                    del self._socks[key]
+            ticking = any(w.pid is None or self._epoll is None or w.looking
+                          for w in self._jobs.values())
+            if not ticking:
+                next_tick = None
+            elif next_tick is None:
+                next_tick = trio.current_time() + self.interval
+            with trio.CancelScope(deadline=math.inf if next_tick is None else next_tick) as nap:
+                self._nap = nap
+                if self._epoll is not None:
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                else:
+                    await trio.sleep_forever()
+            self._nap = None
+            if self._epoll is not None:
+                for fd, _ in self._epoll.poll(0):
+                    wake = self._by_fd.get(fd)
+                    if wake is None:
+                        continue
+                    self._unwatch(wake, fd)
+                    if not wake.pidfds and id(wake) in self._jobs:
+                        self._poke(id(wake), wake)  # its compiler ended
+            if next_tick is None or trio.current_time() < next_tick:
+                continue  # woken by an exit or a new job: no tick due yet
+            next_tick = None
+            for key, wake in list(self._jobs.items()):
+                if wake.pid is None or self._epoll is None:
+                    self._poke(key, wake)
+                elif wake.looking:
+                    self._look(wake)

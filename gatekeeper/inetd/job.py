@@ -20,7 +20,7 @@ import struct
 import trio
 
 from gatekeeper.config import Config, InetdIo
-from gatekeeper.distcc.inetd_wake import Waker, hang_up, oob_available
+from gatekeeper.distcc.inetd_wake import Wake, Waker, hang_up, oob_available
 from gatekeeper.gate import Ticket
 from gatekeeper.inetd.command import Command, CommandRunner, Exit, filters_peers
 from gatekeeper.job import Job, ProxyStart, State, watch_request
@@ -37,6 +37,13 @@ log = logging.getLogger("gatekeeper")
 # (what the client has of the reply) and tcpi_bytes_received (what it sent) are
 # u64s at these offsets since Linux 4.1 / 4.2 (8 one-byte fields, 24 u32s,
 # pacing_rate, max_pacing_rate).
+# The child's end of a relayed job's socketpair gets this send buffer: distccd
+# sendfile()s its reply in 256 KiB pieces (dcc_pump_sendfile) to a non-blocking
+# socket, and with the unix default (net.core.wmem_default, 212,992 bytes) each
+# piece went out partly ("sendfile: partial transmission of 262144 bytes;
+# retrying", logged 919 times for 153 jobs). The kernel doubles it and caps it
+# at net.core.wmem_max (Debian: 212,992, so 425,984): room for a whole piece.
+CHILD_SNDBUF = 1 << 20
 _TCPI_BYTES_ACKED = 120
 _TCPI_SIZE = _TCPI_BYTES_ACKED + 16
 # Each counter includes a FIN's sequence number once it is in (measured: a
@@ -198,6 +205,9 @@ class InetdJobs:
             return
         wake = job.speaks.relays_inetd and self.waker is not None
         theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
+        with contextlib.suppress(OSError):
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHILD_SNDBUF)
+        registered: list[Wake] = []
         backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         transfer = job.transfer = Transfer()
         stalled: list[str] = []
@@ -220,6 +230,8 @@ class InetdJobs:
 
                 def started(pid: int) -> None:
                     job.pid, job.child_running = pid, True
+                    if registered and self.waker is not None:
+                        self.waker.started(registered[0], pid)
                     nursery.start_soon(relay)
 
                 def stopping() -> None:
@@ -227,7 +239,7 @@ class InetdJobs:
 
                 with contextlib.ExitStack() as waking:
                     if wake and self.waker is not None:
-                        waking.enter_context(self.waker.waking(ours))
+                        registered.append(waking.enter_context(self.waker.waking(ours)))
                     try:
                         result = await self.runner.run(theirs, blocking=False,
                                                        started=started, cgroup=cgroup,
