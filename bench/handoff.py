@@ -177,14 +177,18 @@ def measure(start: Callable[[int], object], jobs: int) -> Result:
     return after_backend, after_client, until_read, out_of_order
 
 
-def gatekeeper(identify: str, data_path: str = "splice") -> Callable[[int], object]:
+def gatekeeper(identify: str, data_path: str = "splice",
+               extra: tuple[str, ...] = ()) -> Callable[[int], object]:
     def start(backend: int) -> object:
         port = free_port()
         return process(
             [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}", "--backend",
              f"127.0.0.1:{backend}", "-j", "1", "--min-free-mb", "0", "--identify", identify,
              "--data-path", data_path, "--fair-by", "none", "--queue-timeout", "600",
-             "--log-level", "warning"],
+             # Every bench client is 127.0.0.1: the per-client queue cap
+             # (a quarter of --max-queue) must not turn the 300 away.
+             "--max-queued-per-client", "100000",
+             "--log-level", "warning", *extra],
             port, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return start
 
@@ -225,6 +229,8 @@ def main() -> None:
         peers: dict[str, Callable[[int], object]] = {
             "gatekeeper splice, identify distcc": gatekeeper("distcc"),
             "gatekeeper splice, identify none": gatekeeper("none"),
+            "gatekeeper splice, identify distcc, --queued-window 0": gatekeeper(
+                "distcc", extra=("--queued-window", "0")),
             "gatekeeper copy, identify distcc": gatekeeper("distcc", "copy"),
         }
         if shutil.which("haproxy"):

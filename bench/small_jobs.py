@@ -167,11 +167,12 @@ def load(port: int, seconds: float) -> tuple[list[float], int, float, float]:
     return lat, errors, wall, cpu
 
 
-def gatekeeper(backend: int, identify: str, data_path: str = "splice") -> Callable[[], object]:
+def gatekeeper(backend: int, identify: str, data_path: str = "splice",
+               extra: tuple[str, ...] = ()) -> Callable[[], object]:
     return lambda: (port := free_port(), process(
         [sys.executable, "-m", "gatekeeper", "--listen", f"127.0.0.1:{port}", "--backend",
          f"127.0.0.1:{backend}", "-j", "64", "--min-free-mb", "0", "--identify", identify,
-         "--data-path", data_path, "--log-level", "warning"],
+         "--data-path", data_path, "--log-level", "warning", *extra],
         port, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}))[1]
 
 
@@ -204,6 +205,8 @@ def main() -> None:
             "systemd-socket-proxyd": socket_proxyd(backend_port),
             "gatekeeper splice, identify distcc": gatekeeper(backend_port, "distcc"),
             "gatekeeper splice, identify none": gatekeeper(backend_port, "none"),
+            "gatekeeper splice, identify distcc, --queued-window 0": gatekeeper(
+                backend_port, "distcc", extra=("--queued-window", "0")),
             "gatekeeper copy, identify none": gatekeeper(backend_port, "none", "copy"),
         }
         for _ in range(args.rounds):

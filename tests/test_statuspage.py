@@ -64,6 +64,7 @@ async def test_page_shows_what_status_says(tmp_path: Path) -> None:
             await gk.wait_for(lambda s: s.gate.snapshot().running == 1)
             second = await gk.connect()
             await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
+            await second.send_all(b"x" * 3000)  # within the queued window: all in
             address = gk.server.metrics_addresses[0]
             url = f"http://{address}/"
 
@@ -76,6 +77,8 @@ async def test_page_shows_what_status_says(tmp_path: Path) -> None:
             assert shown(dom, "available") == str(status["available_bytes"] // MiB) == "3000"
             assert shown(dom, "min_free") == "512"
             assert shown(dom, "error") == ""
+            held = status["queued_kernel_bytes"]
+            assert held >= 3000 and shown(dom, "queued_kernel") == str(int(held / 1024 + 0.5))
             peer = "{}:{}".format(*second.socket.getsockname())
             assert peer in dom and [q["peer"] for q in status["queue"]] == [peer]
 

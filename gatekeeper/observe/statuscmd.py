@@ -131,7 +131,9 @@ def format_status(status: Mapping[str, Any], where: str) -> str:
         ("gatekeeper", f"{status.get('version', '?')} at {where}: {verdict}"),
         ("running", f"{status.get('running', '?')}/{status.get('max_jobs', '?')}"),
         ("queued", f"{status.get('queued', '?')} (max {status.get('max_queue', '?')})"
-                   + (f", held for {hold}" if hold else "")),
+                   + (f", held for {hold}" if hold else "")
+                   + (f", {_size(status['queued_kernel_bytes'])} in the kernel"
+                      if isinstance(status.get("queued_kernel_bytes"), int) else "")),
         ("memory", f"{_size(status.get('available_bytes'))} available, "
                    f"{_size(status.get('min_free_bytes'))} min free, "
                    f"{_size(status.get('reserved_bytes'))} reserved, "
