@@ -231,6 +231,11 @@ def main() -> None:
             "gatekeeper splice, identify none": gatekeeper("none"),
             "gatekeeper splice, identify distcc, --queued-window 0": gatekeeper(
                 "distcc", extra=("--queued-window", "0")),
+            # The job's own task adopts the backend's process before the request
+            # moves (per-job cgroups, on by default as root), so no start at
+            # admission: this is the data path alone.
+            "gatekeeper splice, identify distcc, --job-cgroups off": gatekeeper(
+                "distcc", extra=("--job-cgroups", "off")),
             "gatekeeper copy, identify distcc": gatekeeper("distcc", "copy"),
         }
         if shutil.which("haproxy"):

@@ -207,6 +207,11 @@ def main() -> None:
             "gatekeeper splice, identify none": gatekeeper(backend_port, "none"),
             "gatekeeper splice, identify distcc, --queued-window 0": gatekeeper(
                 backend_port, "distcc", extra=("--queued-window", "0")),
+            # Per-job cgroups (on by default as root) adopt the backend's process
+            # for each job: here one asyncio process serves every job, so each
+            # job pays for the lookup and two moves, without distccd's gain.
+            "gatekeeper splice, identify distcc, --job-cgroups off": gatekeeper(
+                backend_port, "distcc", extra=("--job-cgroups", "off")),
             "gatekeeper copy, identify none": gatekeeper(backend_port, "none", "copy"),
         }
         for _ in range(args.rounds):
