@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from distcc_harness import (
     ServiceProcess,
     children_of,
     distcc_build,
+    distcc_client_env,
     gatekeeper_env,
     generate_project,
     local_build,
@@ -363,7 +365,7 @@ async def test_relay_ends_when_the_child_exits_whatever_it_left_behind(
 # unread), then answers and exits: a unix socket closed with unread data gives
 # its peer ECONNRESET, which must not turn the delivered reply into a failure.
 LATE_REPLY = r"""
-import os, select, sys, time
+import os, select, subprocess, sys
 need, data = int(sys.argv[1]), b""
 while len(data) < need:
     select.select([0], [], [], 1.0)
@@ -371,7 +373,8 @@ while len(data) < need:
         data += os.read(0, need - len(data))
     except BlockingIOError:
         pass
-time.sleep(0.3)
+subprocess.run(["sleep", "0.3"])  # its compiler: the nudge comes when it ends
+select.select([0], [], [], 10)    # woken by it, and leaves it unread
 os.write(1, b"DONE00000001STAT00000000" + b"late" * 1000)
 """
 
@@ -526,6 +529,35 @@ def test_inetd_mode_with_real_distccd(max_jobs: int, tmp_path: Path, reference: 
     else:
         assert log.max_concurrency > 2, diag
 
+
+
+@pytest.mark.e2e
+@requires_toolchain
+def test_relayed_distccd_sends_a_big_object_in_one_piece(tmp_path: Path) -> None:
+    """Issue 22: distccd sendfile()s its reply at once to its non-blocking
+    socketpair end; a buffer too small for it made distccd log "partial
+    transmission; retrying" for every piece (nine times per 3 MiB object)."""
+    src = tmp_path / "big.c"
+    src.write_text("unsigned char big[3 << 20] = {1};\n")  # a 3 MiB .data section
+    distccd = InetdDistccd()
+    distccd.allow = False  # relayed
+    with distccd as d:
+        argv = [sys.executable, "-m", "gatekeeper", "--listen", f"{LOOPBACK}:0",
+                "--max-jobs", "1", "--min-free-mb", "0", "--", *d.command]
+        with ServiceProcess(argv, env=gatekeeper_env()) as gk:
+            port = int(gk.wait_for(_READY)["port"])
+            env = distcc_client_env(LOOPBACK, port, tmp_path / ".distcc")
+            remote = subprocess.run(["distcc", "gcc", "-O2", "-c", str(src), "-o", "remote.o"],
+                                    cwd=tmp_path, env=env, capture_output=True, text=True,
+                                    timeout=120, check=False)
+            ended = gk.wait_until(lambda lines: any(_END_OK.search(x) for x in lines), 10)
+            diag = f"{remote.stderr}\n--- gatekeeper + distccd ---\n{gk.log_text}"
+    local = subprocess.run(["gcc", "-O2", "-c", str(src), "-o", "local.o"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert remote.returncode == 0 and local.returncode == 0 and ended, diag
+    assert (tmp_path / "remote.o").stat().st_size > 3 << 20
+    assert (tmp_path / "remote.o").read_bytes() == (tmp_path / "local.o").read_bytes()
+    assert "partial transmission" not in diag, diag
 
 
 @pytest.mark.parametrize("clear", [False, True])

@@ -38,12 +38,16 @@ log = logging.getLogger("gatekeeper")
 # u64s at these offsets since Linux 4.1 / 4.2 (8 one-byte fields, 24 u32s,
 # pacing_rate, max_pacing_rate).
 # The child's end of a relayed job's socketpair gets this send buffer: distccd
-# sendfile()s its reply in 256 KiB pieces (dcc_pump_sendfile) to a non-blocking
-# socket, and with the unix default (net.core.wmem_default, 212,992 bytes) each
-# piece went out partly ("sendfile: partial transmission of 262144 bytes;
-# retrying", logged 919 times for 153 jobs). The kernel doubles it and caps it
-# at net.core.wmem_max (Debian: 212,992, so 425,984): room for a whole piece.
-CHILD_SNDBUF = 1 << 20
+# sendfile()s its whole reply at once (dcc_pump_sendfile) to a non-blocking
+# socket, and with the unix default (net.core.wmem_default, 212,992 bytes) it
+# went out in pieces ("sendfile: partial transmission of 262144 bytes;
+# retrying", logged 919 times for 153 jobs). A limit, not an allocation: the
+# queue holds only what distccd wrote and the relay has not taken yet. As root
+# SO_SNDBUFFORCE passes net.core.wmem_max (measured, two 3 MiB objects: no
+# partial sends; 1 MiB capped by a 4 MiB wmem_max, one each; before, nine each);
+# otherwise the kernel caps it at wmem_max.
+CHILD_SNDBUF = 16 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _TCPI_BYTES_ACKED = 120
 _TCPI_SIZE = _TCPI_BYTES_ACKED + 16
 # Each counter includes a FIN's sequence number once it is in (measured: a
@@ -205,8 +209,11 @@ class InetdJobs:
             return
         wake = job.speaks.relays_inetd and self.waker is not None
         theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
-        with contextlib.suppress(OSError):
-            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHILD_SNDBUF)
+        try:
+            theirs.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, CHILD_SNDBUF)
+        except OSError:  # not root: up to net.core.wmem_max
+            with contextlib.suppress(OSError):
+                theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHILD_SNDBUF)
         registered: list[Wake] = []
         backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         transfer = job.transfer = Transfer()
