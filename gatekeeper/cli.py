@@ -56,7 +56,7 @@ from gatekeeper.memory.sources import MemorySource, build_memory_source
 from gatekeeper.net.addresses import Address, TcpAddress, parse_address
 from gatekeeper.net.allow import DEFAULT_ALLOW, AllowList
 from gatekeeper.net.listen import FdPlan, open_all
-from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW
+from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW, MAX_QUEUED_WINDOW
 from gatekeeper.observe import statuscmd
 from gatekeeper.observe.logformat import JsonFormatter
 from gatekeeper.observe.metrics import DEFAULT_METRICS
@@ -110,6 +110,15 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return _whole(text, minimum=0)
+
+
+def _queued_window(text: str) -> int:
+    value = _whole(text, minimum=0)
+    if value > MAX_QUEUED_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"{value} is above {MAX_QUEUED_WINDOW} (a queued connection's window is "
+            "meant to be a few KiB; 0 keeps the kernel's)")
+    return value
 
 
 def _number(text: str, *, positive: bool) -> float:
@@ -246,11 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N jobs waiting from one client address; more from it are "
                         "closed at once, others still queue (default: a quarter of "
                         "--max-queue, at least 1)")
-    p.add_argument("--queued-window", type=_non_negative_int, default=DEFAULT_QUEUED_WINDOW,
+    p.add_argument("--queued-window", type=_queued_window, default=DEFAULT_QUEUED_WINDOW,
                    metavar="BYTES",
                    help="receive buffer of a TCP connection until its job is admitted, so a "
                         "waiting request stays on the client; 0 keeps the kernel's and "
-                        f"window scaling (default: {DEFAULT_QUEUED_WINDOW})")
+                        f"window scaling (at most {MAX_QUEUED_WINDOW}; "
+                        f"default: {DEFAULT_QUEUED_WINDOW})")
     p.add_argument("--allow", action="append", metavar="CIDR",
                    help="clients that may connect, repeatable (default: loopback and "
                         "private ranges, as distccd)")

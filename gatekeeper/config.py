@@ -132,11 +132,11 @@ class Config:
     max_per_client: int | None = None
     """At most this many running jobs per fairness key."""
     max_queued_per_client: int | None = None
+    """At most this many queued jobs per client address (None: no such limit;
+    the command line's default is a quarter of max_queue)."""
     queued_window: int = DEFAULT_QUEUED_WINDOW
     """The receive buffer (bytes) a TCP connection has until it is admitted,
     set on the listeners (net/window.py); 0: the kernel's."""
-    """At most this many queued jobs per client address (None: no such limit;
-    the command line's default is a quarter of max_queue)."""
     priorities: Priorities = NO_PRIORITIES
     """Weights of keys in the round-robin."""
     idle_timeout: float | None = None

@@ -41,7 +41,7 @@ from gatekeeper.net.liveness import ClientWatch
 from gatekeeper.net.proxy_header import Malformed, ProxyHeader
 from gatekeeper.net.proxy_read import read_proxy_header
 from gatekeeper.net.sockqueue import receive_memory_of
-from gatekeeper.net.window import open_window
+from gatekeeper.net.window import is_narrow, open_window
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.logbudget import LogBudget
 from gatekeeper.observe.units import format_bytes
@@ -118,6 +118,7 @@ class Connections:
         """This box's own measurements, for its peers (farm/ledger.py)."""
         self.estimates = Accuracy()
         """How good the estimates of finished jobs were."""
+        self._queued_memory: tuple[float, int] | None = None
 
     def mark_admitted(self, job: Job) -> None:
         """The job has its slot: when, and the OOM-kill count to judge it by."""
@@ -125,9 +126,18 @@ class Connections:
         job.mark_admitted(now, self.oom.baseline(now))
 
     def queued_memory(self) -> int:
+        """(Cached for a second: /status, the page, the farm view, peers and
+        scrapes may all ask at once.)"""
+        now = trio.current_time()
+        if self._queued_memory is None or now - self._queued_memory[0] >= 1.0:
+            self._queued_memory = (now, self._read_queued_memory())
+        return self._queued_memory[1]
+
+    def _read_queued_memory(self) -> int:
         """Kernel memory the queued connections' receive queues hold now (the
-        request bytes that came before the job's admission), in bytes: one
-        getsockopt each, so read for /status and metrics, not per decision."""
+        request bytes that came before the job's admission), in bytes: a few
+        syscalls each (about 3 us), so read for /status and metrics, not for
+        agent checks or decisions."""
         return sum(receive_memory_of(fd) for fd in self.watch.fds())
 
     def queue_peers(self) -> dict[int, tuple[str, str | None]]:
@@ -139,6 +149,10 @@ class Connections:
     async def handle(self, stream: trio.SocketStream) -> None:
         peer, host = describe_peer(stream)
         job = Job(peer=peer, accepted=trio.current_time())
+        # Read before a long head widens it (distcc/peek.py), whatever
+        # --queued-window says now (a socket-activated listener keeps the buffer
+        # an earlier run gave it): one getsockopt.
+        job.narrow = is_narrow(stream.socket)  # type: ignore[arg-type]
         self.live[id(job)] = job
         try:
             await self._handle(stream, host, job)
@@ -261,7 +275,7 @@ class Connections:
                     job.settle(Outcome(verdict.value))
                     return
                 if job.admitted is None:
-                    if self.config.queued_window:
+                    if job.narrow:
                         open_window(stream.socket)  # type: ignore[arg-type]
                     self.mark_admitted(job)
                 with self.meter.measuring(

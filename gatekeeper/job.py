@@ -95,6 +95,9 @@ class Job:
     """The compile's identity for learned footprints (distcc jobs)."""
     name: str | None = None
     """The compile's output file, for logs (distcc jobs)."""
+    narrow: bool = False
+    """Its receive window was narrow when accepted (net/window.py): opened at
+    admission."""
     request_bytes: int | None = None
     """The distcc request's whole length, when its head said (DOTI)."""
     transfer: Transfer | None = None
@@ -319,7 +322,7 @@ class ProxyJobs:
             raw = start.raw = start_connect(self.config.backend)
             if raw is None or not connected_now(raw):
                 return
-            if self.config.queued_window:
+            if job.narrow:
                 open_window(stream.socket)  # type: ignore[arg-type]
             transfer = job.transfer = Transfer()
             start.client = stream

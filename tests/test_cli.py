@@ -100,6 +100,7 @@ def test_min_free_above_memory_is_valid() -> None:
     ["--request-idle-timeout", "0"], ["--request-idle-timeout", "nan"], ["--clear-env"],
     ["--metrics-allow", "banana"], ["--agent-allow", "10.0.0.1/8"],
     ["--trusted-proxy", "haproxy"], ["--trusted-proxy", "10.0.0.1/8"],
+    ["--queued-window", "-1"], ["--queued-window", "16385"],
 ])
 def test_bad_flags_raise_usage_error(argv: list[str]) -> None:
     with pytest.raises(UsageError):

@@ -169,8 +169,13 @@ def server_end(client: trio.SocketStream) -> socket.socket:
     me = client.socket.getsockname()
     for name in os.listdir("/proc/self/fd"):
         try:
-            sock = socket.socket(fileno=os.dup(int(name)))
+            fd = os.dup(int(name))
         except OSError:
+            continue  # the listing's own fd, closed by now
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
             continue
         try:
             if sock.type == socket.SOCK_STREAM and sock.getpeername() == me:
@@ -226,6 +231,11 @@ async def test_a_head_longer_than_the_window_is_still_identified() -> None:
                 await gk.wait_for(lambda s: s.gate.snapshot().queued == 1)
             assert sorted(str(name) for _, name in gk.server.connections.queue_peers().values()
                           ) == ["first.o", "long.o"]
+            # The window was widened for the head, about as far as it needed:
+            # the rest of the 2 MiB request still waits on the client.
+            await trio.testing.wait_all_tasks_blocked()
+            assert not w.done.is_set()
+            assert len(head) < w.at_receiver() <= 8 * len(head), (w.at_receiver(), len(head))
             hold.set()
             await receive_exactly(first, DIGEST)
             with trio.fail_after(30):

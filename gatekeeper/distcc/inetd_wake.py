@@ -10,8 +10,10 @@ what admission control wins on a farm of short compiles.
 How: in relayed inetd mode the child's stdin/stdout is one end of an AF_UNIX
 socketpair, non-blocking, and gatekeeper relays the client's bytes through the
 other end (and keeps a copy of the child's end until the child exits: see
-`hang_up`). Every `WAKE_INTERVAL` it sends one byte of out-of-band data
-(``MSG_OOB``, Linux >= 5.15) on its end. On AF_UNIX an out-of-band byte makes
+`hang_up`). When the job's compiler ends -- seen through its pidfd; the
+compiler is found by listing distccd's children while none runs -- it sends
+one byte of out-of-band data (``MSG_OOB``, Linux >= 5.15) on its end (without
+pidfds: every `WAKE_INTERVAL`, the whole job long). On AF_UNIX an out-of-band byte makes
 the socket readable, but an ordinary ``read()`` skips it: distccd's ``select()``
 returns, its ``read()`` finds nothing (EAGAIN, which distccd takes as a spurious
 wakeup), its ``waitpid`` sees the finished compiler, and it replies at once.
@@ -24,13 +26,16 @@ everything sent to it (``TIOCOUTQ`` == 0): the previous byte is gone.
 And why the child's end must be non-blocking: a blocking ``read()`` that skips
 the byte would wait for data that never comes.
 
-One task serves every relayed job (`Waker.run`), ticking only while there is
-one, so the cost is one wake-up per interval plus two syscalls per job.
+One task serves every relayed job (`Waker.run`): it sleeps on one epoll set of
+the compilers' pidfds, and ticks only while some job has no compiler known (a
+few ms while distccd reads the request, and after its compiler ended), so a
+running compile costs nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -111,6 +116,14 @@ def can_follow_children() -> bool:
     /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)."""
     me = os.getpid()
     return hasattr(os, "pidfd_open") and os.path.exists(f"/proc/{me}/task/{me}/children")
+
+
+def _command_name(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""
 
 
 def children(pid: int) -> list[int]:
@@ -202,9 +215,10 @@ class Waker:
         os.close(fd)
 
     def _stop_following(self) -> None:
-        for wake in self._jobs.values():
-            for fd in wake.pidfds.values():
-                os.close(fd)
+        """No more pidfds (none here, or the waker's end): every one closed,
+        including those of jobs dropped as gone but not yet unregistered."""
+        for fd, wake in self._by_fd.items():
+            os.close(fd)
             wake.pidfds.clear()
         self._by_fd.clear()
         if self._epoll is not None:
@@ -220,20 +234,39 @@ class Waker:
         """Find the compiler(s) distccd started; one already gone is a poke."""
         assert wake.pid is not None and self._epoll is not None
         self.looks += 1
-        for child in children(wake.pid):
+        found = children(wake.pid)
+        for child in found:
+            if _command_name(child) == b"distccd" and _command_name(wake.pid) != b"distccd":
+                # COMMAND forked distccd (a shell, timeout, sudo): follow it.
+                wake.pid = child
+                found = children(child)
+                break
+        for child in found:
             try:
                 fd = os.pidfd_open(child)
             except ProcessLookupError:
                 self._poke(id(wake), wake)  # ended (and reaped) before we looked
                 continue
+            except OSError as e:
+                if e.errno in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                    self._stop_following()  # no pidfds here: nudge by the clock
+                    return
+                return  # out of fds or memory for now: look again next tick
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
             except OSError:
-                self._stop_following()  # no pidfds after all: nudge by the clock
+                os.close(fd)
                 return
             wake.pidfds[child] = fd
             self._by_fd[fd] = wake
-            self._epoll.register(fd, select.EPOLLIN)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._stop_following()
+
+    async def _run(self) -> None:
         next_tick: float | None = None
         while True:
             ticking = any(w.pid is None or self._epoll is None or w.looking

@@ -5,8 +5,9 @@ backend. A distcc client sends its request head right after connecting, so
 the first peek almost always has it. A partial head is looked at again only
 when more bytes have arrived: on TCP the kernel says so (SO_RCVLOWAT set one
 byte past what is there, so the socket turns readable on the next byte, a FIN
-or an error, and nothing is polled); a head that fills the receive buffer (a queued
-connection's is narrow: net/window.py) opens it once; on a unix socket, whose poll ignores
+or an error, and nothing is polled); a head longer than a queued connection's
+narrow window (net/window.py) widens it about as far as the head needs; on a
+unix socket, whose poll ignores
 SO_RCVLOWAT, and for heads past 4 KiB (LOWAT_SHARE), after a short
 sleep that backs off, and FIONREAD tells whether anything came before any
 byte is copied. Each look resumes the parse
@@ -32,7 +33,7 @@ from gatekeeper.distcc.request import (
 )
 from gatekeeper.net.liveness import peer_gone
 from gatekeeper.net.sockqueue import peek_now, receive_memory, receive_queue
-from gatekeeper.net.window import open_window
+from gatekeeper.net.window import WIDEN_MAX, is_narrow, widen
 
 # A partial head on a unix socket is looked at again after this, doubling up
 # to RETRY_MAX: rare (a distcc client writes its head at once), so a short
@@ -103,7 +104,9 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
     tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
     retry = RETRY
     woken = False  # the kernel said "readable" last round
-    widened = False  # the receive buffer was opened for a long head
+    # A narrow queued window is widened for a long head, step by step.
+    narrow = tcp and is_narrow(sock)  # type: ignore[arg-type]
+    window = _rcvbuf(sock) // 2 if narrow else 0
     fd = sock.fileno()
     try:
         while True:
@@ -135,14 +138,12 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
                     if last and len(last) > reader.seen:
                         return reader.feed(last)
                     return INCOMPLETE if reader.seen else NOT_DISTCC
-                if tcp and reader.seen and not widened and (
-                        _buffer_full(sock) or reader.seen * 2 >= _rcvbuf(sock)):
-                    # A head longer than the queued window (net/window.py) or
-                    # than the kernel's first buffer (the window is all but
-                    # closed: free space is counted with per-packet overhead,
-                    # so a narrow buffer never looks "full"): let the rest in.
-                    widened = True
-                    open_window(sock)  # type: ignore[arg-type]
+                if narrow and reader.seen and window < WIDEN_MAX:
+                    # A narrow window (net/window.py) may be closed on a partial
+                    # head: let in about what the head needs (at least four
+                    # times what came, doubling per stall), never the request.
+                    window = min(WIDEN_MAX, max(2 * window, 4 * reader.seen))
+                    widen(sock, window)  # type: ignore[arg-type]
                     # A look that copies a byte makes the kernel tell the
                     # client at once (tcp_cleanup_rbuf) instead of at its next
                     # window probe.

@@ -42,11 +42,12 @@ log = logging.getLogger("gatekeeper")
 # socket, and with the unix default (net.core.wmem_default, 212,992 bytes) it
 # went out in pieces ("sendfile: partial transmission of 262144 bytes;
 # retrying", logged 919 times for 153 jobs). A limit, not an allocation: the
-# queue holds only what distccd wrote and the relay has not taken yet. As root
-# SO_SNDBUFFORCE passes net.core.wmem_max (measured, two 3 MiB objects: no
-# partial sends; 1 MiB capped by a 4 MiB wmem_max, one each; before, nine each);
-# otherwise the kernel caps it at wmem_max.
-CHILD_SNDBUF = 16 << 20
+# queue holds only what distccd wrote and the relay has not taken yet (at most
+# twice this per running job, when its client reads slowly). As root
+# SO_SNDBUFFORCE passes net.core.wmem_max; 4 MiB (8 in the kernel's count)
+# holds most objects whole (measured, two 3 MiB objects: no partial sends;
+# before, nine each); otherwise the kernel caps it at wmem_max.
+CHILD_SNDBUF = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _TCPI_BYTES_ACKED = 120
 _TCPI_SIZE = _TCPI_BYTES_ACKED + 16

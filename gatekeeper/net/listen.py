@@ -84,7 +84,9 @@ class FdPlan:
         # client socket; proxy: its backend connection; inetd: the child's pidfd
         per_job = 2
         if inetd and config.inetd_io is not InetdIo.DIRECT:
-            per_job += 2  # our end of the socketpair, and the child's until it exits
+            # our end of the socketpair, the child's until it exits, and the
+            # pidfd of its compiler (distcc.inetd_wake)
+            per_job += 3
         if relay and (not inetd or config.inetd_io is not InetdIo.DIRECT):
             per_job += 4  # a pipe (two fds) per direction
         side_ports = (config.metrics is not None) + (config.agent is not None)

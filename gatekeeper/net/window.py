@@ -22,8 +22,10 @@ measured: 0.7-1.0 GB/s against 1.4-3.9 GB/s; a LAN with a 0.2 ms round trip
 still gets 320 MB/s, above gigabit line rate. ``--queued-window 0`` keeps the
 kernel's windows (and the scale) for links that need more.
 
-Only TCP: a unix socket's buffer is the sender's, and an inetd-style socket
-(stdin) was accepted by someone else.
+Whether a socket is narrow is read from the socket itself (`is_narrow`), not
+from the configuration: a socket-activated listener keeps the buffer a previous
+run set on it, and connections accepted before the listener was narrowed are
+not. Only TCP: a unix socket's buffer is the sender's.
 """
 
 from __future__ import annotations
@@ -39,10 +41,19 @@ import socket
 # and still holds a whole distcc request head (typically well under 1 KiB;
 # the head reader opens the window for a longer one).
 DEFAULT_QUEUED_WINDOW = 4096
+# The largest --queued-window: SO_RCVBUF is doubled by the kernel, and a socket
+# whose buffer is below NARROW_BELOW counts as narrow (the kernel's own first
+# buffer, tcp_rmem[1], is 128 KiB on Debian, and never below 64 KiB in practice).
+MAX_QUEUED_WINDOW = 16 * 1024
+NARROW_BELOW = 64 * 1024
+# A long request head widens a narrow window step by step, at most to this
+# (a head is at most 256 KiB: distcc.request.MAX_HEADER, with the kernel's
+# overhead per packet).
+WIDEN_MAX = 1 << 20
 # What an admitted job's socket gets. SO_RCVBUF is capped at net.core.rmem_max
-# (208 KiB on Debian) and doubled, which covers the 64 KiB window an unscaled
-# connection can have with room for the kernel's per-segment overhead. Asking
-# for more than rmem_max is harmless: the kernel takes its cap.
+# (208 KiB on Debian, so 416 KiB) and doubled; a limit, not an allocation: an
+# unscaled connection never has more than 64 KiB in flight, and the relay
+# empties the queue as it fills. Asking for more than rmem_max is harmless.
 OPEN_RCVBUF = 4 << 20
 # TCP_WINDOW_CLAMP at admission: the listener's narrow buffer also clamped the
 # window (tcp_openreq_init_rwin); lift it past anything the buffer allows.
@@ -60,13 +71,32 @@ def narrow_listener(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+def is_narrow(sock: socket.socket) -> bool:
+    """Whether this accepted TCP socket still has a narrow receive buffer."""
+    if not _is_tcp(sock):
+        return False
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) < NARROW_BELOW
+    except OSError:
+        return False
+
+
+def widen(sock: socket.socket, size: int) -> None:
+    """Let a narrow socket take `size` bytes more or less (a long head), and
+    no more: the buffer and the clamp both."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)
+
+
 def open_window(sock: socket.socket, size: int = OPEN_RCVBUF) -> None:
     """Let the client send at full speed: a receive buffer of `size` and no
     clamp. The client learns of the wider window from the next ACK, which our
     first read sends (tcp_cleanup_rbuf); nothing was dropped, so nothing waits
     on a retransmission. A socket already gone is left to whoever reads it.
-    Only for a socket whose listener was narrowed: setting SO_RCVBUF turns off
-    the kernel's buffer autotuning, which a socket with a window scale needs."""
+    Only for a narrow socket (`is_narrow`; a head may have widened it since):
+    setting SO_RCVBUF turns off the kernel's buffer autotuning, which a socket
+    with a window scale needs."""
     if not _is_tcp(sock):
         return
     with contextlib.suppress(OSError):

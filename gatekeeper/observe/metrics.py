@@ -170,8 +170,9 @@ class Observatory:
 
     # -- the picture --------------------------------------------------------
 
-    def status(self) -> StatusPicture:
-        """The `/status` document (observe.status)."""
+    def status(self, *, queue_memory: bool = True) -> StatusPicture:
+        """The `/status` document (observe.status); `queue_memory=False` leaves
+        out the queue's kernel memory (a few syscalls per queued client)."""
         s = self.gate.snapshot()
         return picture(
             s, now=trio.current_time(),
@@ -181,7 +182,7 @@ class Observatory:
             completed=self.completed, rejected=self.rejected, backend=self.backend.view(),
             health=health_view, measuring=self.measuring(), jobs=self.running_jobs(),
             pausing=self.pausing(), estimates=_view(self.estimates()),
-            queued_memory=self.queued_memory())
+            queued_memory=self.queued_memory() if queue_memory else None)
 
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
