@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shlex
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -220,6 +222,44 @@ async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
             # were listed only until the compiler was found and after it ended
             # (a clock at 20 ms would have looked about 50 times).
             assert waker.looks - looks <= 10, waker.looks - looks
+        await proc.wait()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def interpreter_named_distccd(tmp_path: Path) -> Path:
+    """This Python, by a name /proc/PID/comm shows as distccd."""
+    distccd = tmp_path / "distccd"
+    distccd.symlink_to(os.path.realpath(sys.executable))
+    return distccd
+
+
+async def test_a_distccd_that_command_forked_is_followed(
+        pair: tuple[socket.socket, socket.socket], interpreter_named_distccd: Path) -> None:
+    """COMMAND may be a shell (or timeout, sudo) that forks distccd: its
+    compiler is still found (by distccd's name) and its end still wakes it."""
+    ours, theirs = pair
+    waker = Waker(interval=0.02)
+    if not waker.following:
+        pytest.skip("this kernel has no pidfds or /proc/PID/task/TID/children")
+    distccd = interpreter_named_distccd
+    # `; true`: the shell forks distccd instead of becoming it.
+    script = f"{shlex.quote(str(distccd))} -c {shlex.quote(_FAKE_DISTCCD)} 1.0; true"
+    proc = await trio.lowlevel.open_process(["sh", "-c", script], stdin=theirs.fileno())
+    theirs.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waker.run)
+        with waker.waking(ours) as wake:
+            waker.started(wake, proc.pid)
+            with trio.fail_after(30):
+                await trio.lowlevel.wait_readable(ours)
+                assert ours.recv(1) == b"S"
+                start = trio.current_time()
+                await trio.lowlevel.wait_readable(ours)
+            took = trio.current_time() - start
+            assert ours.recv(16) == b"done"
+            assert took < 10, took  # woken, not at its 60 s timeout
+            assert wake.pid != proc.pid  # it follows distccd, not the shell
         await proc.wait()
         nursery.cancel_scope.cancel()
 
