@@ -216,9 +216,11 @@ async def test_the_window_opens_at_admission() -> None:
         await gk.wait_settled(2)
 
 
-async def test_a_head_longer_than_the_window_is_still_identified() -> None:
+@pytest.mark.parametrize("value", [8, 200])  # heads of about 30 KB and 225 KB
+async def test_a_head_longer_than_the_window_is_still_identified(value: int) -> None:
     hold = trio.Event()
-    argv = ["gcc", *(f"-DNAME{i}=value{i}" for i in range(1000)), "-c", "long.c", "-o", "long.o"]
+    argv = ["gcc", *(f"-DNAME{i}={'v' * value}" for i in range(1000)), "-c", "long.c",
+            "-o", "long.o"]
     head = encode_request_head(argv) + b"DOTI%08x" % REQUEST
     assert len(head) > 4 * DEFAULT_QUEUED_WINDOW
     async with backend(digesting(hold)) as be, gatekeeper(

@@ -46,10 +46,13 @@ DEFAULT_QUEUED_WINDOW = 4096
 # buffer, tcp_rmem[1], is 128 KiB on Debian, and never below 64 KiB in practice).
 MAX_QUEUED_WINDOW = 16 * 1024
 NARROW_BELOW = 64 * 1024
-# A long request head widens a narrow window step by step, at most to this
-# (a head is at most 256 KiB: distcc.request.MAX_HEADER, with the kernel's
-# overhead per packet).
-WIDEN_MAX = 1 << 20
+# A long request head widens a narrow window step by step, at most to this:
+# a head is at most 256 KiB (distcc.request.MAX_HEADER, refused past it), and
+# the kernel doubles the buffer for its overhead per packet. It is also what a
+# client that never finishes its head can make a connection hold until the
+# request deadline refuses it (before the narrow window: 128 KiB each, the
+# kernel's default).
+WIDEN_MAX = 512 * 1024
 # What an admitted job's socket gets. SO_RCVBUF is capped at net.core.rmem_max
 # (208 KiB on Debian, so 416 KiB) and doubled; a limit, not an allocation: an
 # unscaled connection never has more than 64 KiB in flight, and the relay
