@@ -235,12 +235,20 @@ class Waker:
         assert wake.pid is not None and self._epoll is not None
         self.looks += 1
         found = children(wake.pid)
-        for child in found:
-            if _command_name(child) == b"distccd" and _command_name(wake.pid) != b"distccd":
-                # COMMAND forked distccd (a shell, timeout, sudo): follow it.
-                wake.pid = child
-                found = children(child)
-                break
+        parent = _command_name(wake.pid)
+        if found and parent != b"distccd":
+            # COMMAND may fork distccd (a shell, timeout, sudo): follow it. A
+            # child still named as its parent has not run distccd yet: look
+            # again next tick rather than take it for the compiler.
+            names = {child: _command_name(child) for child in found}
+            for child, name in names.items():
+                if name == b"distccd":
+                    wake.pid = child
+                    found = children(child)
+                    break
+            else:
+                if parent in names.values():
+                    return
         for child in found:
             try:
                 fd = os.pidfd_open(child)

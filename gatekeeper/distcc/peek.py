@@ -138,7 +138,8 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
                     if last and len(last) > reader.seen:
                         return reader.feed(last)
                     return INCOMPLETE if reader.seen else NOT_DISTCC
-                if narrow and window < WIDEN_MAX and reader.seen * 2 >= window:
+                if narrow and window < WIDEN_MAX and (
+                        reader.seen * 2 >= window or _buffer_full(sock)):
                     # A partial head fills at least half a narrow window
                     # (net/window.py; measured: 1,448 of 2,048, 4,096-6,362 of
                     # 4,096): it may be closed. Let in about what the head
@@ -152,8 +153,8 @@ async def peek_distcc_job(sock: trio.socket.SocketType,
                     # window probe.
                     _peek(sock, 1)
                     retry = RETRY  # the next bytes come at once
-                if tcp and reader.seen and _buffer_full(sock):
-                    return UNREADABLE
+                elif tcp and reader.seen and _buffer_full(sock):
+                    return UNREADABLE  # (a narrow one: only once widened all it may)
             want = reader.seen + 1
             if tcp and not (woken and not fresh) and want * LOWAT_SHARE <= _rcvbuf(sock):
                 # Sleep in the kernel until a byte more than we have came (or a

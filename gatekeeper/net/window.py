@@ -61,6 +61,7 @@ OPEN_RCVBUF = 4 << 20
 # TCP_WINDOW_CLAMP at admission: the listener's narrow buffer also clamped the
 # window (tcp_openreq_init_rwin); lift it past anything the buffer allows.
 OPEN_CLAMP = 1 << 30
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def _is_tcp(sock: socket.socket) -> bool:
@@ -86,9 +87,13 @@ def is_narrow(sock: socket.socket) -> bool:
 
 def widen(sock: socket.socket, size: int) -> None:
     """Let a narrow socket take `size` bytes more or less (a long head), and
-    no more: the buffer and the clamp both."""
+    no more: the buffer and the clamp both. As root past net.core.rmem_max
+    (SO_RCVBUFFORCE; Debian's 212,992 would stop a 256 KiB head short)."""
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)
 
 
