@@ -193,12 +193,23 @@ s.send(b"done")
 """
 
 
-async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, theirs = pair
+def following_waker() -> Waker:
     waker = Waker(interval=0.02)
     if not waker.following:
         pytest.skip("this kernel has no pidfds or /proc/PID/task/TID/children")
+    return waker
+
+
+async def receive_when_readable(sock: socket.socket, size: int) -> bytes:
+    with trio.fail_after(30):
+        await trio.lowlevel.wait_readable(sock)
+    return sock.recv(size)
+
+
+async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    waker = following_waker()
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-c", _FAKE_DISTCCD, "1.0"], stdin=theirs.fileno())
     theirs.close()
@@ -206,14 +217,11 @@ async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
         nursery.start_soon(waker.run)
         with waker.waking(ours) as wake:
             waker.started(wake, proc.pid)
-            with trio.fail_after(30):
-                await trio.lowlevel.wait_readable(ours)
-            assert ours.recv(1) == b"S"
+            assert await receive_when_readable(ours, 1) == b"S"
             start, looks, pokes = trio.current_time(), waker.looks, waker.pokes
-            with trio.fail_after(30):
-                await trio.lowlevel.wait_readable(ours)
+            done = await receive_when_readable(ours, 16)
             took = trio.current_time() - start
-            assert ours.recv(16) == b"done"
+            assert done == b"done"
             assert 1.0 <= took < 10, took  # woken, not at its 60 s timeout
             # Nudged when the compiler ended (again at each look until distccd
             # reaped it: a zombie is still its child; the clock would have
@@ -240,9 +248,7 @@ async def test_a_distccd_that_command_forked_is_followed(
     """COMMAND may be a shell (or timeout, sudo) that forks distccd: its
     compiler is still found (by distccd's name) and its end still wakes it."""
     ours, theirs = pair
-    waker = Waker(interval=0.02)
-    if not waker.following:
-        pytest.skip("this kernel has no pidfds or /proc/PID/task/TID/children")
+    waker = following_waker()
     distccd = interpreter_named_distccd
     # `; true`: the shell forks distccd instead of becoming it.
     script = f"{shlex.quote(str(distccd))} -c {shlex.quote(_FAKE_DISTCCD)} 1.0; true"
@@ -252,13 +258,11 @@ async def test_a_distccd_that_command_forked_is_followed(
         nursery.start_soon(waker.run)
         with waker.waking(ours) as wake:
             waker.started(wake, proc.pid)
-            with trio.fail_after(30):
-                await trio.lowlevel.wait_readable(ours)
-                assert ours.recv(1) == b"S"
-                start = trio.current_time()
-                await trio.lowlevel.wait_readable(ours)
+            assert await receive_when_readable(ours, 1) == b"S"
+            start = trio.current_time()
+            done = await receive_when_readable(ours, 16)
             took = trio.current_time() - start
-            assert ours.recv(16) == b"done"
+            assert done == b"done"
             assert took < 10, took  # woken, not at its 60 s timeout
             assert wake.pid != proc.pid  # it follows distccd, not the shell
         await proc.wait()

@@ -7,6 +7,7 @@ arrived in gatekeeper's receive queue."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -18,9 +19,10 @@ import trio
 import trio.testing
 from fakes import Running, backend, config, gatekeeper
 
+from gatekeeper.distcc.policy import ArgvPolicy
 from gatekeeper.distcc.request import encode_request_head
 from gatekeeper.net.sockqueue import send_queue
-from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW
+from gatekeeper.net.window import DEFAULT_QUEUED_WINDOW, WIDEN_MAX
 from gatekeeper.server import Server
 
 # The issue's target for a queued connection: at most 16 KiB of this box's memory.
@@ -245,3 +247,29 @@ async def test_a_head_longer_than_the_window_is_still_identified(value: int) -> 
             await first.aclose()
             await w.stream.aclose()
         await gk.wait_settled(2)
+
+
+async def test_a_head_that_outgrows_every_bound_holds_little_and_is_refused() -> None:
+    """Hostile: a command line past the 256 KiB a head may have (800 KB of
+    arguments, then a request). The narrow window widens only to its limit
+    (net/window.WIDEN_MAX), then the head is unreadable and the policy
+    refuses it at once, never letting the rest in."""
+    argv = ["gcc", *(f"-DNAME{i}={'v' * 200}" for i in range(3900)), "-c", "x.c"]
+    data = encode_request_head(argv) + b"DOTI%08x" % REQUEST + bytes(REQUEST)
+    async with backend(digesting(trio.Event())) as be, gatekeeper(
+            config(be.address, argv_policy=ArgvPolicy(), request_idle_timeout=3600.0)) as gk:
+        async with trio.open_nursery() as nursery:
+            w = Writer(await gk.connect(), data)
+
+            async def write() -> None:
+                with contextlib.suppress(OSError):
+                    await w.run()
+            nursery.start_soon(write)
+            with trio.fail_after(10):
+                await gk.wait_for(lambda s: s.observatory.rejected["argv-policy"] == 1)
+            # What left the client before the refusal: at most the widened
+            # window's worth (its buffer is twice WIDEN_MAX), not the 2.8 MB.
+            assert w.sent <= 2 * WIDEN_MAX + TARGET + (1 << 20), w.sent
+            nursery.cancel_scope.cancel()
+        await w.stream.aclose()
+        assert be.connections == 0

@@ -28,7 +28,7 @@ from gatekeeper.memory.job_cgroup import CgroupError, JobCgroup, JobCgroups
 from gatekeeper.net.copy import Transfer
 from gatekeeper.net.datapath import move_bytes
 from gatekeeper.net.relay import Relay
-from gatekeeper.net.sockqueue import send_queue
+from gatekeeper.net.sockqueue import send_queue, set_buffer
 from gatekeeper.outcome import Exited, Outcome, Verdict
 
 log = logging.getLogger("gatekeeper")
@@ -210,11 +210,8 @@ class InetdJobs:
             return
         wake = job.speaks.relays_inetd and self.waker is not None
         theirs.setblocking(not wake)  # the wake needs it non-blocking (inetd_wake)
-        try:
-            theirs.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, CHILD_SNDBUF)
-        except OSError:  # not root: up to net.core.wmem_max
-            with contextlib.suppress(OSError):
-                theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHILD_SNDBUF)
+        with contextlib.suppress(OSError):
+            set_buffer(theirs, socket.SO_SNDBUF, SO_SNDBUFFORCE, CHILD_SNDBUF)
         registered: list[Wake] = []
         backend = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         transfer = job.transfer = Transfer()

@@ -60,6 +60,16 @@ def receive_memory_of(fd: int) -> int:
         raw.detach()
 
 
+def set_buffer(sock: socket.socket, option: int, force: int, size: int) -> None:
+    """SO_RCVBUF/SO_SNDBUF (`option`) to `size`: as root past net.core's
+    rmem_max/wmem_max (`force`: SO_RCVBUFFORCE/SO_SNDBUFFORCE), otherwise up
+    to them. OSError if neither can be set."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+
+
 def peek_now(sock: socket.socket, size: int) -> bytes | None:
     """Up to `size` bytes at the head of the receive queue, without taking
     them and without waiting: None if nothing is there yet; b"" when the peer

@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import socket
 
+from gatekeeper.net.sockqueue import set_buffer
+
 # --queued-window's default, in bytes (SO_RCVBUF on the listener; the kernel
 # doubles it for its bookkeeping). Measured on loopback (MTU 65536 and 1500),
 # 20 clients each writing 2 MiB: 4096 holds 4.0-4.2 KiB of request per queued
@@ -90,10 +92,7 @@ def widen(sock: socket.socket, size: int) -> None:
     no more: the buffer and the clamp both. As root past net.core.rmem_max
     (SO_RCVBUFFORCE; Debian's 212,992 would stop a 256 KiB head short)."""
     with contextlib.suppress(OSError):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, size)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)
 
 
