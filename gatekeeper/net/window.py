@@ -15,12 +15,26 @@ under an offered window makes the kernel drop what arrives, so the client backs
 its retransmissions off (a stall of over 60 s measured after the window
 opened, and a queued client that waits long enough would time out). So the
 narrow buffer is set on the listener (`narrow_listener`): every accepted socket
-inherits it, and its first window. The price: Linux derives the window scale
-from the same buffer, so these connections get none and an admitted job's
-window opens to 64 KiB at most (`open_window`). Single-stream loopback,
-measured: 0.7-1.0 GB/s against 1.4-3.9 GB/s; a LAN with a 0.2 ms round trip
-still gets 320 MB/s, above gigabit line rate. ``--queued-window 0`` keeps the
-kernel's windows (and the scale) for links that need more.
+inherits it, and its first window.
+
+And then the listener's buffer lock is cleared (SO_BUF_LOCK, Linux 5.14): a
+buffer the user set also caps the window scale offered in the SYN-ACK
+(tcp_openreq_init_rwin clamps the window to the locked buffer, and the scale
+is derived from that clamp), and a connection without a scale can never have
+more than 64 KiB in flight, one segment on loopback. Unlocked, the scale comes
+from tcp_rmem/rmem_max as for any socket, while the first window and the
+buffer still come from the narrow size, and nothing grows the buffer of a
+socket that nobody reads (autotuning follows what the application takes).
+Measured on loopback, one 4 GiB stream after the window opened: 4.8-5.0 GB/s
+unlocked against 1.6 GB/s locked (5.2 GB/s never narrowed), at 8.4 KiB of
+receive memory per queued connection against 5.6 KiB locked. A kernel without
+SO_BUF_LOCK keeps the lock, and the unscaled window.
+
+At admission (`open_window`) the socket gets the kernel's own first buffer
+back (tcp_rmem[1]), unlocked, so autotuning takes it from there like any
+other connection's, and the clamp is lifted. A locked 4 MiB buffer instead is
+capped by net.core.rmem_max (Debian: 208 KiB), measured at 3.0 GB/s against
+5.0 GB/s autotuned with Debian's rmem_max.
 
 Whether a socket is narrow is read from the socket itself (`is_narrow`), not
 from the configuration: a socket-activated listener keeps the buffer a previous
@@ -36,12 +50,13 @@ import socket
 from gatekeeper.net.sockqueue import set_buffer
 
 # --queued-window's default, in bytes (SO_RCVBUF on the listener; the kernel
-# doubles it for its bookkeeping). Measured on loopback (MTU 65536 and 1500),
-# 20 clients each writing 2 MiB: 4096 holds 4.0-4.2 KiB of request per queued
-# connection (5.6-6.7 KiB of receive memory), 8192 holds 12-12.7 KiB (14-15
-# KiB). 4096 keeps a queued client under the 16 KiB target with room to spare
-# and still holds a whole distcc request head (typically well under 1 KiB;
-# the head reader opens the window for a longer one).
+# doubles it for its bookkeeping). Measured on loopback, 20 clients each
+# writing until blocked, with the listener's lock cleared as above: 4096 holds
+# 6 KiB of request per queued connection (8.4 KiB of receive memory), 6144
+# holds 10 KiB (12.4 KiB), 8192 holds 14 KiB (16.4 KiB). 4096 keeps a queued
+# client well under the 16 KiB target and still holds a whole distcc request
+# head (typically well under 1 KiB; the head reader widens the window for a
+# longer one).
 DEFAULT_QUEUED_WINDOW = 4096
 # The largest --queued-window: SO_RCVBUF is doubled by the kernel, and a socket
 # whose buffer is below NARROW_BELOW counts as narrow (the kernel's own first
@@ -55,14 +70,21 @@ NARROW_BELOW = 64 * 1024
 # request deadline refuses it (before the narrow window: 128 KiB each, the
 # kernel's default).
 WIDEN_MAX = 512 * 1024
-# What an admitted job's socket gets. SO_RCVBUF is capped at net.core.rmem_max
-# (208 KiB on Debian, so 416 KiB) and doubled; a limit, not an allocation: an
-# unscaled connection never has more than 64 KiB in flight, and the relay
-# empties the queue as it fills. Asking for more than rmem_max is harmless.
-OPEN_RCVBUF = 4 << 20
-# TCP_WINDOW_CLAMP at admission: the listener's narrow buffer also clamped the
-# window (tcp_openreq_init_rwin); lift it past anything the buffer allows.
+# What an admitted job's socket starts from: the kernel's own first buffer
+# (tcp_rmem[1], 128 KiB on Debian; SO_RCVBUF is doubled, hence the half),
+# then autotuning grows it as the relay reads, up to tcp_rmem[2].
+OPEN_RCVBUF = 64 * 1024
+# Where SO_BUF_LOCK is missing the buffer stays locked, so it gets what a fast
+# stream needs at once: capped at net.core.rmem_max and doubled; a limit, not
+# an allocation (the relay empties the queue as it fills).
+OPEN_RCVBUF_LOCKED = 4 << 20
+# TCP_WINDOW_CLAMP at admission: the narrow buffer also clamped the window
+# (tcp_init_buffer_space); lift it past anything the buffer allows.
 OPEN_CLAMP = 1 << 30
+# SO_BUF_LOCK (asm-generic/socket.h, Linux 5.14; not in Python's socket
+# module): which of the SO_SNDBUF/SO_RCVBUF locks are set; 0 clears both,
+# handing the buffers back to the kernel's autotuning.
+SO_BUF_LOCK = 72
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
@@ -75,6 +97,17 @@ def narrow_listener(sock: socket.socket, size: int) -> None:
     `size` bytes (0: leave the kernel's)."""
     if size and _is_tcp(sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        unlock_buffers(sock)
+
+
+def unlock_buffers(sock: socket.socket) -> bool:
+    """Hand `sock`'s buffer sizes back to the kernel (SO_BUF_LOCK 0), keeping
+    their current values; False where the kernel cannot (before 5.14)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, 0)
+    except OSError:
+        return False
+    return True
 
 
 def is_narrow(sock: socket.socket) -> bool:
@@ -96,16 +129,17 @@ def widen(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)
 
 
-def open_window(sock: socket.socket, size: int = OPEN_RCVBUF) -> None:
-    """Let the client send at full speed: a receive buffer of `size` and no
-    clamp. The client learns of the wider window from the next ACK, which our
-    first read sends (tcp_cleanup_rbuf); nothing was dropped, so nothing waits
-    on a retransmission. A socket already gone is left to whoever reads it.
-    Only for a narrow socket (`is_narrow`; a head may have widened it since):
-    setting SO_RCVBUF turns off the kernel's buffer autotuning, which a socket
-    with a window scale needs."""
+def open_window(sock: socket.socket) -> None:
+    """Let the client send at full speed: the kernel's first buffer, autotuned
+    from there, and no clamp. The client learns of the wider window from the
+    next ACK, which our first read sends (tcp_cleanup_rbuf); nothing was
+    dropped, so nothing waits on a retransmission. A socket already gone is
+    left to whoever reads it. Only for a narrow socket (`is_narrow`; a head
+    may have widened it since)."""
     if not _is_tcp(sock):
         return
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OPEN_RCVBUF)
+        if not unlock_buffers(sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OPEN_RCVBUF_LOCKED)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, OPEN_CLAMP)
