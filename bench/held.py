@@ -1,7 +1,10 @@
 """Held: many queued clients, each writing a request, and what holding them costs.
 
 Run from the repository root: ``python3 bench/held.py [--clients N] [--idle S]
-[--request-kib K] [--queued-window BYTES]``.
+[--request-kib K] [--queued-window BYTES] [--mtu BYTES]``. As root it runs in a
+network namespace of its own whose loopback has an Ethernet MTU (1500): with
+loopback's own 65536 a client's capped send buffer is a single segment, and
+Linux delays the ACK of a lone segment by 40 ms, which no farm sees.
 
 gatekeeper runs with ``-j 1 --fair-by none``; a blocker job takes the one slot
 (the backend holds it until told), then one client process opens N connections
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import itertools
 import multiprocessing as mp
 import os
@@ -314,6 +318,12 @@ def main() -> None:
                     help="each client's SO_SNDBUF (the kernel doubles it)")
     ap.add_argument("--serve-timeout", type=float, default=300.0,
                     help="bound on serving everyone after the release")
+    ap.add_argument("--mtu", type=int, default=1500 if os.geteuid() == 0 else 0,
+                    metavar="BYTES",
+                    help="run in a network namespace of its own whose loopback has this "
+                         "MTU (root; default as root 1500, a farm's Ethernet; 0: this "
+                         "box's own loopback, MTU 65536, where the clients' capped send "
+                         "buffers make one segment each)")
     ap.add_argument("--raise-tcp-mem", action="store_true",
                     help="if net.ipv4.tcp_mem is too small for the run, raise it for the "
                          "run and put it back after (root)")
@@ -323,15 +333,34 @@ def main() -> None:
     CLIENT_SNDBUF = args.client_sndbuf
     PATTERN = random.Random(22).randbytes(REQUEST - 8)
     with enough_tcp_mem(tcp_mem_needed(args.clients, REQUEST), args.raise_tcp_mem) as tcp_mem:
-        _run(args, tcp_mem)
+        limits = TCP_MEM.read_text().split()  # global, but not visible in another netns
+        if args.mtu:
+            own_loopback(args.mtu)
+        _run(args, tcp_mem, limits)
 
 
-def _run(args: argparse.Namespace, tcp_mem: str) -> None:
+CLONE_NEWNET = 0x40000000
+
+
+def own_loopback(mtu: int) -> None:
+    """Move this (still single-threaded) process, and so everything it forks,
+    into a new network namespace whose loopback has `mtu`. Loopback's own MTU
+    of 65536 makes one segment of a client's 64 KiB send buffer, and Linux
+    delays its ACK for a lone segment (40 ms): a bench artifact that a farm's
+    Ethernet (MSS 1448) does not have."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise SystemExit(f"held: --mtu: unshare: {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["ip", "link", "set", "lo", "up", "mtu", str(mtu)], check=True)
+
+
+def _run(args: argparse.Namespace, tcp_mem: str, limits: list[str]) -> None:
     nofile = raise_nofile()
     window = ("gatekeeper's default" if args.queued_window is None
               else str(args.queued_window))
     print(f"held: {args.clients} clients x {REQUEST // 1024} KiB, -j 1, --fair-by none, "
-          f"--queued-window {window}, data path {args.data_path}, {os.cpu_count()} CPUs; "
+          f"--queued-window {window}, data path {args.data_path}, {os.cpu_count()} CPUs, "
+          f"loopback MTU {args.mtu or 'of this box'}; "
           f"bench RLIMIT_NOFILE {nofile}")
     print("| measure | value |")
     print("|---|---|", flush=True)
@@ -360,7 +389,6 @@ def _run(args: argparse.Namespace, tcp_mem: str) -> None:
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=log)
     lsock.close()
     mem0 = tcp_mem_pages()
-    limits = Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()
     err = ""
     try:
         wait_port(port)

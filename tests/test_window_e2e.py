@@ -7,10 +7,13 @@ gatekeeper's own count -- stay under the 16 KiB target. The control, with
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +22,11 @@ from distcc_harness import (
     LOOPBACK,
     DistccServer,
     GatekeeperProcess,
+    Module,
     Project,
     copy_project,
     distcc_build,
+    distcc_client_env,
     generate_project,
     local_build,
     missing_binaries,
@@ -37,6 +42,7 @@ pytestmark = [
 ]
 
 TARGET = 16 * 1024
+END = re.compile(r"end peer=\S+ outcome=\S+ ")
 FILES = 16
 # A preprocessed size over 1 MiB for every file: an unused table in the shared
 # header (-O2 drops it, so it costs the compiler a parse, not code).
@@ -135,3 +141,62 @@ def test_the_control_without_a_queued_window_holds_far_more(
     samples, log = _build_through(0, distccd, project)
     assert object_mismatches(reference, project) == [], log
     assert max(sum(r > TARGET for r in s) for s in samples) >= 4
+
+
+def _client_send_queues(port: int) -> list[int]:
+    """Send-Q of every client-side connection to `port` (bytes not yet taken
+    by gatekeeper's end), orphans too (FIN-WAIT-1: closed, FIN queued)."""
+    out = subprocess.run(["ss", "-tnH", "state", "connected", f"( dport = :{port} )"],
+                         capture_output=True, text=True, check=False).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.split()]
+
+
+def test_a_client_killed_while_its_write_is_blocked_costs_no_compile(tmp_path: Path) -> None:
+    """Ctrl-C of a build whose request waits, its write blocked: the client's
+    kernel keeps the connection and sends its FIN only after the unsent bytes,
+    so nothing says it left until the job is admitted. Then the rest of the
+    request arrives with the FIN right behind it, gatekeeper passes the FIN on,
+    and distccd, which polls its client during a compile, kills the compiler:
+    the job ends at once instead of compiling for nobody (the wrapped compiler
+    holds 6 s here, so a compile run to its end would show)."""
+    hold = 6.0
+    project = big_project(tmp_path / "gen")
+    blocker_m, victim_m = project.modules[:2]
+    args = ["--listen", f"{LOOPBACK}:0", "--max-jobs", "1", "--min-free-mb", "0"]
+    with DistccServer(jobs=2, hold_s=hold) as d, GatekeeperProcess(
+            [*args, "--backend", d.address]) as gk:
+        env = distcc_client_env(LOOPBACK, gk.port, tmp_path / ".distcc", io_timeout=120)
+
+        def compile_(m: Module) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                ["distcc", "g++", "-O2", "-std=c++17", "-Iinclude", "-c", m.source,
+                 "-o", m.obj], cwd=project.root, env=env, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        blocker = compile_(blocker_m)
+        assert d.wait_for_compile_start(1, timeout=60), gk.log_text
+        victim = compile_(victim_m)
+        # Its request is queued, most of it still on the client: a client-side
+        # send queue far past the narrow window, and not moving.
+        deadline = time.monotonic() + 30
+        while max(_client_send_queues(gk.port), default=0) < 256 * 1024:
+            assert time.monotonic() < deadline, _client_send_queues(gk.port)
+            assert blocker.poll() is None, "the blocker ended before the victim queued"
+            time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        assert max(_client_send_queues(gk.port)) >= 256 * 1024  # orphaned, still blocked
+        assert blocker.wait(120) == 0
+        blocker_done = time.monotonic()
+        assert gk.wait_until(lambda lines: len([x for x in lines if END.search(x)]) >= 2, 60)
+        ended_after = time.monotonic() - blocker_done
+        ends = [x for x in gk.log_lines if END.search(x)]
+        assert ended_after < hold / 2, (ended_after, ends)
+        victim_end = next(x for x in ends if victim_m.source.split("/")[-1] in x
+                          or "outcome=client" in x)
+        assert re.search(r"outcome=client-(gone|error) ", victim_end), ends
+        # distccd saw its client go, and ran no compile to its end for it.
+        assert d.wait_until(lambda _: len(d.job_summaries()) >= 2, 30), d.log_text
+        assert [s.result for s in d.job_summaries()].count("COMPILE_OK") == 1, \
+            d.job_summaries()
+        assert not (project.root / victim_m.obj).exists()
