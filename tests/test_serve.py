@@ -36,7 +36,12 @@ from gatekeeper.job import ProxyStart
 from gatekeeper.net import addresses
 from gatekeeper.net.allow import AllowList
 from gatekeeper.net.copy import ZERO_COPY_AVAILABLE
-from gatekeeper.net.listen import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
+from gatekeeper.net.listen import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_SPREAD,
+)
 from gatekeeper.net.relay import SPARE_PIPES
 from gatekeeper.net.sockqueue import receive_queue
 from gatekeeper.server import Server
@@ -516,9 +521,11 @@ async def test_a_distcc_client_that_half_closes_has_its_job_ended_by_distccd(
     assert len(ends) == 1 and "outcome=client-gone" in ends[0], ends
 
 
-async def test_clients_get_tcp_keepalive_without_a_setsockopt_each() -> None:
+async def test_clients_get_tcp_keepalive_with_idle_times_spread() -> None:
     """A client whose machine died sends nothing: keepalive drops it in ~2 min.
-    The options are set on the listener and inherited by every accepted socket."""
+    The options are set on the listener and inherited by every accepted socket;
+    only the idle time is each connection's own, drawn from a 30 s spread, so
+    clients that connected together are not probed together (KEEPALIVE_SPREAD)."""
     seen: list[tuple[int, ...]] = []
     async with backend(echo) as be, gatekeeper(config(be.address)) as gk:
         handle = gk.server.connections.handle
@@ -532,14 +539,19 @@ async def test_clients_get_tcp_keepalive_without_a_setsockopt_each() -> None:
             await handle(stream)
 
         gk.server.connections.handle = spy  # type: ignore[method-assign]
-        client = await gk.connect()
-        await client.send_all(b"x")
-        await client.send_eof()
-        assert await receive_all(client) == b"x"
-        await client.aclose()
-    assert seen == [(1, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)]
+        for _ in range(40):
+            client = await gk.connect()
+            await client.send_all(b"x")
+            await client.send_eof()
+            assert await receive_all(client) == b"x"
+            await client.aclose()
+    assert {(on, interval, count) for on, _, interval, count in seen} == {
+        (1, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)}
+    idles = [idle for _, idle, _, _ in seen]
+    assert all(KEEPALIVE_IDLE <= idle <= KEEPALIVE_IDLE + KEEPALIVE_SPREAD for idle in idles)
+    assert len(set(idles)) >= 10, idles  # 40 draws from 31 values
     # A vanished client is found well inside the default 240 s queue timeout.
-    assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT < 240
+    assert KEEPALIVE_IDLE + KEEPALIVE_SPREAD + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT < 240
 
 
 async def test_a_bulk_transfer_does_not_starve_a_small_job() -> None:
