@@ -334,24 +334,36 @@ def main() -> None:
     PATTERN = random.Random(22).randbytes(REQUEST - 8)
     with enough_tcp_mem(tcp_mem_needed(args.clients, REQUEST), args.raise_tcp_mem) as tcp_mem:
         limits = TCP_MEM.read_text().split()  # global, but not visible in another netns
-        if args.mtu:
-            own_loopback(args.mtu)
-        _run(args, tcp_mem, limits)
+        with own_loopback(args.mtu) if args.mtu else contextlib.nullcontext():
+            _run(args, tcp_mem, limits)
 
 
 CLONE_NEWNET = 0x40000000
 
 
-def own_loopback(mtu: int) -> None:
-    """Move this (still single-threaded) process, and so everything it forks,
-    into a new network namespace whose loopback has `mtu`. Loopback's own MTU
-    of 65536 makes one segment of a client's 64 KiB send buffer, and Linux
-    delays its ACK for a lone segment (40 ms): a bench artifact that a farm's
-    Ethernet (MSS 1448) does not have."""
+@contextlib.contextmanager
+def own_loopback(mtu: int) -> Iterator[None]:
+    """Move this process, and so everything it forks, into a new network
+    namespace whose loopback has `mtu`, and back at the end (where tcp_mem is
+    put back: it is not visible from another namespace). Only while the
+    process has one thread: unshare moves the calling thread alone.
+    Loopback's own MTU of 65536 makes one segment of a client's 64 KiB send
+    buffer, and Linux delays its ACK for a lone segment (40 ms): a bench
+    artifact that a farm's Ethernet (MSS 1448) does not have."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNET) != 0:
-        raise SystemExit(f"held: --mtu: unshare: {os.strerror(ctypes.get_errno())}")
-    subprocess.run(["ip", "link", "set", "lo", "up", "mtu", str(mtu)], check=True)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            raise SystemExit(f"held: --mtu: unshare: {os.strerror(ctypes.get_errno())}")
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up", "mtu", str(mtu)], check=True)
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                print(f"held: could not return to this box's network namespace: "
+                      f"{os.strerror(ctypes.get_errno())}", file=sys.stderr)
+    finally:
+        os.close(home)
 
 
 def _run(args: argparse.Namespace, tcp_mem: str, limits: list[str]) -> None:

@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queued-window", type=_queued_window, default=DEFAULT_QUEUED_WINDOW,
                    metavar="BYTES",
                    help="receive buffer of a TCP connection until its job is admitted, so a "
-                        "waiting request stays on the client; 0 keeps the kernel's and "
-                        f"window scaling (at most {MAX_QUEUED_WINDOW}; "
+                        "waiting request stays on the client; 0 keeps the kernel's "
+                        f"(at most {MAX_QUEUED_WINDOW}; "
                         f"default: {DEFAULT_QUEUED_WINDOW})")
     p.add_argument("--allow", action="append", metavar="CIDR",
                    help="clients that may connect, repeatable (default: loopback and "

@@ -41,7 +41,7 @@ from gatekeeper.net.liveness import ClientWatch
 from gatekeeper.net.proxy_header import Malformed, ProxyHeader
 from gatekeeper.net.proxy_read import read_proxy_header
 from gatekeeper.net.sockqueue import receive_memory_of
-from gatekeeper.net.window import is_narrow, open_window
+from gatekeeper.net.window import hold_narrow, is_narrow, open_window
 from gatekeeper.observe.escape import printable
 from gatekeeper.observe.logbudget import LogBudget
 from gatekeeper.observe.units import format_bytes
@@ -153,6 +153,8 @@ class Connections:
         # --queued-window says now (a socket-activated listener keeps the buffer
         # an earlier run gave it): one getsockopt.
         job.narrow = is_narrow(stream.socket)  # type: ignore[arg-type]
+        if job.narrow:
+            hold_narrow(stream.socket)  # type: ignore[arg-type]
         self.live[id(job)] = job
         try:
             await self._handle(stream, host, job)

@@ -10,9 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -287,3 +292,27 @@ async def test_a_head_that_outgrows_every_bound_holds_little_and_is_refused() ->
             nursery.cancel_scope.cancel()
         await w.stream.aclose()
         assert be.connections == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a network namespace of its own")
+@pytest.mark.parametrize("how", ["hold", "bare"])
+def test_a_dribbling_client_cannot_grow_a_queued_buffer_whatever_tcp_rmem_says(
+        how: str) -> None:
+    """Unlocked, the kernel raises a queue-full socket's buffer to what it holds
+    and rounds a scaled window up to the scale's unit: with tcp_rmem[2] at 1 GiB
+    (scale 14) a client dribbling small segments grew a queued socket to 49 KiB
+    ("bare", the control). gatekeeper caps the scale with the listener's clamp
+    and locks each accepted narrow socket again; the window still opens at
+    admission and every byte arrives."""
+    out = subprocess.run(
+        ["unshare", "-n", sys.executable, str(Path(__file__).with_name("window_dribble.py")),
+         str(Path(__file__).parent.parent), how],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    seen = json.loads(out)
+    assert seen["read"] == seen["total"], seen
+    if how == "hold":
+        assert 0 < seen["scale"] <= 9, seen
+        assert seen["queued_memory"] <= TARGET and seen["rcvbuf"] <= 2 * DEFAULT_QUEUED_WINDOW, seen
+    else:
+        assert seen["scale"] >= 12 and seen["queued_memory"] > TARGET, seen

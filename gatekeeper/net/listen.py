@@ -175,7 +175,8 @@ class Acceptor:
         """Accept from `listener` until cancelled; each connection's task goes
         into `handlers`. The listener is closed on exit."""
         if listener.socket.family in (socket.AF_INET, socket.AF_INET6):
-            # Accepted sockets inherit these (Linux), so no client costs setsockopts.
+            # Accepted sockets inherit these (Linux): a client costs one
+            # setsockopt, its own keepalive idle time (spread_keepalive).
             enable_keepalive(listener.socket)
             # And their receive buffer, narrow until admission (net/window.py).
             try:
@@ -225,8 +226,8 @@ class Acceptor:
             except BaseException:
                 self._budget.release()
                 raise
-            spread_keepalive(conn)
             try:
+                spread_keepalive(conn)
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
             except BaseException:
                 conn.close()

@@ -22,16 +22,22 @@ buffer the user set also caps the window scale offered in the SYN-ACK
 (tcp_openreq_init_rwin clamps the window to the locked buffer, and the scale
 is derived from that clamp), and a connection without a scale can never have
 more than 64 KiB in flight, one segment on loopback. Unlocked, the scale comes
-from tcp_rmem/rmem_max as for any socket, while the first window and the
-buffer still come from the narrow size, and nothing grows the buffer of a
-socket that nobody reads (autotuning follows what the application takes).
-Measured on loopback, one 4 GiB stream after the window opened: 4.8-5.0 GB/s
-unlocked against 1.6 GB/s locked (5.2 GB/s never narrowed), at 8.4 KiB of
-receive memory per queued connection against 5.6 KiB locked. A kernel without
-SO_BUF_LOCK keeps the lock, and the unscaled window.
+from tcp_rmem/rmem_max as for any socket, capped by the listener's
+TCP_WINDOW_CLAMP (`LISTENER_CLAMP`), while the first window and the buffer
+still come from the narrow size. Measured on loopback, one 4 GiB stream after
+the window opened: 4.8-5.0 GB/s unlocked against 1.6 GB/s locked (5.2 GB/s
+never narrowed). A kernel without SO_BUF_LOCK keeps the lock, and the unscaled
+window.
 
-At admission (`open_window`) the socket gets the kernel's own first buffer
-back (tcp_rmem[1]), unlocked, so autotuning takes it from there like any
+An unlocked buffer is not a fixed one, though: when a queue overflows, the
+kernel raises the buffer to what it holds (tcp_clamp_window), and a scaled
+window is rounded up to the scale's unit, so a client dribbling small segments
+could grow a queued socket's buffer step by step, without limit where
+tcp_rmem[2] is large (a 10G tuning). So each accepted narrow socket is locked
+again at once (`hold_narrow`): the scale is agreed by then and stays.
+
+At admission (`open_window`) the socket gets the kernel's usual first buffer
+(128 KiB, tcp_rmem[1] on Debian) back, unlocked, so autotuning takes it from there like any
 other connection's, and the clamp is lifted. A locked 4 MiB buffer instead is
 capped by net.core.rmem_max (Debian: 208 KiB), measured at 3.0 GB/s against
 5.0 GB/s autotuned with Debian's rmem_max.
@@ -70,9 +76,10 @@ NARROW_BELOW = 64 * 1024
 # request deadline refuses it (before the narrow window: 128 KiB each, the
 # kernel's default).
 WIDEN_MAX = 512 * 1024
-# What an admitted job's socket starts from: the kernel's own first buffer
-# (tcp_rmem[1], 128 KiB on Debian; SO_RCVBUF is doubled, hence the half),
-# then autotuning grows it as the relay reads, up to tcp_rmem[2].
+# What an admitted job's socket starts from: the kernel's usual first buffer
+# (tcp_rmem[1] is 128 KiB on Debian; SO_RCVBUF is doubled, hence the half),
+# then autotuning grows it as the relay reads, up to tcp_rmem[2]. A buffer a
+# long head widened past it is kept.
 OPEN_RCVBUF = 64 * 1024
 # Where SO_BUF_LOCK is missing the buffer stays locked, so it gets what a fast
 # stream needs at once: capped at net.core.rmem_max and doubled; a limit, not
@@ -82,9 +89,17 @@ OPEN_RCVBUF_LOCKED = 4 << 20
 # (tcp_init_buffer_space); lift it past anything the buffer allows.
 OPEN_CLAMP = 1 << 30
 # SO_BUF_LOCK (asm-generic/socket.h, Linux 5.14; not in Python's socket
-# module): which of the SO_SNDBUF/SO_RCVBUF locks are set; 0 clears both,
-# handing the buffers back to the kernel's autotuning.
+# module; sparc and parisc number it otherwise, and there it fails cleanly):
+# which of the SO_SNDBUF (1) / SO_RCVBUF (2) locks are set. Without the
+# receive lock the kernel autotunes the buffer.
 SO_BUF_LOCK = 72
+SOCK_RCVBUF_LOCK = 2
+# TCP_WINDOW_CLAMP on the listener: the window scale offered in the SYN-ACK is
+# derived from it when the buffer is unlocked (tcp_select_initial_window), so
+# this caps the scale at 9 (512-byte units, 32 MiB of window at most), whatever
+# tcp_rmem[2] says; a narrow window rounded up to a larger unit would hold
+# more than asked (scale 14, at a 1 GiB tcp_rmem[2]: 16 KiB units).
+LISTENER_CLAMP = 16 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
@@ -94,17 +109,28 @@ def _is_tcp(sock: socket.socket) -> bool:
 
 def narrow_listener(sock: socket.socket, size: int) -> None:
     """Give every connection `sock` accepts from now on a receive buffer of
-    `size` bytes (0: leave the kernel's)."""
+    `size` bytes (0: leave the kernel's), with a window scale all the same."""
     if size and _is_tcp(sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        unlock_buffers(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, LISTENER_CLAMP)
+        receive_lock(sock, False)
 
 
-def unlock_buffers(sock: socket.socket) -> bool:
-    """Hand `sock`'s buffer sizes back to the kernel (SO_BUF_LOCK 0), keeping
-    their current values; False where the kernel cannot (before 5.14)."""
+def hold_narrow(sock: socket.socket) -> None:
+    """An accepted narrow socket: lock its buffer again, so that nothing grows
+    it before admission (the scale is agreed by now)."""
+    receive_lock(sock, True)
+
+
+def receive_lock(sock: socket.socket, locked: bool) -> bool:
+    """Set or clear `sock`'s receive buffer lock (SO_BUF_LOCK), keeping the
+    buffer's size and the send buffer's lock; False where the kernel cannot
+    (before 5.14)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, 0)
+        locks = int(sock.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK))
+        want = locks | SOCK_RCVBUF_LOCK if locked else locks & ~SOCK_RCVBUF_LOCK
+        if want != locks:
+            sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, want)
     except OSError:
         return False
     return True
@@ -139,7 +165,11 @@ def open_window(sock: socket.socket) -> None:
     if not _is_tcp(sock):
         return
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OPEN_RCVBUF)
-        if not unlock_buffers(sock):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OPEN_RCVBUF_LOCKED)
+        # Never below what a long head widened it to: a locked buffer smaller
+        # than its queue is the drop-and-back-off case above.
+        now = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        if now < 2 * OPEN_RCVBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OPEN_RCVBUF)
+        if not receive_lock(sock, False) and now < 2 * OPEN_RCVBUF_LOCKED:
+            set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, OPEN_RCVBUF_LOCKED)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, OPEN_CLAMP)
