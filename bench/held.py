@@ -360,8 +360,10 @@ def own_loopback(mtu: int) -> Iterator[None]:
             yield
         finally:
             if libc.setns(home, CLONE_NEWNET) != 0:
-                print(f"held: could not return to this box's network namespace: "
-                      f"{os.strerror(ctypes.get_errno())}", file=sys.stderr)
+                raise SystemExit(
+                    f"held: could not return to this box's network namespace "
+                    f"({os.strerror(ctypes.get_errno())}); if --raise-tcp-mem raised "
+                    f"net.ipv4.tcp_mem, put it back by hand")
     finally:
         os.close(home)
 

@@ -6,8 +6,10 @@ memory and buffer the queued socket reached, then opens the window and reads
 everything, 8 MiB more included.
 
 argv: the repository root; "bare" (the narrowing of 5abb699: the listener's
-buffer unlocked, no clamp, the accepted socket not locked again) or "hold"
-(gatekeeper's: window.narrow_listener, then window.hold_narrow)."""
+buffer unlocked, no clamp, the accepted socket not locked again), "clamp"
+(window.narrow_listener alone) or "hold" (gatekeeper's: window.narrow_listener,
+then window.hold_narrow). Loopback runs at an Ethernet MTU (1500), where small
+segments cost the most buffer each."""
 
 import json
 import socket
@@ -22,7 +24,7 @@ from gatekeeper.net import window
 
 hold = sys.argv[2] == "hold"
 SO_MEMINFO = 55
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1500"], check=True)
 with open("/proc/sys/net/ipv4/tcp_rmem", "w") as f:
     f.write("4096 131072 1073741824\n")
 L = socket.socket()
@@ -39,6 +41,7 @@ c.setblocking(False)
 s, _ = L.accept()
 if hold:
     window.hold_narrow(s)
+locks = s.getsockopt(socket.SOL_SOCKET, window.SO_BUF_LOCK)
 scale = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[6] >> 4
 sent = 0
 deadline = time.monotonic() + 3
@@ -67,5 +70,6 @@ while True:
     if not b:
         break
     got += len(b)
-print(json.dumps({"scale": scale, "queued_memory": mem, "rcvbuf": rcvbuf, "sent": sent,
-                  "read": got, "total": sent + more, "open_read_s": time.monotonic() - t0}))
+print(json.dumps({"locks": locks, "scale": scale, "queued_memory": mem, "rcvbuf": rcvbuf,
+                  "sent": sent, "read": got, "total": sent + more,
+                  "open_read_s": time.monotonic() - t0}))

@@ -32,8 +32,9 @@ window.
 An unlocked buffer is not a fixed one, though: when a queue overflows, the
 kernel raises the buffer to what it holds (tcp_clamp_window), and a scaled
 window is rounded up to the scale's unit, so a client dribbling small segments
-could grow a queued socket's buffer step by step, without limit where
-tcp_rmem[2] is large (a 10G tuning). So each accepted narrow socket is locked
+could grow a queued socket's buffer step by step (to 49 KiB, measured with
+tcp_rmem[2] at 1 GiB, a 10G tuning, and the scale it brings; 23 KiB with the
+scale capped, at MTU 1500). So each accepted narrow socket is locked
 again at once (`hold_narrow`): the scale is agreed by then and stays.
 
 At admission (`open_window`) the socket gets the kernel's usual first buffer
@@ -111,8 +112,8 @@ def narrow_listener(sock: socket.socket, size: int) -> None:
     """Give every connection `sock` accepts from now on a receive buffer of
     `size` bytes (0: leave the kernel's), with a window scale all the same."""
     if size and _is_tcp(sock):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, LISTENER_CLAMP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         receive_lock(sock, False)
 
 
@@ -172,4 +173,5 @@ def open_window(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, OPEN_RCVBUF)
         if not receive_lock(sock, False) and now < 2 * OPEN_RCVBUF_LOCKED:
             set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, OPEN_RCVBUF_LOCKED)
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, OPEN_CLAMP)
