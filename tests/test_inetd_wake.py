@@ -5,6 +5,7 @@ sees it, and no mix of data, nudges and partial reads ever changes the byte stre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import shlex
@@ -206,13 +207,23 @@ async def receive_when_readable(sock: socket.socket, size: int) -> bytes:
     return sock.recv(size)
 
 
-async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, theirs = pair
-    waker = following_waker()
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", _FAKE_DISTCCD, "1.0"], stdin=theirs.fileno())
-    theirs.close()
+@dataclasses.dataclass
+class FollowedRun:
+    """What one fake distccd's compile looked like from the waker."""
+    done: bytes
+    took: float
+    """From distccd's start signal to its reply (trio's clock)."""
+    pokes: int
+    looks: int
+    """Nudges and children listings over that time."""
+    followed: int
+    """The pid the waker ended up following."""
+
+
+async def _follow_to_the_end(waker: Waker, ours: socket.socket,
+                             proc: trio.Process) -> FollowedRun:
+    """Run `waker` on the relay end `ours` of `proc` (a fake distccd, or a
+    COMMAND that forks one) until the fake replies, then reap it."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waker.run)
         with waker.waking(ours) as wake:
@@ -220,19 +231,31 @@ async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
             assert await receive_when_readable(ours, 1) == b"S"
             start, looks, pokes = trio.current_time(), waker.looks, waker.pokes
             done = await receive_when_readable(ours, 16)
-            took = trio.current_time() - start
-            assert done == b"done"
-            assert 1.0 <= took < 10, took  # woken, not at its 60 s timeout
-            # Nudged when the compiler ended (again at each look until distccd
-            # reaped it: a zombie is still its child; the clock would have
-            # nudged about 50 times) ...
-            assert 1 <= waker.pokes - pokes <= 10, waker.pokes - pokes
-            # ... and not ticking through its second of running: the children
-            # were listed only until the compiler was found and after it ended
-            # (a clock at 20 ms would have looked about 50 times).
-            assert waker.looks - looks <= 20, waker.looks - looks
+            run = FollowedRun(done, trio.current_time() - start, waker.pokes - pokes,
+                              waker.looks - looks, wake.pid)
         await proc.wait()
         nursery.cancel_scope.cancel()
+    return run
+
+
+async def test_a_compile_end_wakes_distccd_once_and_nothing_ticks_while_it_runs(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    waker = following_waker()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _FAKE_DISTCCD, "1.0"], stdin=theirs.fileno())
+    theirs.close()
+    run = await _follow_to_the_end(waker, ours, proc)
+    assert run.done == b"done"
+    assert 1.0 <= run.took < 10, run.took  # woken, not at its 60 s timeout
+    # Nudged when the compiler ended (again at each look until distccd
+    # reaped it: a zombie is still its child; the clock would have
+    # nudged about 50 times) ...
+    assert 1 <= run.pokes <= 10, run.pokes
+    # ... and not ticking through its second of running: the children
+    # were listed only until the compiler was found and after it ended
+    # (a clock at 20 ms would have looked about 50 times).
+    assert run.looks <= 20, run.looks
 
 
 @pytest.fixture
@@ -254,19 +277,10 @@ async def test_a_distccd_that_command_forked_is_followed(
     script = f"{shlex.quote(str(distccd))} -c {shlex.quote(_FAKE_DISTCCD)} 1.0; true"
     proc = await trio.lowlevel.open_process(["sh", "-c", script], stdin=theirs.fileno())
     theirs.close()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waker.run)
-        with waker.waking(ours) as wake:
-            waker.started(wake, proc.pid)
-            assert await receive_when_readable(ours, 1) == b"S"
-            start = trio.current_time()
-            done = await receive_when_readable(ours, 16)
-            took = trio.current_time() - start
-            assert done == b"done"
-            assert took < 10, took  # woken, not at its 60 s timeout
-            assert wake.pid != proc.pid  # it follows distccd, not the shell
-        await proc.wait()
-        nursery.cancel_scope.cancel()
+    run = await _follow_to_the_end(waker, ours, proc)
+    assert run.done == b"done"
+    assert run.took < 10, run.took  # woken, not at its 60 s timeout
+    assert run.followed != proc.pid  # it follows distccd, not the shell
 
 
 async def test_without_pidfds_the_waker_nudges_by_the_clock(
