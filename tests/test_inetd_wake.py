@@ -216,7 +216,7 @@ class FollowedRun:
     pokes: int
     looks: int
     """Nudges and children listings over that time."""
-    followed: int
+    followed: int | None
     """The pid the waker ended up following."""
 
 
