@@ -15,9 +15,11 @@ from gatekeeper.prediction import (
     MAX_KINDS,
     MAX_SLOPE,
     MIN_SAMPLES,
+    NEIGHBOURS,
     SAFE_QUANTILE,
     TYPICAL_QUANTILE,
     PeakModel,
+    _Pairs,
     fit,
 )
 
@@ -45,6 +47,60 @@ def test_a_size_law_is_learned_and_predicts_sizes_never_seen() -> None:
         predicted = model.predict(feats(size), TYPICAL_QUANTILE, ceiling=NO_CEILING)
         assert predicted is not None
         assert 0.8 <= predicted / compiler_law(size) <= 1.5, size
+
+
+def two_regimes(size: int) -> int:
+    """googletest's shape (prediction.py's docstring): a small file costs the
+    compiler's base; past the common headers (2.3 MB, 140 MiB) each byte of a
+    test's own code costs far more than a header's (5.3 MB: 1,591 MiB)."""
+    if size < 1_000_000:
+        return 5 * MiB + size
+    return int(140 * MiB * (size / 2_300_000) ** 2.9)
+
+
+def test_a_prediction_is_local_to_its_size() -> None:
+    """One line through all sizes is pulled flat by the small files and the
+    header-bound ones; the heavy tests are predicted from their neighbours."""
+    model = PeakModel()
+    sizes = [2_000, 5_000, 20_000, 40_000] * 4 + [
+        2_300_000 + 20_000 * i for i in range(24)] + [3_000_000, 3_400_000, 3_800_000,
+                                                      4_200_000, 4_600_000, 5_000_000]
+    for size in sizes:
+        model.learn(feats(size), two_regimes(size))
+    for size in (10_000, 2_400_000, 4_400_000, 5_300_000):
+        for quantile in (TYPICAL_QUANTILE, SAFE_QUANTILE):
+            predicted = model.predict(feats(size), quantile, ceiling=NO_CEILING)
+            assert predicted is not None
+            assert 0.8 <= predicted / two_regimes(size) <= 1.5, (size, quantile)
+    # The global line the model used before (all pairs in one fit) misses
+    # the heavy end by far: the test would fail without locality.
+    everything = fit([(s, two_regimes(s)) for s in sizes])
+    assert everything.at(5_300_000, SAFE_QUANTILE) < 0.8 * two_regimes(5_300_000)
+
+
+@given(st.lists(st.tuples(st.integers(1, 2**50), st.integers(1, 2**40)), max_size=60),
+       st.integers(1, 2**50), st.integers(1, 20), st.integers(1, 30))
+def test_neighbours_are_the_nearest_in_ratio_and_eviction_keeps_order(
+        pairs: list[tuple[int, int]], size: int, count: int, limit: int) -> None:
+    kept = _Pairs(limit)
+    for s, p in pairs:
+        kept.add(s, p)
+    last = pairs[-limit:]
+    assert sorted((s, p) for _, s, p in kept.learned) == sorted(last)
+    assert sorted((s, p) for s, _, p in kept.by_size) == sorted(last)
+    assert [s for s, _, _ in kept.by_size] == sorted(s for s, _ in last)
+    assert kept.highest == (max(p for _, p in last) if last else 0)
+    near = kept.nearest(size, count)
+    assert len(near) == min(count, len(last))
+    def distance(s: int) -> float:
+        return abs(math.log(s) - math.log(size))
+    chosen = sorted(distance(s) for s, _ in near)
+    best = sorted(distance(s) for s, _ in last)[:len(near)]
+    assert chosen == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_neighbours_is_twice_the_fewest_believed() -> None:
+    assert NEIGHBOURS == 2 * MIN_SAMPLES
 
 
 def test_too_few_pairs_predict_nothing_then_the_pooled_fit_helps() -> None:
