@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -60,11 +61,11 @@ MAX_KINDS: Final = 64
 # already separates them (the memory bench's heavy and light files).
 MIN_SAMPLES: Final = 8
 # Pairs a prediction is fitted on: the 16 nearest in size, twice MIN_SAMPLES,
-# so that a quantile of their residuals has more than one value above it (0.9
-# of 16 is the second highest). Replaying googletest's 102 jobs (module
-# docstring) with 8, 12, 16, 24 and 32 put 69-78 % of the judged jobs within
-# issue 19's band at either quantile, the global fit 31-66 %: the choice
-# among them is not what matters, being local is.
+# so that the safe quantile of their residuals is not the single highest (0.9
+# of 16 is the second highest; of 8 it would be the highest). Replaying
+# googletest's 102 jobs (module docstring) with 8, 12, 16, 24 and 32 put
+# 69-78 % of the judged jobs within issue 19's band at either quantile, the
+# global fit 31-66 %: the choice among them is not what matters, being local is.
 NEIGHBOURS: Final = 16
 # The slope's bounds in log-log space: 0 (a bigger source never needs less)
 # to 3: googletest's test files climb at 2.9 between 2.3 and 5.3 MB (module
@@ -75,8 +76,8 @@ MAX_SLOPE: Final = 3.0
 # the fit is flat, the quantile of the peaks themselves.
 MIN_SPREAD: Final = math.log(1.1)
 # Where predictions are read among the residuals. SAFE where a wrong guess
-# means an OOM kill: the 90th percentile (one job in ten needs more than its
-# kind's fit says -- and admission's --min-free-mb covers some of that); TYPICAL
+# means an OOM kill: the 90th percentile (one job in ten needs more than the
+# local fit says -- and admission's --min-free-mb covers some of that); TYPICAL
 # where the pause backstop stands (footprints.TYPICAL_PERCENTILE's reasoning):
 # the median, a little above it so that the -20 % edge of issue 19's
 # error band is met by more than half the jobs.
@@ -102,7 +103,7 @@ class Fit:
     lowest: int
     """The smallest peak among them: no prediction goes below it."""
     highest: int
-    """The largest."""
+    """The largest (informational: the ceiling is the whole kind's, `_Pairs.highest`)."""
 
     def at(self, size: int, quantile: float) -> int:
         index = min(len(self.residuals) - 1,
@@ -156,20 +157,39 @@ class _Pairs:
         self.highest = max(peak, self.highest or max(p for _, _, p in self.learned))
 
     def nearest(self, size: int, count: int) -> list[tuple[int, int]]:
-        """The `count` pairs whose sizes are nearest `size` in ratio."""
+        """The `count` pairs whose sizes are nearest `size` in ratio; among
+        pairs of one size, the most recently learned (a rebuild adds the same
+        file's size again, and its newest peaks are the ones to believe)."""
         pairs = self.by_size
-        hi = bisect.bisect_left(pairs, (size,))
-        lo = hi - 1
+        below = self._downward(bisect.bisect_left(pairs, (size,)) - 1)
+        above = self._upward(bisect.bisect_left(pairs, (size,)))
+        lo, hi = next(below, None), next(above, None)
         out: list[tuple[int, int]] = []
-        while len(out) < count and (lo >= 0 or hi < len(pairs)):
+        while len(out) < count and (lo is not None or hi is not None):
             # size/s_lo <= s_hi/size, with no division: size^2 <= s_lo * s_hi.
-            if hi >= len(pairs) or (lo >= 0 and size * size <= pairs[lo][0] * pairs[hi][0]):
-                out.append((pairs[lo][0], pairs[lo][2]))
-                lo -= 1
+            if hi is None or (lo is not None and size * size <= lo[0] * hi[0]):
+                assert lo is not None
+                out.append((lo[0], lo[2]))
+                lo = next(below, None)
             else:
-                out.append((pairs[hi][0], pairs[hi][2]))
-                hi += 1
+                out.append((hi[0], hi[2]))
+                hi = next(above, None)
         return out
+
+    def _downward(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """From `index` to the smallest: newest first within a size, as
+        (size, seq) order read backwards is."""
+        for i in range(index, -1, -1):
+            yield self.by_size[i]
+
+    def _upward(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """From `index` to the largest, newest first within each size."""
+        pairs = self.by_size
+        while index < len(pairs):
+            end = bisect.bisect_right(pairs, (pairs[index][0], math.inf), lo=index)
+            for i in range(end - 1, index - 1, -1):
+                yield pairs[i]
+            index = end
 
 
 class PeakModel:
@@ -177,6 +197,8 @@ class PeakModel:
 
     def __init__(self, *, per_kind: int = PER_KIND, max_kinds: int = MAX_KINDS,
                  min_samples: int = MIN_SAMPLES, neighbours: int = NEIGHBOURS) -> None:
+        if min(per_kind, max_kinds, min_samples, neighbours) < 1:
+            raise ValueError("per_kind, max_kinds, min_samples and neighbours must be >= 1")
         self.per_kind = per_kind
         self.max_kinds = max_kinds
         self.min_samples = min_samples

@@ -99,6 +99,22 @@ def test_neighbours_are_the_nearest_in_ratio_and_eviction_keeps_order(
     assert chosen == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+def test_among_pairs_of_one_size_the_newest_are_the_neighbours() -> None:
+    """A rebuild adds the same file's size again: its newest peaks count (a
+    compiler upgrade is forgotten), from either side of the size asked."""
+    kept = _Pairs(256)
+    for peak in range(100, 120):
+        kept.add(1000, peak)
+    for size in (999, 1000, 1001):
+        assert sorted(p for _, p in kept.nearest(size, 16)) == list(range(104, 120)), size
+
+
+def test_a_model_of_nothing_is_refused() -> None:
+    for bad in ({"per_kind": 0}, {"neighbours": 0}, {"min_samples": 0}, {"max_kinds": 0}):
+        with pytest.raises(ValueError):
+            PeakModel(**bad)
+
+
 def test_neighbours_is_twice_the_fewest_believed() -> None:
     assert NEIGHBOURS == 2 * MIN_SAMPLES
 
