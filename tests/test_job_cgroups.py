@@ -30,7 +30,7 @@ from test_learning import request as proxy_request
 
 from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.inetd.command import Command, CommandRunner
-from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter
+from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter, Adoption
 from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
 from gatekeeper.net.addresses import TcpAddress
 
@@ -420,3 +420,108 @@ async def test_adoption_gives_up_when_no_backend_process_can_be_found(
     finally:
         adopter.close()
     assert sum("measured by sampling" in r.getMessage() for r in caplog.records) == 1
+
+
+# A backend whose one process serves every connection at once (a thread each),
+# as no distccd does: what a job cgroup cannot measure.
+THREADED = r"""
+import socket, threading
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+print(srv.getsockname()[1], flush=True)
+def serve(conn):
+    with conn:
+        while conn.recv(65536):
+            pass
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+def _backend(script: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def _ends(sock: socket.socket) -> tuple[tuple[str, int], tuple[str, int]]:
+    ours, theirs = sock.getsockname(), sock.getpeername()
+    return (ours[0], ours[1]), (theirs[0], theirs[1])
+
+
+async def _accepted(adopter: Adopter, sock: socket.socket) -> Adoption | None:
+    """Adopt the process serving `sock` (it accepts at once)."""
+    return await adopter.adopt(_ends(sock))
+
+
+async def test_a_backend_serving_connections_at_once_is_not_adopted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One process, two connections: the second job finds the process the
+    first was adopted for still serving it, and adoption stops, said once --
+    every move would charge both jobs' memory to the last mover's cgroup."""
+    find_place()
+    proc, port = _backend(THREADED)
+    adopter = Adopter()
+    first, second = (socket.create_connection(("127.0.0.1", port)) for _ in range(2))
+    try:
+        adoption = await _accepted(adopter, first)
+        assert adoption is not None, adopter.failure
+        assert await _accepted(adopter, second) is None
+        assert adopter.failure is not None and "several connections at once" in adopter.failure
+        assert adopter.adopted == 1
+        adopter.release(adoption)
+        assert f"/{PREFIX}" not in cgroup_text(proc.pid)  # back home
+        third = socket.create_connection(("127.0.0.1", port))
+        try:
+            assert await _accepted(adopter, third) is None
+        finally:
+            third.close()
+    finally:
+        first.close()
+        second.close()
+        adopter.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert sum("several connections at once" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_child_serving_job_after_job_is_adopted_again_before_its_last_release() -> None:
+    """distccd's child closes a job's socket before it accepts the next, while
+    gatekeeper's side of that job may still be running (not yet released): the
+    child is adopted for the next job, not taken for a backend serving both."""
+    find_place()
+    proc, port = _backend(PREFORKED.replace("range(2)", "range(1)"))
+    adopter = Adopter()
+    try:
+        first = socket.create_connection(("127.0.0.1", port))
+        adoption = await adopter.adopt(_ends(first))
+        if adoption is None:
+            print(f"SKIP: the backend's processes cannot be adopted: {adopter.failure}")
+            pytest.skip(f"the backend's processes cannot be adopted: {adopter.failure}")
+        first.sendall(b"HOLD=0.000MIB=1END")
+        answer = b""
+        while chunk := await trio.to_thread.run_sync(first.recv, 65536):
+            answer += chunk  # to the child's close: it is free for the next job
+        assert answer.endswith(b"done 1")
+        second = socket.create_connection(("127.0.0.1", port))
+        try:
+            again = await adopter.adopt(_ends(second))
+            assert again is not None and again.pid == adoption.pid, adopter.failure
+            assert adopter.failure is None
+            adopter.release(adoption)  # the earlier job ends after: the child stays
+            assert f"/{PREFIX}" in cgroup_text(adoption.pid)
+            adopter.release(again)
+            assert f"/{PREFIX}" not in cgroup_text(adoption.pid)
+        finally:
+            first.close()
+            second.close()
+    finally:
+        adopter.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

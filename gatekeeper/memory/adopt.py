@@ -27,10 +27,18 @@ child serves one after the other never move it in the wrong order (measured:
 41 us per move, v1, median of 40; the first after a while took 14.6 ms).
 
 Assumes distccd's model, where the process that accepted a connection serves
-it: a backend that accepts in a parent and forks per connection may be found
-as that parent (it holds the socket until it forks), which would then be moved
-for the job, children and all (a distcc request is needed to adopt at all, so
-the backend is a distccd).
+it, one at a time: a backend that accepts in a parent and forks per connection
+may be found as that parent (it holds the socket until it forks), which would
+then be moved for the job, children and all (a distcc request is needed to
+adopt at all, so the backend is a distccd). A backend whose one process serves
+several connections at once (an event loop, threads) is found out the first
+time the process a job is found in still holds the socket of the job adopted
+into it before: a job cgroup would charge every connection's memory to
+whichever job moved it last, and each move costs the hand-off (the small-jobs
+bench, as root, fell from 1,662 to 574 conn/s), so adoption stops, said once.
+A distccd child serving job after job is not mistaken for one: it closes a
+job's socket before it accepts the next, though gatekeeper's side of the
+earlier job may still be running.
 
 Where gatekeeper may not make cgroups below distccd's (not root; cgroup v2,
 where distccd's own cgroup holding processes forbids memory-controlled
@@ -56,7 +64,7 @@ from gatekeeper.memory.job_cgroup import (
     pids_in,
     transient,
 )
-from gatekeeper.memory.meter import SocketFinder, backend_process
+from gatekeeper.memory.meter import SocketFinder, backend_process, still_serves
 
 log = logging.getLogger("gatekeeper")
 
@@ -84,8 +92,10 @@ class Adoption:
     """One job's adopted backend process and its cgroup."""
 
     def __init__(self, pid: int, cgroup: JobCgroup, place: JobCgroups, home: str,
-                 freezer_home: str | None) -> None:
+                 freezer_home: str | None, ends: Ends) -> None:
         self.pid = pid
+        self.ends = ends
+        """Our connection's ends: whether the process still serves it."""
         self.cgroup = cgroup
         self.place = place
         self.home = home
@@ -106,6 +116,8 @@ class Adopter:
         """Why jobs cannot be adopted (set once, at the first failure)."""
         self.adopted = 0
         self._misses = 0
+        self._live: dict[int, Adoption] = {}
+        """The adoption each process was last moved for, until released."""
 
     def close(self) -> None:
         """At the server's end: the finder, and a last try at job cgroups a zombie
@@ -130,6 +142,12 @@ class Adopter:
             return None
         if pid == os.getpid():
             return None  # never ourselves (a backend in gatekeeper's own process)
+        earlier = self._live.get(pid)
+        if earlier is not None and await self._still_serves(pid, earlier.ends):
+            self._fail(f"pid {pid}, the backend's process, serves several connections at "
+                       f"once; per-job cgroups need one job per process at a time, as "
+                       f"distccd's children")
+            return None
         try:
             place, home, freezer_home = self._place_of(pid)
             cgroup = place.create(for_child=False)
@@ -151,12 +169,15 @@ class Adopter:
             return None
         cgroup.close_fds()
         self.adopted += 1
-        return Adoption(pid, cgroup, place, home, freezer_home)
+        self._live[pid] = adoption = Adoption(pid, cgroup, place, home, freezer_home, ends)
+        return adoption
 
     def release(self, adoption: Adoption) -> int | None:
         """The job is over: move its process back home unless it already serves
         another job, read the job cgroup's peak, remove it. Returns the peak."""
         cgroup = adoption.cgroup
+        if self._live.get(adoption.pid) is adoption:
+            del self._live[adoption.pid]
         if adoption.pid in pids_in(cgroup.path):
             self._restore(adoption.pid, adoption.home, adoption.freezer_home)
         peak = cgroup.peak()
@@ -183,6 +204,14 @@ class Adopter:
                 return None
             await trio.sleep(pause)  # distccd has not accepted it yet
             pause = min(MAX_PAUSE, pause * 2)
+
+    async def _still_serves(self, pid: int, ends: Ends) -> bool:
+        """Whether `pid` still holds the backend's socket of the connection
+        with these ends (a distccd child closed it before it accepted again)."""
+        assert self._finder is not None  # opened by _find
+        ours, theirs = ends
+        return await trio.to_thread.run_sync(
+            still_serves, pid, ours, theirs, self._finder, limiter=self._lookups)
 
     def _place_of(self, pid: int) -> tuple[JobCgroups, str, str | None]:
         """Where the child's job cgroups go: below its own memory cgroup (the one

@@ -267,6 +267,14 @@ def backend_process(local: tuple[str, int], remote: tuple[str, int],
     return pid_holding(inode, candidates)
 
 
+def still_serves(pid: int, local: tuple[str, int], remote: tuple[str, int],
+                 finder: SocketFinder) -> bool:
+    """Whether process `pid` holds the backend's socket of our connection from
+    `local` to `remote` (one look: not every process's, as `backend_process`)."""
+    inode = finder.inode(remote, local)
+    return inode is not None and _holds(pid, f"socket:[{inode}]")
+
+
 Locate = Callable[[Sequence[int], SocketFinder], int | None]
 
 
