@@ -30,8 +30,10 @@ from test_learning import request as proxy_request
 
 from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.inetd.command import Command, CommandRunner
+from gatekeeper.memory import adopt as adopt_module
 from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter, Adoption
 from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
+from gatekeeper.memory.meter import Ends, SocketFinder, backend_processes
 from gatekeeper.net.addresses import TcpAddress
 
 pytestmark = pytest.mark.timeout(120)
@@ -432,6 +434,7 @@ srv.listen(16)
 print(srv.getsockname()[1], flush=True)
 def serve(conn):
     with conn:
+        conn.sendall(b"!")  # accepted: the client may look for us now
         while conn.recv(65536):
             pass
 while True:
@@ -525,3 +528,50 @@ async def test_a_child_serving_job_after_job_is_adopted_again_before_its_last_re
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+async def test_jobs_that_start_together_are_looked_up_in_one_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sixteen jobs waiting for a lookup at once: each gets its own answer
+    (the process holding its socket, or None for a connection that is not
+    there), in far fewer passes than jobs (one at a time, a burst of 16 small
+    jobs waited 30 ms each)."""
+    one, one_port = _backend(THREADED)
+    two, two_port = _backend(THREADED)
+    passes: list[int] = []
+
+    def counted(connections: list[Ends], *rest: object) -> list[int | None]:
+        passes.append(len(connections))
+        return backend_processes(connections, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adopt_module, "backend_processes", counted)
+    adopter = Adopter()
+    adopter._finder = SocketFinder()
+    socks = [socket.create_connection(("127.0.0.1", port)) for port in (one_port, two_port) * 8]
+    answers: dict[int, int | None] = {}
+    nobody = (("127.0.0.1", 9), ("127.0.0.1", 1))
+    try:
+        for sock in socks:
+            assert sock.recv(1) == b"!"  # accepted, so held by the backend's process
+        async with trio.open_nursery() as nursery:
+            for i, sock in enumerate(socks):
+                async def ask(i: int = i, sock: socket.socket = sock) -> None:
+                    answers[i] = await adopter._look_up(_ends(sock))
+                nursery.start_soon(ask)
+
+            async def absent() -> None:
+                answers[-1] = await adopter._look_up(nobody)
+            nursery.start_soon(absent)
+        assert [answers[i] for i in range(len(socks))] == [one.pid, two.pid] * 8
+        assert answers[-1] is None
+        assert sum(passes) == len(socks) + 1
+        assert len(passes) <= 3, passes
+    finally:
+        for sock in socks:
+            sock.close()
+        adopter.close()
+        for proc in (one, two):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

@@ -64,7 +64,7 @@ from gatekeeper.memory.job_cgroup import (
     pids_in,
     transient,
 )
-from gatekeeper.memory.meter import SocketFinder, backend_process, still_serves
+from gatekeeper.memory.meter import Ends, SocketFinder, backend_processes, still_serves
 
 log = logging.getLogger("gatekeeper")
 
@@ -85,7 +85,15 @@ MAX_PAUSE = 0.02
 MAX_PLACES = 16
 _JOB_CGROUP = re.compile(rb"/" + PREFIX.encode() + rb"\d+-\d+(?=/|\n|$)")
 
-Ends = tuple[tuple[str, int], tuple[str, int]]
+class _Lookup:
+    """One job's turn in a batched lookup (`Adopter._look_up`)."""
+
+    __slots__ = ("answered", "ends", "pid")
+
+    def __init__(self, ends: Ends) -> None:
+        self.ends = ends
+        self.answered = False
+        self.pid: int | None = None
 
 
 class Adoption:
@@ -109,7 +117,8 @@ class Adopter:
 
     def __init__(self) -> None:
         self._finder: SocketFinder | None = None  # opened at the first job
-        self._lookups = trio.CapacityLimiter(1)  # the finder is one netlink socket
+        self._lookups = trio.Lock()  # the finder is one netlink socket; fair (FIFO)
+        self._waiting: list[_Lookup] = []
         self._places: dict[bytes, JobCgroups] = {}
         self._known: deque[int] = deque(maxlen=64)
         self.failure: str | None = None
@@ -187,15 +196,12 @@ class Adopter:
     # -- internals --------------------------------------------------------
 
     async def _find(self, ends: Ends) -> int | None:
-        ours, theirs = ends
         if self._finder is None:
             self._finder = SocketFinder()
         deadline = trio.current_time() + ADOPT_WAIT
         pause = 0.001
         while True:
-            hints = list(self._known)
-            pid = await trio.to_thread.run_sync(
-                backend_process, ours, theirs, hints, self._finder, limiter=self._lookups)
+            pid = await self._look_up(ends)
             if pid is not None:
                 if pid not in self._known:
                     self._known.append(pid)
@@ -205,13 +211,32 @@ class Adopter:
             await trio.sleep(pause)  # distccd has not accepted it yet
             pause = min(MAX_PAUSE, pause * 2)
 
+    async def _look_up(self, ends: Ends) -> int | None:
+        """One look for the process serving `ends`, in one pass with every job
+        that waits for a look meanwhile (memory/meter.backend_processes): the
+        job holding the lock looks up all that are waiting; those it answered
+        find their answer when their turn comes. A waiter cancelled leaves its
+        question to be answered for nobody, which costs one more fd match."""
+        assert self._finder is not None  # opened by _find
+        mine = _Lookup(ends)
+        self._waiting.append(mine)
+        async with self._lookups:
+            if not mine.answered:
+                batch, self._waiting = self._waiting, []
+                pids = await trio.to_thread.run_sync(
+                    backend_processes, [q.ends for q in batch], list(self._known),
+                    self._finder)
+                for question, pid in zip(batch, pids, strict=True):
+                    question.pid, question.answered = pid, True
+        return mine.pid
+
     async def _still_serves(self, pid: int, ends: Ends) -> bool:
         """Whether `pid` still holds the backend's socket of the connection
         with these ends (a distccd child closed it before it accepted again)."""
         assert self._finder is not None  # opened by _find
         ours, theirs = ends
-        return await trio.to_thread.run_sync(
-            still_serves, pid, ours, theirs, self._finder, limiter=self._lookups)
+        async with self._lookups:
+            return await trio.to_thread.run_sync(still_serves, pid, ours, theirs, self._finder)
 
     def _place_of(self, pid: int) -> tuple[JobCgroups, str, str | None]:
         """Where the child's job cgroups go: below its own memory cgroup (the one
