@@ -33,7 +33,7 @@ from gatekeeper.inetd.command import Command, CommandRunner
 from gatekeeper.memory import adopt as adopt_module
 from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter, Adoption
 from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
-from gatekeeper.memory.meter import Ends, SocketFinder, backend_processes
+from gatekeeper.memory.meter import Ends, SocketFinder, socket_targets
 from gatekeeper.net.addresses import TcpAddress
 
 pytestmark = pytest.mark.timeout(120)
@@ -540,11 +540,11 @@ async def test_jobs_that_start_together_are_looked_up_in_one_pass(
     two, two_port = _backend(THREADED)
     passes: list[int] = []
 
-    def counted(connections: list[Ends], *rest: object) -> list[int | None]:
+    def counted(connections: list[Ends], finder: SocketFinder) -> dict[str, int]:
         passes.append(len(connections))
-        return backend_processes(connections, *rest)  # type: ignore[arg-type]
+        return socket_targets(connections, finder)
 
-    monkeypatch.setattr(adopt_module, "backend_processes", counted)
+    monkeypatch.setattr(adopt_module, "socket_targets", counted)
     adopter = Adopter()
     adopter._finder = SocketFinder()
     socks = [socket.create_connection(("127.0.0.1", port)) for port in (one_port, two_port) * 8]

@@ -64,7 +64,14 @@ from gatekeeper.memory.job_cgroup import (
     pids_in,
     transient,
 )
-from gatekeeper.memory.meter import Ends, SocketFinder, backend_processes, still_serves
+from gatekeeper.memory.meter import (
+    Ends,
+    SocketFinder,
+    match_everywhere,
+    match_holders,
+    socket_targets,
+    still_serves,
+)
 
 log = logging.getLogger("gatekeeper")
 
@@ -152,7 +159,7 @@ class Adopter:
         if pid == os.getpid():
             return None  # never ourselves (a backend in gatekeeper's own process)
         earlier = self._live.get(pid)
-        if earlier is not None and await self._still_serves(pid, earlier.ends):
+        if earlier is not None and self._still_serves(pid, earlier.ends):
             self._fail(f"pid {pid}, the backend's process, serves several connections at "
                        f"once; per-job cgroups need one job per process at a time, as "
                        f"distccd's children")
@@ -213,30 +220,37 @@ class Adopter:
 
     async def _look_up(self, ends: Ends) -> int | None:
         """One look for the process serving `ends`, in one pass with every job
-        that waits for a look meanwhile (memory/meter.backend_processes): the
-        job holding the lock looks up all that are waiting; those it answered
-        find their answer when their turn comes. A waiter cancelled leaves its
-        question to be answered for nobody, which costs one more fd match."""
+        that waits for a look meanwhile: the job holding the lock looks up all
+        that are waiting; those it answered find their answer when their turn
+        comes (a waiter cancelled leaves its question to be answered for
+        nobody, which costs one more fd match). The sockets' inodes and the
+        fds of the processes that served earlier jobs are read here, in the
+        event loop (procfs and sock_diag answer from memory, ~0.1 ms): in a
+        worker thread, each look took 0.7 ms and the event loop, waiting for
+        the GIL behind it, 8 ms to make and enter a job cgroup (bench/
+        small_jobs.py, as root). Only a search of every process, for a child
+        never seen, goes to a thread."""
         assert self._finder is not None  # opened by _find
         mine = _Lookup(ends)
         self._waiting.append(mine)
         async with self._lookups:
             if not mine.answered:
                 batch, self._waiting = self._waiting, []
-                pids = await trio.to_thread.run_sync(
-                    backend_processes, [q.ends for q in batch], list(self._known),
-                    self._finder)
-                for question, pid in zip(batch, pids, strict=True):
+                found: list[int | None] = [None] * len(batch)
+                wanted = socket_targets([q.ends for q in batch], self._finder)
+                tried = match_holders(self._known, wanted, found)
+                if wanted:
+                    await trio.to_thread.run_sync(match_everywhere, wanted, found, tried)
+                for question, pid in zip(batch, found, strict=True):
                     question.pid, question.answered = pid, True
         return mine.pid
 
-    async def _still_serves(self, pid: int, ends: Ends) -> bool:
+    def _still_serves(self, pid: int, ends: Ends) -> bool:
         """Whether `pid` still holds the backend's socket of the connection
         with these ends (a distccd child closed it before it accepted again)."""
         assert self._finder is not None  # opened by _find
         ours, theirs = ends
-        async with self._lookups:
-            return await trio.to_thread.run_sync(still_serves, pid, ours, theirs, self._finder)
+        return still_serves(pid, ours, theirs, self._finder)  # one process's fds
 
     def _place_of(self, pid: int) -> tuple[JobCgroups, str, str | None]:
         """Where the child's job cgroups go: below its own memory cgroup (the one

@@ -231,32 +231,52 @@ def backend_processes(connections: Sequence[Ends], candidates: Iterable[int],
     """The process on this host serving each of our `connections` (the
     backend's accepted socket has the ends the other way round), or None:
     `candidates` are read first (the processes that served earlier jobs), then
-    every process, each one's fds once for all the connections. Jobs that
-    start together are looked up in one pass: one at a time, a burst of 16
-    small jobs waited 30 ms each for its turn (bench/small_jobs.py, as root)."""
+    every process, each one's fds once for all the connections."""
     found: list[int | None] = [None] * len(connections)
+    wanted = socket_targets(connections, finder)
+    match_everywhere(wanted, found, match_holders(candidates, wanted, found))
+    return found
+
+
+def socket_targets(connections: Sequence[Ends], finder: SocketFinder) -> dict[str, int]:
+    """What /proc/PID/fd shows for the backend's socket of each connection that
+    has one (accepted or not yet), to its index: one sock_diag question each."""
     wanted: dict[str, int] = {}
     for i, (local, remote) in enumerate(connections):
         inode = finder.inode(remote, local)
         if inode is not None:
             wanted[f"socket:[{inode}]"] = i
+    return wanted
+
+
+def match_holders(candidates: Iterable[int], wanted: dict[str, int],
+                  found: list[int | None]) -> set[int]:
+    """Mark in `found` the connections whose sockets one of `candidates` holds
+    (they are wanted no more); returns the pids read."""
     tried: set[int] = set()
     for pid in candidates:
         if not wanted:
-            return found
+            break
         tried.add(pid)
         _match(pid, wanted, found)
-    if wanted:
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            if pid in tried or pid == os.getpid():
-                continue
-            _match(pid, wanted, found)
-            if not wanted:
-                break
-    return found
+    return tried
+
+
+def match_everywhere(wanted: dict[str, int], found: list[int | None],
+                     tried: set[int]) -> None:
+    """`match_holders` over every process but ours and those `tried`: slow on
+    a busy host (every process's fds), so not in the event loop."""
+    if not wanted:
+        return
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid in tried or pid == os.getpid():
+            continue
+        _match(pid, wanted, found)
+        if not wanted:
+            return
 
 
 def _match(pid: int, wanted: dict[str, int], found: list[int | None]) -> None:
