@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -575,3 +575,37 @@ async def test_jobs_that_start_together_are_looked_up_in_one_pass(
             proc.wait()
             assert proc.stdout is not None
             proc.stdout.close()
+
+
+async def test_without_sock_diag_the_lookup_reads_the_tcp_table_in_a_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where netlink failed, each question reads the whole TCP table: the
+    batch goes to a worker thread, and still answers each job."""
+    one, port = _backend(THREADED)
+    in_threads: list[bool] = []
+    real = trio.to_thread.run_sync
+
+    async def watched(fn: Callable[..., object], *args: object) -> object:
+        in_threads.append(True)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", watched)
+    adopter = Adopter()
+    adopter._finder = SocketFinder()
+    adopter._finder.close()  # as after a netlink failure
+    assert not adopter._finder.exact
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        for sock in socks:
+            assert sock.recv(1) == b"!"
+        for sock in socks:
+            assert await adopter._look_up(_ends(sock)) == one.pid
+        assert len(in_threads) == 3
+    finally:
+        for sock in socks:
+            sock.close()
+        adopter.close()
+        os.killpg(one.pid, signal.SIGKILL)
+        one.wait()
+        assert one.stdout is not None
+        one.stdout.close()

@@ -67,6 +67,7 @@ from gatekeeper.memory.job_cgroup import (
 from gatekeeper.memory.meter import (
     Ends,
     SocketFinder,
+    backend_processes,
     match_everywhere,
     match_holders,
     socket_targets,
@@ -159,7 +160,7 @@ class Adopter:
         if pid == os.getpid():
             return None  # never ourselves (a backend in gatekeeper's own process)
         earlier = self._live.get(pid)
-        if earlier is not None and self._still_serves(pid, earlier.ends):
+        if earlier is not None and await self._still_serves(pid, earlier.ends):
             self._fail(f"pid {pid}, the backend's process, serves several connections at "
                        f"once; per-job cgroups need one job per process at a time, as "
                        f"distccd's children")
@@ -237,20 +238,30 @@ class Adopter:
             if not mine.answered:
                 batch, self._waiting = self._waiting, []
                 found: list[int | None] = [None] * len(batch)
-                wanted = socket_targets([q.ends for q in batch], self._finder)
-                tried = match_holders(self._known, wanted, found)
-                if wanted:
-                    await trio.to_thread.run_sync(match_everywhere, wanted, found, tried)
+                connections = [q.ends for q in batch]
+                # Newest first: a distccd child that served lately serves again;
+                # pids from long ago may be gone, or reused by anything.
+                known = list(reversed(self._known))
+                if self._finder.exact:
+                    wanted = socket_targets(connections, self._finder)
+                    tried = match_holders(known, wanted, found)
+                    if wanted:
+                        await trio.to_thread.run_sync(match_everywhere, wanted, found, tried)
+                else:  # each question reads the whole TCP table: not in the loop
+                    found = await trio.to_thread.run_sync(
+                        backend_processes, connections, known, self._finder)
                 for question, pid in zip(batch, found, strict=True):
                     question.pid, question.answered = pid, True
         return mine.pid
 
-    def _still_serves(self, pid: int, ends: Ends) -> bool:
+    async def _still_serves(self, pid: int, ends: Ends) -> bool:
         """Whether `pid` still holds the backend's socket of the connection
         with these ends (a distccd child closed it before it accepted again)."""
         assert self._finder is not None  # opened by _find
         ours, theirs = ends
-        return still_serves(pid, ours, theirs, self._finder)  # one process's fds
+        if self._finder.exact:
+            return still_serves(pid, ours, theirs, self._finder)  # one process's fds
+        return await trio.to_thread.run_sync(still_serves, pid, ours, theirs, self._finder)
 
     def _place_of(self, pid: int) -> tuple[JobCgroups, str, str | None]:
         """Where the child's job cgroups go: below its own memory cgroup (the one

@@ -171,8 +171,9 @@ _TABLES = _TableCache()
 class SocketFinder:
     """Finds a TCP socket's inode by its two ends: one exact sock_diag question
     to the kernel; where netlink is refused or fails, a search of /proc/net/tcp
-    (logged once). Owned by the `Meter` (opened with it, closed when its run
-    ends) and used from its one worker thread at a time."""
+    (logged once). The `Meter`'s is opened with it, closed when its run ends,
+    and used from its one worker thread at a time; the adopter has its own,
+    asked in the event loop while `exact` (memory/adopt.py)."""
 
     def __init__(self) -> None:
         self._diag = SockDiag.open()
@@ -187,6 +188,12 @@ class SocketFinder:
                 self.close()
                 log.warning("sock_diag lookups failed (%s): reading /proc/net/tcp instead", e)
         return _table_inode(local, remote)
+
+    @property
+    def exact(self) -> bool:
+        """Asking is one netlink round trip that the kernel answers within
+        the send (not a read of the whole TCP table)."""
+        return self._diag is not None
 
     def close(self) -> None:
         if self._diag is not None:
