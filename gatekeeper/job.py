@@ -359,9 +359,12 @@ class ProxyJobs:
         if job.usage is not None:
             job.usage.stop()
         # Before the slot goes on: the next job may be served by the same
-        # distccd child, which must not compile it in this job's cgroup.
+        # distccd child, which must not compile it in this job's cgroup. The
+        # peak and the cgroup's removal wait for the job's own task (`run`),
+        # off the next job's way.
         try:
-            self._release(job)
+            if job.adoption is not None and self.adopter is not None:
+                self.adopter.send_home(job.adoption)
         finally:
             self.gate.release(ticket)
 
@@ -436,7 +439,7 @@ class ProxyJobs:
                 watching.cancel_scope.cancel()  # the bytes are done: stop the watch
         finally:
             backend.socket.close()
-            self._release(job)  # unless the hand-off did
+            self._release(job)  # the peak, the cgroup gone (the hand-off sent it home)
         if stalled:
             job.settle(Verdict(Outcome.IDLE_TIMEOUT, stalled[0]))
             return

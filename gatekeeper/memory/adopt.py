@@ -117,6 +117,8 @@ class Adoption:
         self.home = home
         """The child's own memory cgroup (distccd's), where it goes back."""
         self.freezer_home = freezer_home
+        self.home_sent = False
+        """`Adopter.send_home` ran: the process is no longer this job's."""
 
 
 class Adopter:
@@ -189,16 +191,25 @@ class Adopter:
         self._live[pid] = adoption = Adoption(pid, cgroup, place, home, freezer_home, ends)
         return adoption
 
-    def release(self, adoption: Adoption) -> int | None:
-        """The job is over: move its process back home unless it already serves
-        another job, read the job cgroup's peak, remove it. Returns the peak."""
-        cgroup = adoption.cgroup
+    def send_home(self, adoption: Adoption) -> None:
+        """The job's backend part is over: its process goes back home unless it
+        already serves another job. What must happen before the job's slot goes
+        on (the next job may be served by the same child); the rest of `release`
+        can wait (measured: 197 us for all of it per job as root, at -j 1)."""
+        if adoption.home_sent:
+            return
+        adoption.home_sent = True
         if self._live.get(adoption.pid) is adoption:
             del self._live[adoption.pid]
-        if adoption.pid in pids_in(cgroup.path):
+        if adoption.pid in pids_in(adoption.cgroup.path):
             self._restore(adoption.pid, adoption.home, adoption.freezer_home)
-        peak = cgroup.peak()
-        _quietly_remove(cgroup, adoption.place)
+
+    def release(self, adoption: Adoption) -> int | None:
+        """The job is over: its process home (unless `send_home` did it), the job
+        cgroup's peak read, the cgroup removed. Returns the peak."""
+        self.send_home(adoption)
+        peak = adoption.cgroup.peak()
+        _quietly_remove(adoption.cgroup, adoption.place)
         return peak
 
     # -- internals --------------------------------------------------------
