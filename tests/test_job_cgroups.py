@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from test_learning import request as proxy_request
 from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.inetd.command import Command, CommandRunner
 from gatekeeper.memory import adopt as adopt_module
-from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter, Adoption
+from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter
 from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
 from gatekeeper.memory.meter import Ends, SocketFinder, socket_targets
 from gatekeeper.net.addresses import TcpAddress
@@ -304,15 +305,8 @@ os.wait()
 
 @pytest.fixture
 def preforked_backend() -> Iterator[TcpAddress]:
-    proc = subprocess.Popen([sys.executable, "-c", PREFORKED], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    assert proc.stdout is not None
-    try:
-        yield TcpAddress("127.0.0.1", int(proc.stdout.readline()))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+    with _serving(PREFORKED) as (_, port):
+        yield TcpAddress("127.0.0.1", port)
 
 
 async def test_a_short_proxied_job_is_learned_at_its_true_peak(
@@ -442,11 +436,18 @@ while True:
 """
 
 
-def _backend(script: str) -> tuple[subprocess.Popen[str], int]:
+@contextmanager
+def _serving(script: str) -> Iterator[tuple[int, int]]:
+    """A backend process running `script` (which prints its port): (pid, port)."""
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             text=True, start_new_session=True)
     assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
+    try:
+        yield proc.pid, int(proc.stdout.readline())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
 
 
 def _ends(sock: socket.socket) -> tuple[tuple[str, int], tuple[str, int]]:
@@ -454,9 +455,14 @@ def _ends(sock: socket.socket) -> tuple[tuple[str, int], tuple[str, int]]:
     return (ours[0], ours[1]), (theirs[0], theirs[1])
 
 
-async def _accepted(adopter: Adopter, sock: socket.socket) -> Adoption | None:
-    """Adopt the process serving `sock` (it accepts at once)."""
-    return await adopter.adopt(_ends(sock))
+@contextmanager
+def _connected(port: int, count: int) -> Iterator[list[socket.socket]]:
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 async def test_a_backend_serving_connections_at_once_is_not_adopted(
@@ -465,30 +471,20 @@ async def test_a_backend_serving_connections_at_once_is_not_adopted(
     first was adopted for still serving it, and adoption stops, said once --
     every move would charge both jobs' memory to the last mover's cgroup."""
     find_place()
-    proc, port = _backend(THREADED)
     adopter = Adopter()
-    first, second = (socket.create_connection(("127.0.0.1", port)) for _ in range(2))
-    try:
-        adoption = await _accepted(adopter, first)
-        assert adoption is not None, adopter.failure
-        assert await _accepted(adopter, second) is None
-        assert adopter.failure is not None and "several connections at once" in adopter.failure
-        assert adopter.adopted == 1
-        adopter.release(adoption)
-        assert f"/{PREFIX}" not in cgroup_text(proc.pid)  # back home
-        third = socket.create_connection(("127.0.0.1", port))
+    with _serving(THREADED) as (pid, port), _connected(port, 3) as (first, second, third):
         try:
-            assert await _accepted(adopter, third) is None
+            adoption = await adopter.adopt(_ends(first))
+            assert adoption is not None, adopter.failure
+            assert await adopter.adopt(_ends(second)) is None
+            assert adopter.failure is not None
+            assert "several connections at once" in adopter.failure
+            assert adopter.adopted == 1
+            adopter.release(adoption)
+            assert f"/{PREFIX}" not in cgroup_text(pid)  # back home
+            assert await adopter.adopt(_ends(third)) is None
         finally:
-            third.close()
-    finally:
-        first.close()
-        second.close()
-        adopter.close()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+            adopter.close()
     assert sum("several connections at once" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -497,37 +493,34 @@ async def test_a_child_serving_job_after_job_is_adopted_again_before_its_last_re
     gatekeeper's side of that job may still be running (not yet released): the
     child is adopted for the next job, not taken for a backend serving both."""
     find_place()
-    proc, port = _backend(PREFORKED.replace("range(2)", "range(1)"))
     adopter = Adopter()
-    try:
-        first = socket.create_connection(("127.0.0.1", port))
-        adoption = await adopter.adopt(_ends(first))
-        if adoption is None:
-            print(f"SKIP: the backend's processes cannot be adopted: {adopter.failure}")
-            pytest.skip(f"the backend's processes cannot be adopted: {adopter.failure}")
-        first.sendall(b"HOLD=0.000MIB=1END")
-        answer = b""
-        while chunk := await trio.to_thread.run_sync(first.recv, 65536):
-            answer += chunk  # to the child's close: it is free for the next job
-        assert answer.endswith(b"done 1")
-        second = socket.create_connection(("127.0.0.1", port))
+    with _serving(PREFORKED.replace("range(2)", "range(1)")) as (_, port), \
+            _connected(port, 1) as (first,):
         try:
-            again = await adopter.adopt(_ends(second))
-            assert again is not None and again.pid == adoption.pid, adopter.failure
-            assert adopter.failure is None
-            adopter.release(adoption)  # the earlier job ends after: the child stays
-            assert f"/{PREFIX}" in cgroup_text(adoption.pid)
-            adopter.release(again)
-            assert f"/{PREFIX}" not in cgroup_text(adoption.pid)
+            adoption = await adopter.adopt(_ends(first))
+            if adoption is None:
+                print(f"SKIP: the backend's processes cannot be adopted: {adopter.failure}")
+                pytest.skip(f"the backend's processes cannot be adopted: {adopter.failure}")
+            first.sendall(b"HOLD=0.000MIB=1END")
+            answer = b""
+            while chunk := await trio.to_thread.run_sync(first.recv, 65536):
+                answer += chunk  # to the child's close: it is free for the next job
+            assert answer.endswith(b"done 1")
+            with _connected(port, 1) as (second,):
+                again = await adopter.adopt(_ends(second))
+                assert again is not None and again.pid == adoption.pid, adopter.failure
+                assert adopter.failure is None
+                adopter.release(adoption)  # the earlier job ends after: the child stays
+                assert f"/{PREFIX}" in cgroup_text(adoption.pid)
+                adopter.release(again)
+                assert f"/{PREFIX}" not in cgroup_text(adoption.pid)
         finally:
-            first.close()
-            second.close()
-    finally:
-        adopter.close()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+            adopter.close()
+
+
+def _accepted_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        assert sock.recv(1) == b"!"  # accepted, so held by the backend's process
 
 
 async def test_jobs_that_start_together_are_looked_up_in_one_pass(
@@ -536,8 +529,6 @@ async def test_jobs_that_start_together_are_looked_up_in_one_pass(
     (the process holding its socket, or None for a connection that is not
     there), in far fewer passes than jobs (one at a time, a burst of 16 small
     jobs waited 30 ms each)."""
-    one, one_port = _backend(THREADED)
-    two, two_port = _backend(THREADED)
     passes: list[int] = []
 
     def counted(connections: list[Ends], finder: SocketFinder) -> dict[str, int]:
@@ -547,41 +538,33 @@ async def test_jobs_that_start_together_are_looked_up_in_one_pass(
     monkeypatch.setattr(adopt_module, "socket_targets", counted)
     adopter = Adopter()
     adopter._finder = SocketFinder()
-    socks = [socket.create_connection(("127.0.0.1", port)) for port in (one_port, two_port) * 8]
     answers: dict[int, int | None] = {}
     nobody = (("127.0.0.1", 9), ("127.0.0.1", 1))
-    try:
-        for sock in socks:
-            assert sock.recv(1) == b"!"  # accepted, so held by the backend's process
-        async with trio.open_nursery() as nursery:
-            for i, sock in enumerate(socks):
-                async def ask(i: int = i, sock: socket.socket = sock) -> None:
-                    answers[i] = await adopter._look_up(_ends(sock))
-                nursery.start_soon(ask)
+    with _serving(THREADED) as (one, one_port), _serving(THREADED) as (two, two_port), \
+            _connected(one_port, 8) as ones, _connected(two_port, 8) as twos:
+        try:
+            _accepted_all(ones + twos)
+            async with trio.open_nursery() as nursery:
+                for i, sock in enumerate(ones + twos):
+                    async def ask(i: int = i, sock: socket.socket = sock) -> None:
+                        answers[i] = await adopter._look_up(_ends(sock))
+                    nursery.start_soon(ask)
 
-            async def absent() -> None:
-                answers[-1] = await adopter._look_up(nobody)
-            nursery.start_soon(absent)
-        assert [answers[i] for i in range(len(socks))] == [one.pid, two.pid] * 8
-        assert answers[-1] is None
-        assert sum(passes) == len(socks) + 1
-        assert len(passes) <= 3, passes
-    finally:
-        for sock in socks:
-            sock.close()
-        adopter.close()
-        for proc in (one, two):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+                async def absent() -> None:
+                    answers[-1] = await adopter._look_up(nobody)
+                nursery.start_soon(absent)
+        finally:
+            adopter.close()
+    assert [answers[i] for i in range(16)] == [one] * 8 + [two] * 8
+    assert answers[-1] is None
+    assert sum(passes) == 17
+    assert len(passes) <= 3, passes
 
 
 async def test_without_sock_diag_the_lookup_reads_the_tcp_table_in_a_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Where netlink failed, each question reads the whole TCP table: the
     batch goes to a worker thread, and still answers each job."""
-    one, port = _backend(THREADED)
     in_threads: list[bool] = []
     real = trio.to_thread.run_sync
 
@@ -594,18 +577,11 @@ async def test_without_sock_diag_the_lookup_reads_the_tcp_table_in_a_thread(
     adopter._finder = SocketFinder()
     adopter._finder.close()  # as after a netlink failure
     assert not adopter._finder.exact
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-    try:
-        for sock in socks:
-            assert sock.recv(1) == b"!"
-        for sock in socks:
-            assert await adopter._look_up(_ends(sock)) == one.pid
-        assert len(in_threads) == 3
-    finally:
-        for sock in socks:
-            sock.close()
-        adopter.close()
-        os.killpg(one.pid, signal.SIGKILL)
-        one.wait()
-        assert one.stdout is not None
-        one.stdout.close()
+    with _serving(THREADED) as (pid, port), _connected(port, 3) as socks:
+        try:
+            _accepted_all(socks)
+            for sock in socks:
+                assert await adopter._look_up(_ends(sock)) == pid
+        finally:
+            adopter.close()
+    assert len(in_threads) == 3
