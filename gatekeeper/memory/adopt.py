@@ -13,13 +13,15 @@ One adoption, in the job's task (`ProxyJobs.run`):
 
     FIND      our backend connection's other end -> its inode (sock_diag) ->
               the distccd child holding it (/proc/PID/fd; pids that served
-              earlier jobs first). distccd's child accepts at once when one is
-              idle; it is looked for for up to ADOPT_WAIT, else the job is
-              sampled like before.
+              earlier jobs first, newest first), in one pass with every job
+              looking at the same time (`_look_up`). distccd's child accepts at
+              once when one is idle; it is looked for for up to ADOPT_WAIT,
+              else the job is sampled like before.
     ADOPTED   a job cgroup made below the child's own cgroup, the child moved in
-    RELEASED  at the job's end: the child moved back to its cgroup if it is
-              still in the job's (it may already serve the next job, which moved
-              it on), the peak read, the job cgroup removed
+    SENT HOME at the job's hand-off, before its slot goes on: the child moved
+              back to its cgroup if it is still in the job's (it may already
+              serve the next job, which moved it on)
+    RELEASED  in the job's own task: the peak read, the job cgroup removed
 
 Moves are cgroup.procs writes, done in the trio thread with no checkpoint
 between checking where the child is and moving it, so two jobs that the same
@@ -34,8 +36,7 @@ adopt at all, so the backend is a distccd). A backend whose one process serves
 several connections at once (an event loop, threads) is found out the first
 time the process a job is found in still holds the socket of the job adopted
 into it before: a job cgroup would charge every connection's memory to
-whichever job moved it last, and each move costs the hand-off (the small-jobs
-bench, as root, fell from 1,662 to 574 conn/s), so adoption stops, said once.
+whichever job moved it last, so adoption stops, said once.
 A distccd child serving job after job is not mistaken for one: it closes a
 job's socket before it accepts the next, though gatekeeper's side of the
 earlier job may still be running.
