@@ -8,6 +8,7 @@ each test skips with the reason `JobCgroups.find` gives.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -31,11 +32,13 @@ from test_learning import request as proxy_request
 
 from gatekeeper.distcc.request import DistccJob, encode_request_head, parse_request_head
 from gatekeeper.inetd.command import Command, CommandRunner
+from gatekeeper.job import Job, ProxyJobs, ProxyStart
 from gatekeeper.memory import adopt as adopt_module
 from gatekeeper.memory.adopt import ADOPT_WAIT, GIVE_UP_AFTER, Adopter
 from gatekeeper.memory.job_cgroup import PREFIX, CgroupError, JobCgroups
 from gatekeeper.memory.meter import Ends, SocketFinder, socket_targets
 from gatekeeper.net.addresses import TcpAddress
+from gatekeeper.server import Server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -338,6 +341,53 @@ async def test_a_short_proxied_job_is_learned_at_its_true_peak(
         places = list(gk.server.adopter._places.values())
         assert places and not [n for place in places for n in os.listdir(place.parent.path)
                                if n.startswith(f"{PREFIX}{os.getpid()}-")]
+
+
+def _in_gate(server: Server, count: int) -> bool:
+    snapshot = server.gate.snapshot()
+    return snapshot.running + snapshot.queued >= count
+
+
+async def test_queued_jobs_are_primed_at_admission_and_adopted(
+        preforked_backend: TcpAddress, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs that waited for their slot send their first token to the backend
+    the moment they are admitted (in the releasing task), then their own task
+    finds and moves the child: each is learned at its own cgroup's peak, and
+    every request arrives whole (the backend answers only a whole one)."""
+    find_place()
+    primed: list[int] = []
+    real = ProxyJobs._prime_at_admission
+
+    def counted(self: ProxyJobs, start: ProxyStart, raw: socket.socket,
+                stream: trio.SocketStream, job: Job) -> None:
+        primed.append(job.ticket or 0)  # (its ticket's number)
+        real(self, start, raw, stream, job)
+
+    monkeypatch.setattr(ProxyJobs, "_prime_at_admission", counted)
+    async with gatekeeper(config(preforked_backend, max_jobs=1, job_cgroups=True)) as gk:
+        names = [f"q{i}.o" for i in range(3)]
+        replies: dict[str, bytes] = {}
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(names):
+                async def one(name: str = name, mib: int = 40 + 10 * i) -> None:
+                    client = await gk.connect()
+                    replies[name] = await run_job(client, proxy_request(name, mib, hold=0.2))
+                nursery.start_soon(one)
+                # Each in the gate before the next connects: the first runs, two wait.
+                await gk.wait_for(functools.partial(_in_gate, count=i + 1))
+        await gk.wait_settled(3)
+        adopter = gk.server.adopter
+        assert adopter is not None
+        if adopter.failure is not None:
+            print(f"SKIP: the backend's processes cannot be adopted: {adopter.failure}")
+            pytest.skip(f"the backend's processes cannot be adopted: {adopter.failure}")
+        assert replies == {name: reply(40 + 10 * i) for i, name in enumerate(names)}
+        assert len(primed) == 2  # the two that queued
+        assert adopter.adopted == 3
+        book = gk.server.book
+        for i, name in enumerate(names):
+            peaks = book._peaks[proxy_key_of(name, 40 + 10 * i, hold=0.2)]
+            assert (40 + 10 * i) * MiB <= peaks[-1] <= (60 + 10 * i) * MiB, (name, peaks)
 
 
 def cgroup_text(pid: int) -> str:
