@@ -265,6 +265,7 @@ class ProxyStart:
         moved, get a reset. Also lets go of the runner, stream, job and ticket
         (the ticket refers back to this: no cycle left for the GC)."""
         self.jobs = self.stream = self.job = self.ticket = None
+        self.primed = None  # (`broken` says whether the job can start again)
         if self.moving is not None and relay is not None:
             relay.discard(self.moving)
             self.moving = None
@@ -341,9 +342,13 @@ class ProxyJobs:
             self.mark_admitted(job)
             job.state = State.RUNNING
             job.backend_ends = tcp_ends(start.backend)  # the meter finds it by these
-        except OSError:
-            # Refused, out of fds: its task tries again and reports what it meets.
-            start.client = None  # nothing moved
+        except OSError as e:
+            # Refused, out of fds: its task tries again and reports what it meets
+            # -- unless its first token went already: then it fails, with resets.
+            if start.primed:
+                start.broken = f"backend: {type(e).__name__}: {e}"
+            else:
+                start.client = None  # nothing moved
             start.drop(self.relay)
         except Exception as e:
             # A bug here must not strand the job or stop the releasing task (the
@@ -359,15 +364,15 @@ class ProxyJobs:
         """A job whose distccd child gets a job cgroup: only its first token
         goes now (so distccd, TCP_DEFER_ACCEPT, accepts while the job's task
         wakes); the task finds and moves the child before the rest follows.
-        Measured: at -j 1 as root, the next job's first byte reached the
-        backend 562 us after the previous job's end when the task did it all
-        (212 us with --job-cgroups off)."""
+        Measured (bench/handoff.py, -j 1, as root, p50): the next job's first
+        byte reached the backend 562 us after the previous job's end when the
+        task did it all, 289 us so (221 us with --job-cgroups off)."""
         try:
             first = os.read(stream.socket.fileno(), PRIME_BYTES)
         except BlockingIOError:
             first = None  # nothing yet: the task waits for it, as before
-        start.client = stream  # bytes may move: a dropped start resets the client
         if first:
+            start.client = stream  # bytes moved: a dropped start resets the client
             try:
                 if raw.send(first) != len(first):  # a new connection takes 12 bytes
                     raise OSError(errno.EAGAIN, "the backend took part of the first token")
