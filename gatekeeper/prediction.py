@@ -102,8 +102,6 @@ class Fit:
     """Sorted residuals of the pairs fitted."""
     lowest: int
     """The smallest peak among them: no prediction goes below it."""
-    highest: int
-    """The largest (informational: the ceiling is the whole kind's, `_Pairs.highest`)."""
 
     def at(self, size: int, quantile: float) -> int:
         index = min(len(self.residuals) - 1,
@@ -125,7 +123,7 @@ def fit(pairs: list[tuple[int, int]]) -> Fit:
         slope = min(MAX_SLOPE, max(0.0, cov / var))
     intercept = my - slope * mx
     residuals = tuple(sorted(y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)))
-    return Fit(intercept, slope, residuals, min(p for _, p in pairs), max(p for _, p in pairs))
+    return Fit(intercept, slope, residuals, min(p for _, p in pairs))
 
 
 class _Pairs:

@@ -304,21 +304,6 @@ def _match(pid: int, wanted: dict[str, int], found: list[int | None]) -> None:
                 return
 
 
-def _holds(pid: int, target: str) -> bool:
-    base = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(base)
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"{base}/{fd}") == target:
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def backend_process(local: tuple[str, int], remote: tuple[str, int],
                     candidates: Iterable[int], finder: SocketFinder) -> int | None:
     """The process on this host serving our connection from `local` to `remote`
@@ -330,8 +315,9 @@ def still_serves(pid: int, local: tuple[str, int], remote: tuple[str, int],
                  finder: SocketFinder) -> bool:
     """Whether process `pid` holds the backend's socket of our connection from
     `local` to `remote` (one look: not every process's, as `backend_process`)."""
-    inode = finder.inode(remote, local)
-    return inode is not None and _holds(pid, f"socket:[{inode}]")
+    found: list[int | None] = [None]
+    match_holders([pid], socket_targets([(local, remote)], finder), found)
+    return found[0] == pid
 
 
 Locate = Callable[[Sequence[int], SocketFinder], int | None]
